@@ -1,0 +1,34 @@
+"""Which array library the model runs on.
+
+The forward pass never imports NumPy for its arithmetic: it asks the weights which namespace they
+belong to (`namespace_of`) and calls that namespace's functions. NumPy arrays give `numpy`, CuPy
+arrays give `cupy`, and any array implementing the Array API standard gives its own namespace
+(the tests run the model through `array_api_strict` to prove there is no NumPy-only path).
+Only array-API functions are used: `matmul`, `exp`, `tanh`, `sqrt`, `max`, `sum`, `mean`,
+`reshape`, `permute_dims`, `take`, `where`, `arange`, `zeros`, `asarray`, `argmax`.
+
+Sampling runs on the host in NumPy, so logits cross the boundary through `to_numpy`, once per
+forward and only for the rows that will be sampled from.
+"""
+import numpy as np
+
+
+def namespace_of(x):
+    """The array namespace (module) that `x` belongs to."""
+    root = type(x).__module__.split(".")[0]
+    if root == "numpy":
+        return np
+    if root == "cupy":
+        import cupy
+
+        return cupy
+    return x.__array_namespace__()
+
+
+def to_numpy(x) -> np.ndarray:
+    """Copy an array of any backend to a host NumPy array (a no-op view for NumPy)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "get"):  # CuPy: an explicit device -> host copy (np.asarray would raise)
+        return x.get()
+    return np.from_dlpack(x)  # any other Array-API library

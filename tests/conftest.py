@@ -1,0 +1,38 @@
+"""Shared test helpers: tiny in-memory GPT-2 models and paths to the committed fixtures."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # main.py and bench.py live at the top level
+
+import gpt2_numpy as gpt2  # noqa: E402
+from gpt2_numpy.load import tree_map  # noqa: E402
+
+FIXTURES = ROOT / "tests" / "fixtures"
+SHARED_TOKENIZER = ROOT.parent / "shared" / "gpt2-tokenizer"
+
+
+def tiny_hparams(n_vocab=50, n_ctx=64, n_embd=24, n_head=3, n_layer=2):
+    return dict(n_vocab=n_vocab, n_ctx=n_ctx, n_embd=n_embd, n_head=n_head, n_layer=n_layer)
+
+
+def tiny_model(seed=0, scale=0.5, **hparams):
+    """A random GPT-2 whose activations are of order one (scale 0.5), so tokens differ."""
+    h = tiny_hparams(**hparams)
+    return gpt2.GPT2(h, gpt2.random_params(h, seed=seed, scale=scale), name=f"tiny{seed}")
+
+
+def perturbed(model, noise, seed=1):
+    """A draft that agrees with `model` more the smaller `noise` is (0: an identical copy)."""
+    rng = np.random.default_rng(seed)
+    params = tree_map(lambda a: a + np.float32(noise) * rng.standard_normal(a.shape, dtype=np.float32),
+                      model.params)
+    return gpt2.GPT2(model.hparams, params, name=f"{model.name}+{noise}")
+
+
+@pytest.fixture(scope="session")
+def target():
+    return tiny_model(seed=0)
