@@ -1,0 +1,79 @@
+"""GPT-2's byte-level BPE tokenizer, built by tiktoken from the model folder's own files.
+
+OpenAI ships two files next to every checkpoint:
+    vocab.bpe     the merges, one "a b" pair per line, in priority order
+    encoder.json  token string -> id
+Both spell bytes in a printable alphabet: printable Latin-1 bytes stand for themselves, every other
+byte b is shown as chr(256 + n), n counting those bytes in order (so the space 0x20 is "Ġ").
+tiktoken wants the opposite view, raw bytes -> rank, where a lower rank merges first. For GPT-2 the
+rank of a token is simply its id: the 256 single bytes come first, then one token per merge.
+"""
+import hashlib
+import json
+from pathlib import Path
+
+import tiktoken
+
+from .errors import GPT2Error
+
+# GPT-2's pre-tokenizer: contractions, runs of letters, of digits, of other symbols (each with
+# an optional leading space), and whitespace. BPE never merges across these pieces.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+END_OF_TEXT = "<|endoftext|>"
+OFFICIAL_SHA256 = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+OFFICIAL_N_VOCAB = 50257
+
+
+def byte_alphabet() -> dict:
+    """The printable character GPT-2's files use for each byte value: {char: byte}."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    chars = {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}
+    return {c: b for b, c in chars.items()}
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_tokenizer(model_dir, verify_official: bool = None) -> tiktoken.Encoding:
+    """A tiktoken Encoding from `model_dir`/encoder.json and vocab.bpe.
+
+    verify_official: check the files' SHA-256 against OpenAI's. By default this is done whenever
+    the vocabulary has GPT-2's 50257 tokens, i.e. whenever the files claim to be the official ones.
+    """
+    model_dir = Path(model_dir)
+    paths = {name: model_dir / name for name in ("encoder.json", "vocab.bpe")}
+    for path in paths.values():
+        if not path.is_file():
+            raise GPT2Error(f"missing tokenizer file {path}")
+    encoder = json.loads(paths["encoder.json"].read_text(encoding="utf-8"))
+    if verify_official is None:
+        verify_official = len(encoder) == OFFICIAL_N_VOCAB
+    if verify_official:
+        for name, path in paths.items():
+            if sha256_of(path) != OFFICIAL_SHA256[name]:
+                raise GPT2Error(f"{path} is not OpenAI's GPT-2 {name} (SHA-256 mismatch); "
+                                "delete it and run again to re-download")
+
+    to_byte = byte_alphabet()
+
+    def as_bytes(token: str) -> bytes:
+        return bytes(to_byte[c] for c in token)
+
+    # Ranks from the merges: single bytes in alphabet order, then each merge's result.
+    ranks = {bytes([b]): i for i, b in enumerate(to_byte.values())}
+    merges = paths["vocab.bpe"].read_text(encoding="utf-8").split("\n")[1:]  # line 0: "#version"
+    for line in filter(None, merges):
+        left, right = line.split(" ")
+        ranks[as_bytes(left) + as_bytes(right)] = len(ranks)
+    # ...which must be exactly encoder.json's ids, since tiktoken merges lowest rank first.
+    eot = encoder.pop(END_OF_TEXT, None)
+    if eot is None or {as_bytes(t): i for t, i in encoder.items()} != ranks:
+        raise GPT2Error(f"{paths['encoder.json']} does not match {paths['vocab.bpe']}")
+    return tiktoken.Encoding(name=f"gpt2:{model_dir.name}", pat_str=GPT2_PATTERN,
+                             mergeable_ranks=ranks, special_tokens={END_OF_TEXT: eot})
