@@ -1,0 +1,253 @@
+"""Autoregressive and speculative sampling.
+
+Both decoders return the new token ids and a `Stats` record. They share one bookkeeping rule:
+
+    `tokens` is the committed sequence (prompt + generated). A model's KV cache always holds a
+    prefix tokens[:cache.length], and never the newest committed token: that one was just sampled
+    and is fed at the start of the next forward.
+
+Speculative sampling (Leviathan et al. 2023, Algorithm 1; Chen et al. 2023), p = target, q = draft:
+    1. the draft proposes K tokens, sampling x_i ~ q_i one cached forward at a time;
+    2. the target scores the unseen tail of `tokens` plus x_1..x_K in ONE forward, whose last
+       K + 1 rows give p_1..p_{K+1};
+    3. x_i is accepted with probability min(1, p_i(x_i) / q_i(x_i)); at the first rejection a
+       token is drawn from norm(max(0, p_i - q_i)) instead; if all K pass, a bonus from p_{K+1};
+    4. both caches roll back (a length change, no copy) to the committed prefix they have seen.
+Each round therefore emits between 1 and K + 1 tokens for one target forward, and every emitted
+token is distributed exactly as the (warped) target alone would have sampled it.
+"""
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import numpy as np
+
+from .backend import to_numpy
+from .errors import GPT2Error
+from .sampling import Warp, accept_or_resample, probabilities, sample
+
+
+@dataclass
+class Stats:
+    """What a run did and how long it took. Times in seconds; prefill is not in `decode_seconds`."""
+
+    mode: str
+    n_prompt: int = 0
+    n_generated: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    target_seconds: float = 0.0  # inside target forwards (prefill excluded)
+    draft_seconds: float = 0.0  # inside draft forwards (prefill excluded)
+    target_calls: int = 0
+    draft_calls: int = 0
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    accepted_per_round: List[int] = field(default_factory=list)  # m for every round
+    K_per_round: List[int] = field(default_factory=list)
+    stopped_at_context: bool = False
+
+    @property
+    def seconds(self) -> float:
+        return self.prefill_seconds + self.decode_seconds
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second of decoding (prompt and model loading excluded)."""
+        return self.n_generated / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+    @property
+    def acceptance_rate(self) -> float:
+        """alpha-hat: accepted drafts / proposed drafts."""
+        return self.accepted / self.drafted if self.drafted else float("nan")
+
+    @property
+    def tokens_per_round(self) -> float:
+        """tau: emitted tokens per target forward (1 for autoregressive decoding)."""
+        return self.n_generated / self.rounds if self.rounds else float("nan")
+
+    def accepted_histogram(self) -> List[int]:
+        """histogram[m] = number of rounds in which exactly m drafts were accepted."""
+        most = max(self.K_per_round, default=0)
+        return np.bincount(np.asarray(self.accepted_per_round, dtype=int), minlength=most + 1).tolist()
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items()}
+        d.update(seconds=self.seconds, tokens_per_second=self.tokens_per_second)
+        if self.mode != "autoregressive":
+            d.update(acceptance_rate=self.acceptance_rate, tokens_per_round=self.tokens_per_round,
+                     accepted_histogram=self.accepted_histogram())
+        return d
+
+
+class Timed:
+    """Calls a model and accumulates the wall time spent, logits copied to the host included
+    (the copy is also what waits for an asynchronous GPU to finish)."""
+
+    def __init__(self, model):
+        self.model, self.seconds, self.calls = model, 0.0, 0
+
+    def __call__(self, ids, cache, n_logits=1) -> Optional[np.ndarray]:
+        start = time.perf_counter()
+        logits = self.model(ids, cache, n_logits)
+        logits = None if logits is None else to_numpy(logits)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return logits
+
+
+def check_room(model, n_prompt: int) -> None:
+    if n_prompt < 1:
+        raise GPT2Error("the prompt must contain at least one token")
+    if n_prompt >= model.n_ctx:
+        raise GPT2Error(f"the prompt has {n_prompt} tokens but the model's context is "
+                        f"{model.n_ctx}: no room left to generate")
+
+
+def prefill(model, cache, tokens) -> None:
+    """Feed all prompt tokens but the last in one forward. No logits: the last prompt token is
+    fed by the first decoding step, like every newest token (the bookkeeping rule above)."""
+    if len(tokens) > 1:
+        model(tokens[:-1], cache, n_logits=0)
+
+
+def plan(model, prompt, n_new: int, mode: str):
+    """Validate a request; cap it at the context. Returns (tokens, n_new, stats)."""
+    if n_new < 1:
+        raise GPT2Error(f"the number of tokens to generate must be >= 1, got {n_new}")
+    tokens = [int(t) for t in prompt]
+    check_room(model, len(tokens))
+    room = model.n_ctx - len(tokens)  # generation stops when the context is full
+    stats = Stats(mode, n_prompt=len(tokens), stopped_at_context=n_new > room)
+    return tokens, min(n_new, room), stats
+
+
+def autoregressive_sample(model, prompt: List[int], n_new: int, warp: Warp = Warp(),
+                          rng: np.random.Generator = None, on_tokens: Callable = None):
+    """Sample n_new tokens from `model`, one single-token forward per step.
+
+    Stops early, with stats.stopped_at_context set, when the context (n_ctx) is full.
+    on_tokens(ids, kinds) is called as tokens are committed (for streaming); kinds are "target".
+    Returns (new_token_ids, stats).
+    """
+    rng = rng if rng is not None else np.random.default_rng()
+    tokens, n_new, stats = plan(model, prompt, n_new, "autoregressive")
+    cache = model.new_cache(len(tokens) + n_new - 1)  # the last new token is never fed
+
+    start = time.perf_counter()
+    prefill(model, cache, tokens)
+    stats.prefill_seconds = time.perf_counter() - start
+
+    target = Timed(model)
+    start = time.perf_counter()
+    for _ in range(n_new):
+        logits = target(tokens[cache.length :], cache)  # [1, V]: feeds the newest token only
+        tokens.append(sample(probabilities(logits[-1], warp), rng))
+        assert cache.length == len(tokens) - 1
+        if on_tokens:
+            on_tokens(tokens[-1:], ["target"])
+    stats.decode_seconds = time.perf_counter() - start
+    stats.target_seconds, stats.target_calls = target.seconds, target.calls
+    stats.rounds = stats.n_generated = len(tokens) - stats.n_prompt
+    return tokens[stats.n_prompt :], stats
+
+
+class ModelDrafter:
+    """Proposes tokens by sampling a small draft model, keeping its KV cache across rounds."""
+
+    def __init__(self, model):
+        self.model = Timed(model)
+        self.n_vocab = model.n_vocab
+        self.cache = None
+
+    def start(self, tokens: List[int], capacity: int) -> None:
+        self.cache = self.model.model.new_cache(capacity)
+        prefill(self.model, self.cache, tokens)
+        self.model.seconds, self.model.calls = 0.0, 0  # count decoding only
+
+    def propose(self, tokens: List[int], K: int, warp: Warp, rng):
+        """Sample x_1..x_K, x_i ~ q_i. Returns (drafts, q [K, V]).
+
+        K forwards: the first feeds whatever of `tokens` the cache has not seen (one token, or
+        two when the previous round accepted everything), each later one the previous draft.
+        x_K itself is never fed; the next round does that if it is accepted.
+        """
+        drafts, q = [], np.empty((K, self.n_vocab))
+        new = tokens[self.cache.length :]
+        for i in range(K):
+            logits = self.model(new, self.cache)  # [1, V]
+            q[i] = probabilities(logits[-1], warp)
+            drafts.append(sample(q[i], rng))
+            new = drafts[-1:]
+        return drafts, q
+
+    @property
+    def seconds(self) -> float:
+        return self.model.seconds
+
+    @property
+    def calls(self) -> int:
+        return self.model.calls
+
+    def rollback(self, tokens: List[int]) -> None:
+        """Keep the cached prefix that is still committed (and never the newest token)."""
+        self.cache.rollback(min(self.cache.length, len(tokens) - 1))
+
+
+def speculative_sample(target, draft, prompt: List[int], n_new: int, K: int = 4,
+                       warp: Warp = Warp(), rng: np.random.Generator = None,
+                       on_tokens: Callable = None):
+    """Sample n_new tokens from `target`, letting `draft` (a model, or a drafter object with
+    start/propose/rollback) propose K tokens per round.
+
+    Exactly n_new tokens come out (a round never proposes more than are still needed), fewer
+    only if the context fills up (stats.stopped_at_context). on_tokens(ids, kinds) streams each
+    round's tokens with kinds "accepted" (a draft the target kept), "resampled" (drawn from the
+    residual after a rejection) or "bonus" (all drafts accepted, one more from p_{K+1}).
+    Returns (new_token_ids, stats).
+    """
+    if K < 1:
+        raise GPT2Error(f"K (draft tokens per round) must be >= 1, got {K}")
+    rng = rng if rng is not None else np.random.default_rng()
+    drafter = draft if hasattr(draft, "propose") else ModelDrafter(draft)
+    if drafter.n_vocab != target.n_vocab:
+        raise GPT2Error(f"draft and target vocabularies differ ({drafter.n_vocab} vs "
+                        f"{target.n_vocab} tokens): speculative decoding needs the same tokenizer")
+    tokens, n_new, stats = plan(target, prompt, n_new, "speculative")
+    n_stop = len(tokens) + n_new
+    cache = target.new_cache(n_stop - 1)
+
+    start = time.perf_counter()
+    prefill(target, cache, tokens)
+    drafter.start(tokens, n_stop - 1)
+    stats.prefill_seconds = time.perf_counter() - start
+
+    verify = Timed(target)
+    start = time.perf_counter()
+    while len(tokens) < n_stop:
+        # A round emits at most K + 1 tokens: never propose more than are still wanted.
+        K_round = min(K, n_stop - len(tokens) - 1)
+        drafts, q = drafter.propose(tokens, K_round, warp, rng) if K_round else ([], None)
+        # 2. One target forward over the unseen tail and all drafts; row i of the last K + 1
+        #    is p_{i+1}, the target's distribution for the position of draft i + 1.
+        logits = verify(tokens[cache.length :] + drafts, cache, n_logits=K_round + 1)
+        p = np.stack([probabilities(row, warp) for row in logits])  # [K + 1, V]
+        m, next_token = accept_or_resample(drafts, q, p, rng)  # 3.
+        tokens += drafts[:m] + [next_token]
+        cache.rollback(len(tokens) - 1)  # 4. drop rejected drafts: a length change
+        drafter.rollback(tokens)
+        assert cache.length == len(tokens) - 1
+
+        stats.rounds += 1
+        stats.drafted += K_round
+        stats.accepted += m
+        stats.accepted_per_round.append(m)
+        stats.K_per_round.append(K_round)
+        if on_tokens:
+            last = "resampled" if m < K_round else "bonus" if K_round else "target"
+            on_tokens(tokens[-(m + 1) :], ["accepted"] * m + [last])
+    stats.decode_seconds = time.perf_counter() - start
+    stats.target_seconds, stats.target_calls = verify.seconds, verify.calls
+    stats.draft_seconds, stats.draft_calls = drafter.seconds, drafter.calls
+    stats.n_generated = len(tokens) - stats.n_prompt
+    return tokens[stats.n_prompt :], stats

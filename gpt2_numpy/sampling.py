@@ -1,0 +1,101 @@
+"""From logits to a token: warping, sampling, and the speculative accept/resample rule.
+
+Everything here runs on the host in NumPy, on one row of V logits at a time. Distributions are
+float64: the model's float32 logits are exact in float64, and normalising there means a
+distribution sums to 1 to ~1e-16, which the ratio p/q and the residual max(0, p - q) rely on.
+
+Naming follows Leviathan et al. (2023): p is the TARGET model's distribution, q the DRAFT's.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from .errors import GPT2Error
+
+
+@dataclass(frozen=True)
+class Warp:
+    """How logits become a distribution. The SAME warp must be applied to p and q, otherwise the
+    accept rule compares two different distributions and the output is no longer the target's."""
+
+    temperature: float = 0.0  # 0 means greedy
+    top_k: Optional[int] = None  # keep the k most likely tokens
+    top_p: Optional[float] = None  # keep the smallest set whose mass reaches top_p
+
+    def __post_init__(self):
+        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
+            raise GPT2Error(f"temperature must be a number >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise GPT2Error(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise GPT2Error(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def probabilities(logits: np.ndarray, warp: Warp) -> np.ndarray:
+    """The sampling distribution for one row of logits.  [V] float32 -> [V] float64, sums to 1.
+
+    temperature 0 is an explicit branch: a one-hot at the argmax (no division by zero, and an
+    exact tie resolves to the lowest id on both models instead of becoming a 50/50 split).
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if warp.greedy:
+        p = np.zeros_like(logits)
+        p[np.argmax(logits)] = 1.0
+        return p
+    z = logits / warp.temperature
+    if warp.top_k is not None and warp.top_k < len(z):
+        kth_largest = np.partition(z, -warp.top_k)[-warp.top_k]
+        z = np.where(z >= kth_largest, z, -np.inf)  # ties at the k-th value are all kept
+    p = np.exp(z - np.max(z))  # the max is finite: at least one token always survives
+    p /= p.sum()
+    if warp.top_p is not None and warp.top_p < 1:
+        # Nucleus: sort by probability, keep tokens until the cumulative mass first reaches
+        # top_p; the token that crosses the threshold is kept (so the most likely one always is).
+        order = np.argsort(-p, kind="stable")
+        mass_before = np.cumsum(p[order]) - p[order]  # mass of the tokens ranked above each one
+        p[order[mass_before >= warp.top_p]] = 0.0
+        p /= p.sum()
+    return p
+
+
+def sample(p: np.ndarray, rng: np.random.Generator) -> int:
+    """Draw one token from the distribution p [V] by inverting its CDF with u ~ U[0, 1)."""
+    cdf = np.cumsum(p)
+    # side="right" skips zero-probability tokens: their CDF value equals their predecessor's.
+    token = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+    return min(token, len(p) - 1)
+
+
+def residual(p_row: np.ndarray, q_row: np.ndarray) -> np.ndarray:
+    """norm(max(0, p - q)): where to resample after a rejection.  [V], [V] -> [V]
+
+    Its mass is the total variation between p and q; when that is ~0 (p == q up to rounding) a
+    rejection is almost impossible, and if it happens anyway sampling p itself is exact.
+    """
+    r = np.maximum(p_row - q_row, 0.0)
+    total = r.sum()
+    return r / total if total > 1e-12 else p_row
+
+
+def accept_or_resample(drafts, q: np.ndarray, p: np.ndarray, rng: np.random.Generator):
+    """The speculative sampling step: verify K drafted tokens against the target.
+
+    drafts: K token ids, draft i sampled from q[i].
+    q: [K, V] draft distributions; p: [K + 1, V] target distributions, where row i is the
+    target's distribution for the position of draft i (row K: the position after the last one).
+    Returns (n_accepted, next_token): the first n_accepted drafts stand, followed by next_token,
+    which is a resample from norm(max(0, p_i - q_i)) at the first rejection i, or, if all K are
+    accepted, a bonus token from p_K. Every draft and the bonus are distributed exactly as p.
+    """
+    for i, x in enumerate(drafts):
+        # q[i, x] > 0 because x was sampled from q[i]; p[i, x] may be 0 (then always rejected).
+        # u < p/q, not <=: u can be exactly 0 and must not accept a token with p = 0.
+        if rng.random() < min(1.0, p[i, x] / q[i, x]):
+            continue
+        return i, sample(residual(p[i], q[i]), rng)
+    return len(drafts), sample(p[len(drafts)], rng)

@@ -1,0 +1,171 @@
+"""Autoregressive vs speculative sampling: identical greedy tokens, the target's exact
+distribution when sampling, and cache bookkeeping after every round."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+import gpt2_numpy as gpt2
+from gpt2_numpy import Warp, autoregressive_sample, probabilities, speculative_sample
+from conftest import perturbed, tiny_model
+
+PROMPT = [3, 14, 15, 9, 26]
+
+
+def top2_gap(model, tokens):
+    """Smallest gap between the two largest logits along a greedy path (near-ties can flip)."""
+    logits = model(tokens[:-1], model.new_cache(len(tokens)), n_logits=None)
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    return float(np.min(top2[:, 1] - top2[:, 0]))
+
+
+@pytest.fixture(scope="module")
+def drafts(target):
+    return {"always": perturbed(target, 0.0), "often": perturbed(target, 0.03),
+            "rarely": tiny_model(seed=11)}
+
+
+@pytest.mark.parametrize("agreement", ["always", "often", "rarely"])
+@pytest.mark.parametrize("K", range(1, 9))
+def test_greedy_speculative_equals_greedy_autoregressive(target, drafts, agreement, K):
+    n = 23  # not a multiple of K + 1 for any K here but K = 0: rounds end mid-way
+    ar, ar_stats = autoregressive_sample(target, PROMPT, n)
+    sp, sp_stats = speculative_sample(target, drafts[agreement], PROMPT, n, K=K)
+    assert len(sp) == len(ar) == n == sp_stats.n_generated
+    if sp != ar:  # only a float32 near-tie between the 1-row and K+1-row products may flip one
+        assert top2_gap(target, PROMPT + ar) < 1e-4, "speculative greedy diverged without a near-tie"
+    # acceptance behaves as the agreement says it should
+    if agreement == "always":
+        assert sp_stats.acceptance_rate == 1.0
+        assert sp_stats.rounds == math.ceil(n / (K + 1))
+    elif agreement == "rarely":
+        assert sp_stats.acceptance_rate < 0.5
+    assert sum(sp_stats.accepted_per_round) + sp_stats.rounds == n
+    assert sp_stats.target_calls == sp_stats.rounds
+
+
+def test_generation_stops_cleanly_at_the_context_limit(target, drafts):
+    prompt = PROMPT * 10  # 50 of 64 positions used
+    room = target.n_ctx - len(prompt)
+    ar, ar_stats = autoregressive_sample(target, prompt, 100)
+    sp, sp_stats = speculative_sample(target, drafts["often"], prompt, 100, K=5)
+    assert len(ar) == len(sp) == room
+    assert ar_stats.stopped_at_context and sp_stats.stopped_at_context
+    assert sp == ar or top2_gap(target, prompt + ar) < 1e-4
+    exact, stats = speculative_sample(target, drafts["often"], prompt, room, K=5)
+    assert len(exact) == room and not stats.stopped_at_context
+
+
+def test_bad_requests_are_clear_errors(target, drafts):
+    with pytest.raises(gpt2.GPT2Error, match="K"):
+        speculative_sample(target, drafts["often"], PROMPT, 5, K=0)
+    with pytest.raises(gpt2.GPT2Error, match="context"):
+        autoregressive_sample(target, [1] * target.n_ctx, 5)
+    with pytest.raises(gpt2.GPT2Error, match="at least one"):
+        autoregressive_sample(target, [], 5)
+    with pytest.raises(gpt2.GPT2Error, match="vocabularies"):
+        speculative_sample(target, tiny_model(n_vocab=40), PROMPT, 5)
+
+
+class Recording:
+    """Wraps a model and remembers each cache it fills and the tokens it has fed into it."""
+
+    def __init__(self, model):
+        self.model, self.n_ctx, self.n_vocab = model, model.n_ctx, model.n_vocab
+        self.cache, self.fed = None, []
+
+    def new_cache(self, capacity=None):
+        self.cache, self.fed = self.model.new_cache(capacity), []
+        return self.cache
+
+    def __call__(self, ids, cache, n_logits=1):
+        self.fed = self.fed[: cache.length] + list(ids)  # what the cache holds after this call
+        return self.model(ids, cache, n_logits)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_caches_hold_exactly_the_committed_prefix_after_every_round(target, drafts, temperature):
+    t, d = Recording(target), Recording(drafts["often"])
+    committed = list(PROMPT)
+    checked = []
+
+    def after_round(ids, kinds):
+        committed.extend(ids)
+        for model, lag in ((t, {1}), (d, {1, 2})):  # the draft never fed its last proposal
+            n = model.cache.length
+            assert len(committed) - n in lag
+            assert model.fed[:n] == committed[:n]
+            fresh = model.model.new_cache(n)
+            model.model(committed[:n], fresh, n_logits=0)
+            np.testing.assert_allclose(model.cache.k[:, :, :n], fresh.k, atol=1e-5)
+            np.testing.assert_allclose(model.cache.v[:, :, :n], fresh.v, atol=1e-5)
+        checked.append(kinds)
+
+    speculative_sample(t, d, PROMPT, 20, K=4, warp=Warp(temperature),
+                       rng=np.random.default_rng(0), on_tokens=after_round)
+    kinds = [k for ks in checked for k in ks]
+    assert len(kinds) == 20 and {"accepted"} <= set(kinds)
+    assert set(kinds) <= {"accepted", "resampled", "bonus", "target"}
+
+
+# --- the sampled distribution, end to end -----------------------------------------------------
+
+def exact_distribution(model, prompt, n, warp):
+    """P(x_1..x_n | prompt) under the warped target, by enumerating every continuation."""
+    V = model.n_vocab
+    dist = {}
+    for seq in itertools.product(range(V), repeat=n):
+        logits = model(list(prompt) + list(seq[:-1]), model.new_cache(len(prompt) + n), n_logits=n)
+        dist[seq] = math.prod(probabilities(logits[i], warp)[seq[i]] for i in range(n))
+    return dist
+
+
+def chi2_critical(df, alpha):
+    """Upper alpha point of chi-square(df), Wilson-Hilferty approximation (no SciPy)."""
+    z = {1e-3: 3.090, 1e-4: 3.719}[alpha]
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def goodness_of_fit(samples, dist, N):
+    """(chi-square, its critical value at alpha = 1e-4, total variation, bound on it)."""
+    counts = {s: 0 for s in dist}
+    for s in samples:
+        counts[s] += 1
+    keys = sorted(dist, key=dist.get)
+    # merge the rarest outcomes until each bin expects >= 5 samples (chi-square's usual rule)
+    bins, acc_p, acc_c = [], 0.0, 0
+    for k in keys:
+        acc_p, acc_c = acc_p + dist[k], acc_c + counts[k]
+        if acc_p * N >= 5:
+            bins.append((acc_p, acc_c))
+            acc_p, acc_c = 0.0, 0
+    if acc_p > 0:
+        bins[-1] = (bins[-1][0] + acc_p, bins[-1][1] + acc_c)
+    chi2 = sum((c - p * N) ** 2 / (p * N) for p, c in bins)
+    tv = 0.5 * sum(abs(counts[k] / N - dist[k]) for k in dist)
+    # E|count/N - p| <= sqrt(p(1-p)/N); summed and halved this bounds E[TV]. 1.5x leaves room
+    # for the fluctuation of TV itself, which is far smaller than its mean over 16-64 outcomes.
+    tv_bound = 1.5 * 0.5 * sum(math.sqrt(p * (1 - p) / N) for p in dist.values())
+    return chi2, chi2_critical(len(bins) - 1, 1e-4), tv, tv_bound
+
+
+@pytest.mark.parametrize("warp, n, N", [(Warp(1.0), 3, 10000), (Warp(0.8, top_k=2), 2, 6000),
+                                         (Warp(1.3, top_p=0.8), 2, 6000)], ids=["T=1", "top_k", "top_p"])
+def test_speculative_samples_follow_the_exact_target_distribution(warp, n, N):
+    """Thousands of seeded runs on a 4-token vocabulary; the first n tokens' empirical law must
+    pass a chi-square test at significance 1e-4 and be within a total-variation bound, while the
+    draft's own law (a deliberately wrong reference) must fail both."""
+    tiny = dict(n_vocab=4, n_ctx=16, n_embd=8, n_head=2, n_layer=1)
+    target, draft = tiny_model(seed=21, scale=1.0, **tiny), tiny_model(seed=22, scale=1.0, **tiny)
+    prompt = [1, 2]
+    p_exact = exact_distribution(target, prompt, n, warp)
+    q_exact = exact_distribution(draft, prompt, n, warp)
+    assert 0.5 * sum(abs(p_exact[k] - q_exact[k]) for k in p_exact) > 0.1  # a meaningful test
+    rng = np.random.default_rng(1234)
+    samples = [tuple(speculative_sample(target, draft, prompt, n, K=2, warp=warp, rng=rng)[0])
+               for _ in range(N)]
+    chi2, critical, tv, tv_bound = goodness_of_fit(samples, p_exact, N)
+    assert chi2 < critical and tv < tv_bound, (chi2, critical, tv, tv_bound)
+    chi2_q, critical_q, tv_q, _ = goodness_of_fit(samples, q_exact, N)
+    assert chi2_q > critical_q and tv_q > tv_bound

@@ -1,0 +1,115 @@
+"""Warping, sampling, and the accept/resample rule, checked exactly (no model involved)."""
+import numpy as np
+import pytest
+
+from gpt2_numpy import GPT2Error, Warp, accept_or_resample, probabilities, residual, sample
+
+
+class ScriptedRng:
+    """A stand-in for np.random.Generator whose random() returns the given numbers in order."""
+
+    def __init__(self, *values):
+        self.values = list(values)
+
+    def random(self):
+        return self.values.pop(0)
+
+
+def random_pair(rng, V, kind):
+    p, q = rng.dirichlet(np.ones(V)), rng.dirichlet(np.ones(V))
+    if kind == "q_zero_where_p_positive":
+        q[:2] = 0
+    elif kind == "p_zero_where_q_positive":
+        p[:2] = 0
+    elif kind == "equal":
+        q = p.copy()
+    elif kind == "one_hot":
+        p, q = np.eye(V)[1], np.eye(V)[3]
+    elif kind == "same_one_hot":
+        p = q = np.eye(V)[2]
+    return p / p.sum(), q / q.sum()
+
+
+@pytest.mark.parametrize("kind", ["random", "q_zero_where_p_positive", "p_zero_where_q_positive",
+                                  "equal", "one_hot", "same_one_hot"])
+def test_one_step_output_distribution_is_exactly_p(kind):
+    """Draft x ~ q, keep it with probability min(1, p(x)/q(x)), else draw from residual(p, q).
+    The acceptance probability is read off the code itself (a scripted u just below and at the
+    threshold), so the sum below is the exact law of accept_or_resample's output."""
+    V = 6
+    p, q = random_pair(np.random.default_rng(hash(kind) % 2**32), V, kind)
+    r = residual(p, q)
+    out = np.zeros(V)
+    for x in np.flatnonzero(q):
+        a = min(1.0, p[x] / q[x])
+        if a > 0:  # u just below a accepts
+            assert accept_or_resample([x], q[None], np.stack([p, p]), ScriptedRng(np.nextafter(a, 0), 0.5))[0] == 1
+        if a < 1:  # u == a rejects (strict <), and the token then comes from the residual
+            m, tok = accept_or_resample([x], q[None], np.stack([p, p]), ScriptedRng(a, 0.5))
+            assert m == 0 and r[tok] > 0
+        out[x] += q[x] * a
+        out += q[x] * (1 - a) * r
+    np.testing.assert_allclose(out, p, atol=1e-12)
+
+
+def test_residual_is_normalised_and_falls_back_to_p():
+    p = np.array([0.5, 0.3, 0.2])
+    np.testing.assert_allclose(residual(p, np.array([0.2, 0.6, 0.2])), [1, 0, 0])
+    np.testing.assert_array_equal(residual(p, p), p)  # 0/0 would be NaN
+
+
+def test_rows_line_up_with_draft_positions():
+    """Row i of p is the distribution for draft i; row K is the bonus position. Hand-crafted
+    one-hot rows make any off-by-one visible."""
+    V, drafts = 8, [5, 2, 7]
+    q = np.eye(V)[drafts]  # the draft was certain of each of its tokens
+    p = np.eye(V)[[5, 2, 7, 4]]  # the target agrees with all three, then wants 4
+    assert accept_or_resample(drafts, q, p, ScriptedRng(0.3, 0.3, 0.3, 0.6)) == (3, 4)
+    p = np.eye(V)[[5, 6, 7, 4]]  # the target disagrees at position 1 and wants 6 there
+    assert accept_or_resample(drafts, q, p, ScriptedRng(0.3, 0.3, 0.6)) == (1, 6)
+    p = np.eye(V)[[0, 2, 7, 4]]  # rejection at the very first draft
+    assert accept_or_resample(drafts, q, p, ScriptedRng(0.0, 0.6)) == (0, 0)
+
+
+def test_u_zero_never_accepts_a_token_the_target_rules_out():
+    q, p = np.array([[0.5, 0.5]]), np.array([[0.0, 1.0], [0.5, 0.5]])
+    assert accept_or_resample([0], q, p, ScriptedRng(0.0, 0.0)) == (0, 1)
+
+
+def test_sample_never_returns_a_zero_probability_token():
+    p = np.array([0.0, 0.5, 0.0, 0.5, 0.0])
+    for u in (0.0, 0.25, 0.5, np.nextafter(1.0, 0)):
+        assert p[sample(p, ScriptedRng(u))] > 0
+
+
+def test_sample_frequencies_match_p():
+    rng, p = np.random.default_rng(0), np.array([0.1, 0.0, 0.6, 0.3])
+    counts = np.bincount([sample(p, rng) for _ in range(20000)], minlength=4) / 20000
+    np.testing.assert_allclose(counts, p, atol=0.015)  # > 4 standard deviations
+
+
+def test_greedy_is_one_hot_and_ties_pick_the_lowest_id():
+    logits = np.array([1.0, 3.0, 3.0, -2.0], dtype=np.float32)
+    np.testing.assert_array_equal(probabilities(logits, Warp(0.0)), [0, 1, 0, 0])
+
+
+def test_temperature_top_k_top_p():
+    logits = np.log(np.array([0.4, 0.3, 0.2, 0.1])).astype(np.float32)
+    np.testing.assert_allclose(probabilities(logits, Warp(1.0)), [0.4, 0.3, 0.2, 0.1], atol=1e-6)
+    hot = probabilities(logits, Warp(2.0))
+    np.testing.assert_allclose(hot, np.sqrt([0.4, 0.3, 0.2, 0.1]) / np.sqrt([0.4, 0.3, 0.2, 0.1]).sum(), atol=1e-6)
+    np.testing.assert_allclose(probabilities(logits, Warp(1.0, top_k=2)), [4 / 7, 3 / 7, 0, 0], atol=1e-6)
+    # top_p keeps tokens until the mass first reaches top_p, the crossing token included; it
+    # applies after top_k, to the renormalised top-k distribution
+    np.testing.assert_allclose(probabilities(logits, Warp(1.0, top_p=0.5)), [4 / 7, 3 / 7, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(probabilities(logits, Warp(1.0, top_p=0.7)), [4 / 7, 3 / 7, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(probabilities(logits, Warp(1.0, top_p=0.71)), [4 / 9, 3 / 9, 2 / 9, 0], atol=1e-6)
+    np.testing.assert_allclose(probabilities(logits, Warp(1.0, top_p=0.1)), [1, 0, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(probabilities(logits, Warp(1.0, top_k=3, top_p=0.8)), [4 / 9, 3 / 9, 2 / 9, 0], atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(temperature=float("nan")),
+                                 dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)])
+def test_bad_warps_are_rejected(bad):
+    with pytest.raises(GPT2Error):
+        Warp(**{"temperature": 1.0, **bad})
