@@ -106,6 +106,12 @@ def transformer_block(x, ln_1, attn, ln_2, mlp_params, n_head, k_cache, v_cache,
     return x + mlp(layer_norm(x, **ln_2), **mlp_params)
 
 
+def lm_head(x, wte):
+    """Logits: scores against every token embedding. The head is tied: it IS wte, transposed
+    (a view, not a copy).  [T, d] @ [d, V] -> [T, V]"""
+    return x @ wte.T
+
+
 class KVCache:
     """Keys and values of every layer for the tokens fed so far, in arrays allocated once.
 
@@ -160,7 +166,7 @@ def forward(params: dict, ids, cache: KVCache, n_head: int, n_logits=1):
     if n_logits == 0:
         return None
     x = layer_norm(x[T - n_logits :, :], **params["ln_f"])  # [n_logits, d]
-    return x @ wte.T  # tied LM head: [n_logits, d] @ [d, V] -> [n_logits, V]
+    return lm_head(x, wte)  # [n_logits, V]
 
 
 class GPT2:

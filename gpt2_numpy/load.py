@@ -1,0 +1,98 @@
+"""Loading a model: a size ("355M") or a folder of official files -> a ready `GPT2`.
+
+The weights are NumPy memory maps of the checkpoint's data file (see checkpoint.py): loading is
+almost free, the OS pages bytes in as the first forward touches them, and both models of a
+speculative pair cost no more RAM than their weight bytes. On another backend (CuPy) each tensor
+is copied to the device once, here, and never again.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import load_checkpoint
+from .download import resolve_model_dir
+from .errors import GPT2Error
+from .model import GPT2
+from .tokenizer import load_tokenizer
+
+# The released sizes. Every size shares n_vocab 50257 and n_ctx 1024.
+OFFICIAL_HPARAMS = {
+    "124M": dict(n_layer=12, n_head=12, n_embd=768),
+    "355M": dict(n_layer=24, n_head=16, n_embd=1024),
+    "774M": dict(n_layer=36, n_head=20, n_embd=1280),
+    "1558M": dict(n_layer=48, n_head=25, n_embd=1600),
+}
+HPARAM_KEYS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
+
+
+def load_hparams(model_dir) -> dict:
+    path = Path(model_dir) / "hparams.json"
+    try:
+        hparams = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise GPT2Error(f"cannot read {path}: {e}") from None
+    missing = [k for k in HPARAM_KEYS if not isinstance(hparams.get(k), int) or hparams[k] < 1]
+    if missing:
+        raise GPT2Error(f"{path} lacks a positive integer for {', '.join(missing)}")
+    if hparams["n_embd"] % hparams["n_head"]:
+        raise GPT2Error(f"{path}: n_embd {hparams['n_embd']} is not a multiple of n_head "
+                        f"{hparams['n_head']}")
+    return {k: hparams[k] for k in HPARAM_KEYS}
+
+
+def tree_map(fn, tree):
+    """Apply fn to every array of a nested dict/list parameter tree."""
+    if isinstance(tree, dict):
+        return {k: tree_map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [tree_map(fn, v) for v in tree]
+    return fn(tree)
+
+
+def to_backend(params: dict, xp=np, dtype=None) -> dict:
+    """The parameter tree on backend `xp` (NumPy: plain views of the memory maps, no copy)."""
+    if xp is np and dtype in (None, np.float32):
+        return tree_map(np.asarray, params)  # memmap subclass -> ndarray view of the same bytes
+    return tree_map(lambda a: xp.asarray(a, dtype=dtype or xp.float32), params)
+
+
+def load_model(model: str = "124M", models_dir=None, xp=np, dtype=None, download: bool = True,
+               progress: bool = True) -> GPT2:
+    """Load GPT-2 by size ("124M", "355M", "774M", "1558M"; downloaded on first use into
+    `models_dir`, default weights/) or by a path to a folder holding the official files.
+
+    xp: the array module to run on (numpy, or cupy: see gpt2_cupy). dtype: float32 by default.
+    """
+    model_dir = resolve_model_dir(str(model), models_dir, download=download, progress=progress)
+    hparams = load_hparams(model_dir)
+    params = to_backend(load_checkpoint(model_dir, hparams), xp, dtype)
+    return GPT2(hparams, params, load_tokenizer(model_dir), name=str(model))
+
+
+def random_params(hparams: dict, seed: int = 0, scale: float = 0.02, xp=np) -> dict:
+    """Random weights in the checkpoint's shapes, e.g. to time a size whose weights are absent.
+    Speed does not depend on the values; everything else about such a model is meaningless."""
+    rng = np.random.default_rng(seed)
+    d, V = hparams["n_embd"], hparams["n_vocab"]
+
+    def normal(*shape):
+        return xp.asarray(rng.standard_normal(shape, dtype=np.float32) * np.float32(scale))
+
+    def ln():
+        return {"g": xp.asarray(1 + normal(d)), "b": normal(d)}
+
+    def dense(n_in, n_out):
+        return {"w": normal(n_in, n_out), "b": normal(n_out)}
+
+    blocks = [{"ln_1": ln(), "attn": {"c_attn": dense(d, 3 * d), "c_proj": dense(d, d)},
+               "ln_2": ln(), "mlp": {"c_fc": dense(d, 4 * d), "c_proj": dense(4 * d, d)}}
+              for _ in range(hparams["n_layer"])]
+    return {"wte": normal(V, d), "wpe": normal(hparams["n_ctx"], d), "blocks": blocks,
+            "ln_f": ln()}
+
+
+def official_hparams(size: str) -> dict:
+    if size not in OFFICIAL_HPARAMS:
+        raise GPT2Error(f"unknown model size {size!r}: use one of {', '.join(OFFICIAL_HPARAMS)}")
+    return dict(n_vocab=50257, n_ctx=1024, **OFFICIAL_HPARAMS[size])
