@@ -1,0 +1,42 @@
+"""The GPU twin: `import gpt2_cupy as gpt2` is a drop-in for `import gpt2_numpy as gpt2`.
+
+Nothing here re-implements the model. gpt2_numpy's forward pass asks its weights for their array
+namespace (backend.namespace_of), so once `load_model` has copied the weights to the GPU with
+`cupy.asarray`, every matmul, softmax and KV-cache write in gpt2_numpy/model.py runs as a CuPy
+kernel, and the caches are allocated on the device (`model.xp.zeros`). The decoders copy to the
+host only the logits rows they sample from (backend.to_numpy); sampling and the accept/resample
+rule run in NumPy with one host random generator, so a seed gives the same draws on CPU and GPU.
+"""
+from gpt2_numpy import (GPT2, GPT2Error, KVCache, ModelDrafter, OFFICIAL_HPARAMS, Stats, Warp,
+                        accept_or_resample, autoregressive_sample, forward, load_hparams,
+                        official_hparams, probabilities, residual, sample, speculative_sample)
+from gpt2_numpy import load as _load
+
+try:
+    import cupy as xp
+except ImportError:
+    raise GPT2Error("--backend cupy needs CuPy: pip install cupy-cuda12x (CUDA 12) or "
+                    "cupy-cuda11x (CUDA 11), matching your driver's CUDA version") from None
+
+try:
+    _n_gpus = xp.cuda.runtime.getDeviceCount()
+except Exception as e:  # no driver, or a driver/toolkit mismatch
+    raise GPT2Error(f"CuPy is installed but no GPU is usable ({type(e).__name__}: {e})") from None
+if _n_gpus == 0:
+    raise GPT2Error("CuPy is installed but no GPU is visible (check CUDA_VISIBLE_DEVICES)")
+
+
+def load_model(model="124M", models_dir=None, dtype=None, download=True, progress=True):
+    """Load GPT-2 by size or folder, with its weights copied once to the GPU (float32 default)."""
+    return _load.load_model(model, models_dir, xp=xp, dtype=dtype, download=download,
+                            progress=progress)
+
+
+def random_params(hparams, seed=0, scale=0.02):
+    return _load.random_params(hparams, seed, scale, xp=xp)
+
+
+__all__ = ["GPT2", "GPT2Error", "KVCache", "ModelDrafter", "OFFICIAL_HPARAMS", "Stats", "Warp",
+           "accept_or_resample", "autoregressive_sample", "forward", "load_hparams", "load_model",
+           "official_hparams", "probabilities", "random_params", "residual", "sample",
+           "speculative_sample", "xp"]

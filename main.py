@@ -1,0 +1,183 @@
+"""Compare autoregressive and speculative decoding of GPT-2, side by side.
+
+    python main.py --K 4 --temperature 0
+
+The draft (124M by default) proposes K tokens per round; the target (355M) checks them all in one
+forward. Both runs sample from the same target distribution with the same seed; with
+--temperature 0 they must print the same text, and the speculative one should be faster.
+"""
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+DEFAULT_PROMPT = "Alan Turing theorized that computers would one day become"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--n_tokens_to_generate", type=int, default=60)
+    p.add_argument("--draft_model_size", default="124M", help="a size or a folder of official files")
+    p.add_argument("--target_model_size", default="355M", help="a size or a folder of official files")
+    p.add_argument("--K", type=int, default=4, help="draft tokens proposed per round")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--models_dir", default=None, help="download cache (default: weights/)")
+    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
+    p.add_argument("--mode", choices=["both", "autoregressive", "speculative"], default="both")
+    p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    return args
+
+
+def check_args(args, GPT2Error):
+    """Reject bad flags before anything is downloaded or loaded."""
+    if args.K < 1:
+        raise GPT2Error(f"--K must be >= 1, got {args.K}")
+    if args.n_tokens_to_generate < 1:
+        raise GPT2Error(f"--n_tokens_to_generate must be >= 1, got {args.n_tokens_to_generate}")
+    if not args.temperature >= 0:
+        raise GPT2Error(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise GPT2Error(f"--top_k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise GPT2Error(f"--top_p must be in (0, 1], got {args.top_p}")
+
+
+def backend_module(name):
+    if name == "cupy":
+        import gpt2_cupy
+
+        return gpt2_cupy
+    import gpt2_numpy
+
+    return gpt2_numpy
+
+
+def progress_bar(total, desc, enabled):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="tok", disable=not enabled, leave=False, file=sys.stderr)
+    return bar, (lambda ids, kinds: bar.update(len(ids)))
+
+
+def run(args):
+    import gpt2_numpy
+    from gpt2_numpy.errors import GPT2Error
+
+    check_args(args, GPT2Error)
+    gpt2 = backend_module(args.backend)
+    progress = not args.no_progress
+    modes = ["autoregressive", "speculative"] if args.mode == "both" else [args.mode]
+
+    start = time.perf_counter()
+    target = gpt2.load_model(args.target_model_size, args.models_dir, progress=progress)
+    draft = None
+    if "speculative" in modes:
+        draft = gpt2.load_model(args.draft_model_size, args.models_dir, progress=progress)
+        if draft.n_vocab != target.n_vocab:
+            raise GPT2Error(f"draft and target vocabularies differ ({draft.n_vocab} vs "
+                            f"{target.n_vocab} tokens): speculative decoding needs one tokenizer")
+    load_seconds = time.perf_counter() - start
+
+    prompt = target.tokenizer.encode(args.prompt, allowed_special="all")
+    if not prompt:
+        raise GPT2Error("the prompt is empty")
+    if len(prompt) + args.n_tokens_to_generate > target.n_ctx:
+        raise GPT2Error(f"prompt ({len(prompt)} tokens) + --n_tokens_to_generate "
+                        f"({args.n_tokens_to_generate}) exceeds the context of {target.n_ctx} tokens")
+    warp = gpt2_numpy.Warp(args.temperature, args.top_k, args.top_p)
+
+    # Touch every weight once, so neither timed run pays for paging the checkpoint in (or, on a
+    # GPU, for compiling kernels).
+    for model in filter(None, (target, draft)):
+        model(prompt[:1], model.new_cache(1))
+
+    results = {}
+    for mode in modes:
+        rng = np.random.default_rng(args.seed)  # the same stream for both: same seed, same draws
+        bar, on_tokens = progress_bar(args.n_tokens_to_generate, mode, progress and not args.json)
+        if mode == "autoregressive":
+            ids, stats = gpt2.autoregressive_sample(target, prompt, args.n_tokens_to_generate,
+                                                    warp, rng, on_tokens)
+        else:
+            ids, stats = gpt2.speculative_sample(target, draft, prompt, args.n_tokens_to_generate,
+                                                 args.K, warp, rng, on_tokens)
+        bar.close()
+        results[mode] = {"token_ids": ids, "text": target.tokenizer.decode(ids), **stats.as_dict()}
+
+    report = {
+        "prompt": args.prompt, "prompt_token_ids": prompt, "backend": args.backend,
+        "draft": args.draft_model_size if draft else None, "target": args.target_model_size,
+        "K": args.K, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+        "seed": args.seed, "load_seconds": load_seconds, **results,
+    }
+    if len(results) == 2:
+        ar, sp = results["autoregressive"], results["speculative"]
+        report["speedup"] = ar["decode_seconds"] / sp["decode_seconds"]
+        report["same_tokens"] = ar["token_ids"] == sp["token_ids"]
+        # The papers' prediction from the measured acceptance and cost ratio c = draft / target
+        # forward time: (1 - a^(K+1)) / ((1 - a)(K c + 1)), i.e. tokens per round / round cost.
+        c = (sp["draft_seconds"] / max(sp["draft_calls"], 1)) / (ar["target_seconds"] / ar["target_calls"])
+        a = sp["acceptance_rate"]
+        tokens = args.K + 1 if a == 1 else (1 - a ** (args.K + 1)) / (1 - a)
+        report["c"], report["predicted_speedup"] = c, tokens / (args.K * c + 1)
+    return report
+
+
+def print_report(r):
+    for mode, title in (("autoregressive", "Autoregressive Decoding"),
+                        ("speculative", "Speculative Decoding")):
+        if mode not in r:
+            continue
+        m = r[mode]
+        print(title)
+        print("-" * len(title))
+        print(f"Time = {m['decode_seconds']:.2f}s  ({m['tokens_per_second']:.1f} tokens/s, "
+              f"prefill {m['prefill_seconds']:.2f}s)")
+        print(f"Text = {r['prompt']}{m['text']}")
+        if mode == "speculative":
+            hist = " ".join(f"{k}:{n}" for k, n in enumerate(m["accepted_histogram"]))
+            print(f"Rounds = {m['rounds']}, drafted {m['drafted']}, accepted {m['accepted']} "
+                  f"(acceptance rate {m['acceptance_rate']:.2f}), "
+                  f"{m['tokens_per_round']:.2f} tokens per round")
+            print(f"Accepted per round (accepted:rounds) = {hist}")
+            print(f"Time in draft = {m['draft_seconds']:.2f}s, in target = {m['target_seconds']:.2f}s")
+        if m["stopped_at_context"]:
+            print("(stopped: the context is full)")
+        print()
+    if "speedup" in r:
+        print(f"Speedup = {r['speedup']:.2f}x  (the formula predicts {r['predicted_speedup']:.2f}x "
+              f"for acceptance {r['speculative']['acceptance_rate']:.2f}, K={r['K']}, "
+              f"c={r['c']:.2f})")
+        if r["temperature"] == 0:
+            print("Same tokens = " + ("yes" if r["same_tokens"] else "NO"))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from gpt2_numpy.errors import GPT2Error
+
+    try:
+        report = run(args)
+    except GPT2Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_report(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""main.py as a user runs it, on the committed official-format fixtures."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import main
+from conftest import FIXTURES, ROOT
+
+DRAFT, TARGET = str(FIXTURES / "tiny-3h"), str(FIXTURES / "tiny-4h")
+BASE = ["--draft_model_size", DRAFT, "--target_model_size", TARGET, "--prompt", "the cat sat",
+        "--n_tokens_to_generate", "17", "--no_progress"]
+
+
+def run_json(capsys, *extra):
+    assert main.main(BASE + ["--json", *extra]) == 0
+    out = capsys.readouterr().out
+    return json.loads(out)  # nothing but one JSON object on stdout
+
+
+@pytest.mark.parametrize("K", [1, 4])
+def test_json_greedy_both_modes_give_the_same_tokens(capsys, K):
+    r = run_json(capsys, "--K", str(K), "--temperature", "0")
+    ar, sp = r["autoregressive"], r["speculative"]
+    assert ar["token_ids"] == sp["token_ids"] and r["same_tokens"] is True
+    assert len(ar["token_ids"]) == 17
+    for field in ("text", "seconds", "decode_seconds", "prefill_seconds", "tokens_per_second"):
+        assert field in ar and field in sp
+    for field in ("rounds", "drafted", "accepted", "acceptance_rate", "tokens_per_round",
+                  "accepted_histogram", "draft_seconds", "target_seconds", "K_per_round"):
+        assert field in sp
+    assert sum(sp["accepted_histogram"]) == sp["rounds"]
+    assert 0 <= sp["acceptance_rate"] <= 1
+    assert r["speedup"] > 0 and r["predicted_speedup"] > 0
+
+
+def test_sampling_is_reproducible_with_a_seed(capsys):
+    flags = ("--temperature", "0.9", "--top_k", "50", "--top_p", "0.95", "--seed", "7")
+    a, b = run_json(capsys, *flags), run_json(capsys, *flags)
+    assert a["speculative"]["token_ids"] == b["speculative"]["token_ids"]
+    assert a["autoregressive"]["token_ids"] == b["autoregressive"]["token_ids"]
+
+
+def test_single_mode(capsys):
+    r = run_json(capsys, "--mode", "speculative")
+    assert "autoregressive" not in r and len(r["speculative"]["token_ids"]) == 17
+
+
+def test_human_readable_report(capsys):
+    assert main.main(BASE + ["--K", "3"]) == 0
+    out = capsys.readouterr().out
+    for heading in ("Autoregressive Decoding", "Speculative Decoding", "Speedup", "acceptance rate",
+                    "tokens per round", "Same tokens = yes"):
+        assert heading in out
+    assert out.count("Text = the cat sat") == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--K", "0"], "--K must be >= 1"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--top_p", "0"], "--top_p must be in (0, 1]"),
+    (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
+    (["--top_k", "0"], "--top_k must be >= 1"),
+    (["--n_tokens_to_generate", "0"], "must be >= 1"),
+    (["--n_tokens_to_generate", "60"], "exceeds the context of 64 tokens"),
+    (["--target_model_size", "42M"], "unknown model '42M'"),
+    (["--draft_model_size", str(FIXTURES)], "a model folder needs"),
+])
+def test_bad_flags_exit_2_with_one_line(capsys, flags, message):
+    assert main.main(BASE + flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_a_real_process_exits_2_without_a_traceback(tmp_path):
+    # the last case asks for 124M with an empty cache and no server: the "no network" error
+    env = {**os.environ, "GPT2_MODELS_DIR": str(tmp_path), "GPT2_BASE_URL": "http://127.0.0.1:9"}
+    for flags in (["--K", "-3"], ["--temperature", "-0.5"], ["--target_model_size", "124M", "--mode", "autoregressive"]):
+        proc = subprocess.run([sys.executable, str(ROOT / "main.py"), *BASE, *flags],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
+        assert proc.stdout == ""
+
+
+def test_cupy_backend_without_cupy_or_gpu_is_a_clear_error(capsys):
+    try:
+        import cupy  # noqa: F401
+
+        cupy.cuda.runtime.getDeviceCount()
+        pytest.skip("a usable GPU is present: tests/test_cupy.py covers --backend cupy")
+    except Exception:
+        pass
+    assert main.main(BASE + ["--backend", "cupy"]) == 2
+    err = capsys.readouterr().err
+    assert "cupy" in err.lower() and "\n" not in err.strip()
