@@ -32,3 +32,12 @@ def to_numpy(x) -> np.ndarray:
     if hasattr(x, "get"):  # CuPy: an explicit device -> host copy (np.asarray would raise)
         return x.get()
     return np.from_dlpack(x)  # any other Array-API library
+
+
+def synchronize(x) -> None:
+    """Wait until the device has finished the work queued on it (GPU calls are asynchronous,
+    so a timer stopped before this measures only the launch). A no-op on the CPU."""
+    if type(x).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        cupy.cuda.get_current_stream().synchronize()

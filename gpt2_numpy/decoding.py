@@ -22,7 +22,7 @@ from typing import Callable, List, Optional
 
 import numpy as np
 
-from .backend import to_numpy
+from .backend import synchronize, to_numpy
 from .errors import GPT2Error
 from .sampling import Warp, accept_or_resample, probabilities, sample
 
@@ -109,6 +109,7 @@ def prefill(model, cache, tokens) -> None:
     fed by the first decoding step, like every newest token (the bookkeeping rule above)."""
     if len(tokens) > 1:
         model(tokens[:-1], cache, n_logits=0)
+        synchronize(cache.k)  # so that the prefill's time is counted as prefill
 
 
 def plan(model, prompt, n_new: int, mode: str):
