@@ -14,6 +14,13 @@ The parameter tree mirrors the checkpoint's names (see checkpoint.py):
     wte [V, d], wpe [n_ctx, d], ln_f {g, b},
     blocks[i] = {ln_1, attn {c_attn {w [d, 3d], b}, c_proj {w [d, d], b}}, ln_2,
                  mlp {c_fc {w [d, 4d], b}, c_proj {w [4d, d], b}}}
+
+Speed (measured by bench.py; see docs/performance.md). Decoding one token is a chain of
+one-row products `x @ w` that read every weight once, so it is bound by memory bandwidth. Three
+things here exist only to get closer to that floor; none changes the math: `GPT2` stores the two
+c_proj matrices column by column (`with_fast_layout`), `matmul` multiplies 2..7 rows the way
+OpenBLAS does cheapest, and the elementwise code avoids NumPy calls that are slow on small
+arrays (x**3, mean).
 """
 import math
 
@@ -24,7 +31,8 @@ from .errors import GPT2Error
 def gelu(x):
     """GPT-2's GELU: the tanh approximation, not erf; the weights were trained with this one."""
     xp = namespace_of(x)
-    return 0.5 * x * (1.0 + xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+    # x * x * x, not x**3: NumPy sends a float power to the general pow(), ~10x slower here.
+    return 0.5 * x * (1.0 + xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))))
 
 
 def softmax(x):
@@ -37,14 +45,42 @@ def softmax(x):
 def layer_norm(x, g, b, eps: float = 1e-5):
     """Normalise each row to zero mean and unit (biased) variance, then scale and shift.  [T, d]"""
     xp = namespace_of(x)
-    mean = xp.mean(x, axis=-1, keepdims=True)  # [T, 1]
-    var = xp.mean((x - mean) ** 2, axis=-1, keepdims=True)  # [T, 1]
-    return g * (x - mean) / xp.sqrt(var + eps) + b
+    d = x.shape[-1]
+    # sum / d rather than xp.mean: the same float32 result, but NumPy's mean() spends several
+    # microseconds more per call in Python, which adds up over 2 x n_layer calls per token.
+    centred = x - xp.sum(x, axis=-1, keepdims=True) / d  # [T, d]
+    var = xp.sum(centred * centred, axis=-1, keepdims=True) / d  # [T, 1], biased (divide by d)
+    return g * centred / xp.sqrt(var + eps) + b
+
+
+# How few rows meet a big matrix matters on a CPU. One row is a matrix-vector product that only
+# streams w from memory. For more rows OpenBLAS (the BLAS in NumPy's wheels) first copies
+# ("packs") w into cache-sized panels, which costs ~2.5-3 one-row products whatever the number
+# of rows up to 8, and rows that do not fill a whole panel of its kernel take slower edge paths
+# (5-7 rows cost ~20% more than 8). Measured by bench.py (r(T), "knobs") on the benchmark
+# machine, a 2-core AMD EPYC with NumPy's OpenBLAS 0.3.31. So:
+# 2 rows are two matrix-vector products, and 3..7 rows are padded with zero rows to 8. A
+# speculative verify step feeds K + 1 rows, and a draft catching up after a fully accepted
+# round feeds 2.
+PAD_ROWS_TO = 8
+
+
+def matmul(x, w):
+    """x @ w for a few rows, done the cheapest way (see above).  [T, n] @ [n, m] -> [T, m]"""
+    T = x.shape[0]
+    if not 1 < T < PAD_ROWS_TO:
+        return x @ w  # one row (a matrix-vector product) or many: nothing to gain
+    xp = namespace_of(x)
+    if T == 2:
+        return xp.stack([x[0, :] @ w, x[1, :] @ w])  # 2 x ([n] @ [n, m]) -> [2, m]
+    padded = xp.zeros((PAD_ROWS_TO, x.shape[1]), dtype=x.dtype)  # [8, n], rows T..7 zero
+    padded[:T, :] = x
+    return (padded @ w)[:T, :]  # [8, m] -> [T, m]; the zero rows' results are dropped
 
 
 def linear(x, w, b):
     """x @ w + b.  TF's Conv1D stores w as [n_in, n_out], so no transpose.  [T, n_in] -> [T, n_out]"""
-    return x @ w + b
+    return matmul(x, w) + b
 
 
 def split_heads(x, n_head: int):
@@ -86,7 +122,8 @@ def causal_self_attention(x, c_attn, c_proj, n_head: int, k_cache, v_cache, n_pa
     """
     T, d = x.shape
     qkv = linear(x, **c_attn)  # [T, d] -> [T, 3d], one product for q, k and v
-    q, k, v = (split_heads(qkv[:, i * d : (i + 1) * d], n_head) for i in range(3))  # 3 x [H, T, D]
+    heads = split_heads(qkv, 3 * n_head)  # [3H, T, D]: the columns are q's H heads, k's, v's
+    q, k, v = (heads[i * n_head : (i + 1) * n_head, ...] for i in range(3))  # 3 x [H, T, D]
     L = n_past + T
     k_cache[:, n_past:L, :] = k  # write only the new rows; older ones are reused as they are
     v_cache[:, n_past:L, :] = v
@@ -109,7 +146,7 @@ def transformer_block(x, ln_1, attn, ln_2, mlp_params, n_head, k_cache, v_cache,
 def lm_head(x, wte):
     """Logits: scores against every token embedding. The head is tied: it IS wte, transposed
     (a view, not a copy).  [T, d] @ [d, V] -> [T, V]"""
-    return x @ wte.T
+    return matmul(x, wte.T)
 
 
 class KVCache:
@@ -169,14 +206,57 @@ def forward(params: dict, ids, cache: KVCache, n_head: int, n_logits=1):
     return lm_head(x, wte)  # [n_logits, V]
 
 
+def column_major(w):
+    """The same matrix, stored column by column: a copy, made once when a model is built.
+
+    [n, m] -> [n, m] whose columns are contiguous (it is a transposed view of a row-major
+    [m, n] array). The array API has no `order=` argument, so the copy is written through a
+    transposed view, 16 rows at a time: a plain transposing copy touches a new cache line for
+    every element it reads or writes and is ~5x slower here.
+    """
+    xp = namespace_of(w)
+    n, m = w.shape
+    w_t = xp.empty((m, n), dtype=w.dtype)  # [m, n] row-major = [n, m] column-major
+    for i in range(0, n, 16):
+        j = min(i + 16, n)  # the array API forbids slices past the end
+        w_t[:, i:j] = xp.permute_dims(w[i:j, :], (1, 0))  # [16, m] -> [m, 16]
+    return xp.permute_dims(w_t, (1, 0))  # a view: [n, m], w's shape and values
+
+
+def with_fast_layout(params: dict) -> dict:
+    """The parameter tree with the two c_proj matrices of every block stored column by column.
+
+    Same names, shapes and values, so everything that reads the tree is unaffected. Why: decoding
+    computes one row x @ w at a time, a matrix-vector product that only has to stream w from
+    memory. On the benchmark machine OpenBLAS streams a row-major w whose rows are short
+    (c_proj's n_out = d) at ~2/3 of the speed it reaches when each output's weights are
+    contiguous. For the wide c_attn and c_fc (n_out = 3d, 4d) the two layouts stream at similar
+    speeds, but the row-major one is ~1.4x faster for the 8-row products of a speculative verify
+    step, so those stay as in the checkpoint, and so does wte (x @ wte.T already reads wte row by
+    row, the fast way). bench.py times the model with and without this ("knobs").
+    """
+
+    def proj(dense):
+        return {**dense, "w": column_major(dense["w"])}
+
+    blocks = [{**block, "attn": {**block["attn"], "c_proj": proj(block["attn"]["c_proj"])},
+               "mlp": {**block["mlp"], "c_proj": proj(block["mlp"]["c_proj"])}}
+              for block in params["blocks"]]
+    return {**params, "blocks": blocks}
+
+
 class GPT2:
     """A loaded model: hyperparameters, the parameter tree, and (optionally) its tokenizer.
 
-    `model(ids, cache)` is `forward(model.params, ids, cache, n_head)`.
+    `model(ids, cache)` is `forward(model.params, ids, cache, n_head)`. Unless fast_layout is
+    False, `model.params` holds copies of the c_proj matrices in a faster layout (see
+    `with_fast_layout`; a one-time copy of ~1/3 of the weights, done here rather than per token).
     """
 
-    def __init__(self, hparams: dict, params: dict, tokenizer=None, name: str = "gpt2"):
-        self.hparams, self.params, self.tokenizer, self.name = hparams, params, tokenizer, name
+    def __init__(self, hparams: dict, params: dict, tokenizer=None, name: str = "gpt2",
+                 fast_layout: bool = True):
+        self.hparams, self.tokenizer, self.name = hparams, tokenizer, name
+        self.params = with_fast_layout(params) if fast_layout else params
         self.xp = namespace_of(params["wte"])
 
     @property
