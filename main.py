@@ -22,7 +22,14 @@ def parse_args(argv=None):
     p.add_argument("--n_tokens_to_generate", type=int, default=60)
     p.add_argument("--draft_model_size", default="124M", help="a size or a folder of official files")
     p.add_argument("--target_model_size", default="355M", help="a size or a folder of official files")
-    p.add_argument("--K", type=int, default=4, help="draft tokens proposed per round")
+    p.add_argument("--K", type=int, default=4, help="draft tokens proposed per round (with "
+                   "--adaptive: the most)")
+    p.add_argument("--adaptive", action="store_true",
+                   help="choose K in [0, --K] before each round, for the most tokens per second")
+    p.add_argument("--draft", choices=["model", "ngram"], default="model",
+                   help="model: --draft_model_size drafts; ngram: copy from the context itself")
+    p.add_argument("--show", action="store_true",
+                   help="stream the speculative text, coloured by how each token was produced")
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     p.add_argument("--top_k", type=int, default=None)
     p.add_argument("--top_p", type=float, default=None)
@@ -48,6 +55,15 @@ def check_args(args, GPT2Error):
         raise GPT2Error(f"--top_k must be >= 1, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise GPT2Error(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.show and args.json:
+        raise GPT2Error("--show streams text and --json prints nothing but one JSON object: "
+                        "use one of them")
+    speculative_only = {"--adaptive": args.adaptive, "--show": args.show,
+                        "--draft ngram": args.draft == "ngram"}
+    for flag, used in speculative_only.items():
+        if used and args.mode == "autoregressive":
+            raise GPT2Error(f"{flag} is about speculative decoding: it needs --mode speculative "
+                            "or both")
 
 
 def backend_module(name):
@@ -69,7 +85,9 @@ def progress_bar(total, desc, enabled):
 
 def run(args):
     import gpt2_numpy
+    from gpt2_numpy import AdaptiveK, NGramDrafter
     from gpt2_numpy.errors import GPT2Error
+    from gpt2_numpy.show import show_stream
 
     check_args(args, GPT2Error)
     gpt2 = backend_module(args.backend)
@@ -79,7 +97,9 @@ def run(args):
     start = time.perf_counter()
     target = gpt2.load_model(args.target_model_size, args.models_dir, progress=progress)
     draft = None
-    if "speculative" in modes:
+    if "speculative" in modes and args.draft == "ngram":
+        draft = NGramDrafter(target.n_vocab)
+    elif "speculative" in modes:
         draft = gpt2.load_model(args.draft_model_size, args.models_dir, progress=progress)
         if draft.n_vocab != target.n_vocab:
             raise GPT2Error(f"draft and target vocabularies differ ({draft.n_vocab} vs "
@@ -96,34 +116,45 @@ def run(args):
 
     # Touch every weight once, so neither timed run pays for paging the checkpoint in (or, on a
     # GPU, for compiling kernels).
-    for model in filter(None, (target, draft)):
+    for model in [target] + ([draft] if args.draft == "model" and draft else []):
         model(prompt[:1], model.new_cache(1))
 
     results = {}
     for mode in modes:
         rng = np.random.default_rng(args.seed)  # the same stream for both: same seed, same draws
-        bar, on_tokens = progress_bar(args.n_tokens_to_generate, mode, progress and not args.json)
+        showing = args.show and mode == "speculative"
+        bar, on_tokens = progress_bar(args.n_tokens_to_generate, mode,
+                                      progress and not args.json and not showing)
+        if showing:  # the coloured text is the progress display
+            on_tokens = show_stream(target.tokenizer, args.prompt)
         if mode == "autoregressive":
             ids, stats = gpt2.autoregressive_sample(target, prompt, args.n_tokens_to_generate,
                                                     warp, rng, on_tokens)
         else:
+            K = AdaptiveK(args.K) if args.adaptive else args.K
             ids, stats = gpt2.speculative_sample(target, draft, prompt, args.n_tokens_to_generate,
-                                                 args.K, warp, rng, on_tokens)
+                                                 K, warp, rng, on_tokens)
         bar.close()
+        if showing:
+            on_tokens.close()
+            print()
         results[mode] = {"token_ids": ids, "text": target.tokenizer.decode(ids), **stats.as_dict()}
 
     report = {
         "prompt": args.prompt, "prompt_token_ids": prompt, "backend": args.backend,
-        "draft": args.draft_model_size if draft else None, "target": args.target_model_size,
-        "K": args.K, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+        "draft": (args.draft_model_size if args.draft == "model" else "ngram") if draft else None,
+        "target": args.target_model_size, "K": args.K, "adaptive": args.adaptive,
+        "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
         "seed": args.seed, "load_seconds": load_seconds, **results,
     }
     if len(results) == 2:
         ar, sp = results["autoregressive"], results["speculative"]
         report["speedup"] = ar["decode_seconds"] / sp["decode_seconds"]
         report["same_tokens"] = ar["token_ids"] == sp["token_ids"]
-        # The papers' prediction from the measured acceptance and cost ratio c = draft / target
-        # forward time: (1 - a^(K+1)) / ((1 - a)(K c + 1)), i.e. tokens per round / round cost.
+    if len(results) == 2 and not (args.adaptive or args.draft == "ngram"):
+        # With a draft model and a fixed K, the papers' prediction from the measured acceptance
+        # and cost ratio c = draft / target forward time: (1 - a^(K+1)) / ((1 - a)(K c + 1)),
+        # i.e. tokens per round / round cost. (With --adaptive or ngram, K varies by round.)
         c = (sp["draft_seconds"] / max(sp["draft_calls"], 1)) / (ar["target_seconds"] / ar["target_calls"])
         a = sp["acceptance_rate"]
         tokens = args.K + 1 if a == 1 else (1 - a ** (args.K + 1)) / (1 - a)
@@ -148,16 +179,22 @@ def print_report(r):
                   f"(acceptance rate {m['acceptance_rate']:.2f}), "
                   f"{m['tokens_per_round']:.2f} tokens per round")
             print(f"Accepted per round (accepted:rounds) = {hist}")
+            if r["adaptive"] or r["draft"] == "ngram":
+                Ks = np.bincount(m["K_per_round"]).tolist()
+                print("Drafts per round (K:rounds) = " + " ".join(f"{k}:{n}" for k, n in
+                                                               enumerate(Ks) if n))
             print(f"Time in draft = {m['draft_seconds']:.2f}s, in target = {m['target_seconds']:.2f}s")
         if m["stopped_at_context"]:
             print("(stopped: the context is full)")
         print()
-    if "speedup" in r:
+    if "predicted_speedup" in r:
         print(f"Speedup = {r['speedup']:.2f}x  (the formula predicts {r['predicted_speedup']:.2f}x "
               f"for acceptance {r['speculative']['acceptance_rate']:.2f}, K={r['K']}, "
               f"c={r['c']:.2f})")
-        if r["temperature"] == 0:
-            print("Same tokens = " + ("yes" if r["same_tokens"] else "NO"))
+    elif "speedup" in r:  # K varied from round to round: no single-K prediction
+        print(f"Speedup = {r['speedup']:.2f}x")
+    if "speedup" in r and r["temperature"] == 0:
+        print("Same tokens = " + ("yes" if r["same_tokens"] else "NO"))
 
 
 def main(argv=None) -> int:

@@ -22,6 +22,7 @@ from typing import Callable, List, Optional
 
 import numpy as np
 
+from .adaptive import FixedK
 from .backend import synchronize, to_numpy
 from .errors import GPT2Error
 from .sampling import Warp, accept_or_resample, probabilities, sample
@@ -169,8 +170,9 @@ class ModelDrafter:
     def propose(self, tokens: List[int], K: int, warp: Warp, rng):
         """Sample x_1..x_K, x_i ~ q_i. Returns (drafts, q [K, V]).
 
-        K forwards: the first feeds whatever of `tokens` the cache has not seen (one token, or
-        two when the previous round accepted everything), each later one the previous draft.
+        K forwards: the first feeds whatever of `tokens` the cache has not seen (one token, two
+        when the previous round accepted everything, more after rounds without drafts), each
+        later one the previous draft.
         x_K itself is never fed; the next round does that if it is accepted.
         """
         drafts, q = [], np.empty((K, self.n_vocab))
@@ -195,20 +197,22 @@ class ModelDrafter:
         self.cache.rollback(min(self.cache.length, len(tokens) - 1))
 
 
-def speculative_sample(target, draft, prompt: List[int], n_new: int, K: int = 4,
+def speculative_sample(target, draft, prompt: List[int], n_new: int, K=4,
                        warp: Warp = Warp(), rng: np.random.Generator = None,
                        on_tokens: Callable = None):
     """Sample n_new tokens from `target`, letting `draft` (a model, or a drafter object with
-    start/propose/rollback) propose K tokens per round.
+    start/propose/rollback, e.g. drafters.NGramDrafter) propose K tokens per round.
 
+    K: an int >= 1, or a policy choosing each round's K (next_K() -> K >= 0, then
+    update(K, accepted, draft_seconds, target_seconds); see adaptive.AdaptiveK). A round with
+    K = 0, or in which the drafter proposes nothing, is a plain target step.
     Exactly n_new tokens come out (a round never proposes more than are still needed), fewer
     only if the context fills up (stats.stopped_at_context). on_tokens(ids, kinds) streams each
     round's tokens with kinds "accepted" (a draft the target kept), "resampled" (drawn from the
-    residual after a rejection) or "bonus" (all drafts accepted, one more from p_{K+1}).
-    Returns (new_token_ids, stats).
+    residual after a rejection), "bonus" (all drafts accepted, one more from p_{K+1}) or
+    "target" (a round without drafts). Returns (new_token_ids, stats).
     """
-    if K < 1:
-        raise GPT2Error(f"K (draft tokens per round) must be >= 1, got {K}")
+    policy = K if hasattr(K, "next_K") else FixedK(K)
     rng = rng if rng is not None else np.random.default_rng()
     drafter = draft if hasattr(draft, "propose") else ModelDrafter(draft)
     if drafter.n_vocab != target.n_vocab:
@@ -226,14 +230,18 @@ def speculative_sample(target, draft, prompt: List[int], n_new: int, K: int = 4,
     verify = Timed(target)
     start = time.perf_counter()
     while len(tokens) < n_stop:
-        # A round emits at most K + 1 tokens: never propose more than are still wanted.
-        K_round = min(K, n_stop - len(tokens) - 1)
-        drafts, q = drafter.propose(tokens, K_round, warp, rng) if K_round else ([], None)
+        # 1. A round emits at most K + 1 tokens: never ask for more than are still wanted. The
+        #    drafter may propose fewer; K_round is what it did propose.
+        K_wanted = min(policy.next_K(), n_stop - len(tokens) - 1)
+        round_start = time.perf_counter()
+        drafts, q = drafter.propose(tokens, K_wanted, warp, rng) if K_wanted else ([], None)
+        K_round, drafted_at = len(drafts), time.perf_counter()
         # 2. One target forward over the unseen tail and all drafts; row i of the last K + 1
         #    is p_{i+1}, the target's distribution for the position of draft i + 1.
         logits = verify(tokens[cache.length :] + drafts, cache, n_logits=K_round + 1)
         p = np.stack([probabilities(row, warp) for row in logits])  # [K + 1, V]
         m, next_token = accept_or_resample(drafts, q, p, rng)  # 3.
+        policy.update(K_round, m, drafted_at - round_start, time.perf_counter() - drafted_at)
         tokens += drafts[:m] + [next_token]
         cache.rollback(len(tokens) - 1)  # 4. drop rejected drafts: a length change
         drafter.rollback(tokens)

@@ -48,6 +48,31 @@ def test_single_mode(capsys):
     assert "autoregressive" not in r and len(r["speculative"]["token_ids"]) == 17
 
 
+REPETITIVE = "the cat sat on the mat. the cat sat on the"
+
+
+@pytest.mark.parametrize("flags", [["--adaptive", "--K", "6"], ["--draft", "ngram", "--K", "5"],
+                                   ["--draft", "ngram", "--adaptive", "--K", "8"]])
+def test_adaptive_and_ngram_give_the_autoregressive_tokens(capsys, flags):
+    r = run_json(capsys, *flags, "--prompt", REPETITIVE, "--temperature", "0")
+    sp, K_max = r["speculative"], int(flags[-1])
+    assert r["same_tokens"] is True and len(sp["token_ids"]) == 17
+    assert r["adaptive"] == ("--adaptive" in flags) and r["K"] == K_max
+    assert r["draft"] == ("ngram" if "ngram" in flags else DRAFT)
+    assert all(0 <= K <= K_max for K in sp["K_per_round"])
+    assert "predicted_speedup" not in r and r["speedup"] > 0  # K varies: no fixed-K formula
+    if "ngram" in flags:
+        assert sp["drafted"] > 0 and sp["draft_seconds"] < sp["target_seconds"]
+
+
+def test_human_readable_report_with_adaptive_ngram(capsys):
+    assert main.main(BASE + ["--draft", "ngram", "--adaptive", "--prompt", REPETITIVE]) == 0
+    out = capsys.readouterr().out
+    for line in ("Drafts per round (K:rounds) = 0:", "Speedup = ", "Same tokens = yes"):
+        assert line in out
+    assert "the formula predicts" not in out
+
+
 def test_human_readable_report(capsys):
     assert main.main(BASE + ["--K", "3"]) == 0
     out = capsys.readouterr().out
@@ -67,6 +92,11 @@ def test_human_readable_report(capsys):
     (["--n_tokens_to_generate", "60"], "exceeds the context of 64 tokens"),
     (["--target_model_size", "42M"], "unknown model '42M'"),
     (["--draft_model_size", str(FIXTURES)], "a model folder needs"),
+    (["--show", "--json"], "--show streams text and --json prints nothing but one JSON object"),
+    (["--adaptive", "--mode", "autoregressive"], "--adaptive is about speculative decoding"),
+    (["--show", "--mode", "autoregressive"], "--show is about speculative decoding"),
+    (["--draft", "ngram", "--mode", "autoregressive"], "--draft ngram is about speculative"),
+    (["--adaptive", "--K", "0"], "--K must be >= 1"),
 ])
 def test_bad_flags_exit_2_with_one_line(capsys, flags, message):
     assert main.main(BASE + flags) == 2

@@ -1,0 +1,154 @@
+"""Cost-aware adaptive lookahead: choose K, the number of drafts, before every round.
+
+A round with K drafts costs K draft steps and one target forward over T = K + 1 positions, and
+if each draft is accepted with probability a it emits on average (Leviathan et al. 2023, eq. 1)
+
+    tokens(K, a) = (1 - a^(K+1)) / (1 - a)          (K + 1 when a = 1)
+
+K = 0 is a plain autoregressive step: one token for r(1), the cost of a 1-position forward.
+`AdaptiveK` keeps running estimates of a, of the draft step time t_draft and of r(T), and before
+each round picks the K that maximises the expected tokens per second:
+
+    K* = argmax over K in [0, K_max] of  tokens(K, a) / (K t_draft + r(K + 1))
+
+What wins depends on the hardware as much as on the draft. On a CPU a 2-position forward can
+cost twice a 1-position one (a matrix-vector product becomes a matrix-matrix product), so only
+high acceptance pays for the verify step; on a GPU r(T) is nearly flat for small T.
+
+Choosing K never changes what is sampled, only how fast: whatever K a round uses, its tokens
+follow the target's distribution, and K is decided from past rounds only.
+"""
+import numpy as np
+
+from .errors import GPT2Error
+
+
+def expected_tokens(K: int, a: float) -> float:
+    """Tokens a round with K drafts emits on average when each draft passes with probability a:
+    1 + a + a^2 + ... + a^K (the accepted drafts, plus the resampled or bonus token)."""
+    return K + 1.0 if a >= 1 else (1 - a ** (K + 1)) / (1 - a)
+
+
+class FixedK:
+    """The classic policy: K drafts every round."""
+
+    def __init__(self, K: int):
+        if K < 1:
+            raise GPT2Error(f"K (draft tokens per round) must be >= 1, got {K}")
+        self.K = K
+
+    def next_K(self) -> int:
+        return self.K
+
+    def update(self, K, accepted, draft_seconds, target_seconds) -> None:
+        pass
+
+
+class RunningMean:
+    """A mean of the values seen so far that becomes exponentially weighted after 1/(1 - decay)
+    values: unbiased at the start, and still able to follow a drift (another process taking a
+    core, a CPU clock that changes)."""
+
+    def __init__(self, decay: float):
+        self.decay, self.n, self.value = decay, 0, 0.0
+
+    def add(self, x: float) -> None:
+        self.n += 1
+        self.value += max(1 / self.n, 1 - self.decay) * (x - self.value)
+
+
+class AdaptiveK:
+    """Picks K in [0, K_max] before each round from what the previous rounds measured.
+
+    Estimates:
+      a        per-draft acceptance = accepted / (accepted + rejected), exponentially weighted
+               per round (decay). A round accepting m of K drafts counts m acceptances and one
+               rejection if m < K; the drafts after a rejection are never judged, so they count
+               neither way (accepted / drafted would underestimate a). Prior: a quarter of
+               each, i.e. a = 0.5 but weak, so that a few rounds decide.
+      t_draft  seconds per draft token (the round's drafting time / K).
+      r(T)     seconds of a target forward over T positions, a running mean per T. An unmeasured
+               T is interpolated between the measured T >= 2, and beyond the largest one taken
+               equal to it: optimistic, so that a larger K is tried when acceptance is high (and
+               then measured). T = 1 is left out because one row is a cheaper kind of product
+               (matrix-vector) than several; with nothing else measured, r(1) is the guess.
+               Until the first draft is timed, t_draft is taken as r(1) (pessimistic).
+    Exploration: while K* = 0 nothing is learnt about a, so now and then the best K >= 1 is tried
+    instead (a probe). The first probe, in round 2, proposes K_max / 2 drafts: enough for a good
+    draft to show itself in one round, few enough that a useless one costs little. Each probe's
+    loss, the seconds it took beyond what plain steps would have
+    taken for the tokens it emitted (a lagging draft's catch-up included), is measured; the next
+    probe waits until the time spent in plain steps reaches loss / explore, so probing costs
+    about `explore` (1%) of the time when the draft is useless. A probe whose drafts all passed
+    is followed by another at once (if speculation can pay at all), so that a good draft is
+    recognised within a few rounds. explore = 0 never probes.
+
+    Round 1 is a plain step, which measures r(1). A policy carries its estimates from one call
+    of speculative_sample to the next; make a new one for a cold start.
+    """
+
+    def __init__(self, K_max: int, explore: float = 0.01, decay: float = 0.9, prior: float = 0.25):
+        if K_max < 1:
+            raise GPT2Error(f"K_max must be >= 1, got {K_max}")
+        self.K_max, self.explore, self.decay = K_max, explore, decay
+        self.accepted, self.rejected = prior, prior  # pseudo-counts: a = 0.5 at first
+        self.t_draft = RunningMean(decay)
+        self.r = {}  # T -> RunningMean of the seconds of a target forward over T positions
+        self.idle = 0.0  # seconds spent in plain steps since the last probe
+        self.probe_loss = 0.0  # what the last probe cost beyond plain steps (0: none yet)
+        self.probing = False
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
+
+    def target_seconds(self, T: int) -> float:
+        """r(T): measured, else guessed from fewer positions (see the class docstring)."""
+        if T in self.r:
+            return self.r[T].value
+        Ts = sorted(t for t in self.r if t > 1)
+        if not Ts:
+            return self.r[1].value
+        return float(np.interp(T, Ts, [self.r[t].value for t in Ts]))  # flat beyond the ends
+
+    def cost(self, K: int) -> float:
+        """Expected seconds of a round with K drafts: K draft steps + one verify over K + 1."""
+        t_draft = self.t_draft.value if self.t_draft.n else self.target_seconds(1)
+        return K * t_draft + self.target_seconds(K + 1)
+
+    def rate(self, K: int) -> float:
+        """Expected tokens per second of a round with K drafts."""
+        return expected_tokens(K, self.acceptance) / self.cost(K)
+
+    def next_K(self) -> int:
+        if 1 not in self.r:
+            return 0  # a plain step first: it measures r(1), which everything is compared with
+        best = max(range(self.K_max + 1), key=self.rate)
+        due = self.explore > 0 and self.idle * self.explore >= self.probe_loss
+        self.probing = best == 0 and due
+        if self.probing and not self.t_draft.n:
+            best = (self.K_max + 1) // 2  # the first probe: see the class docstring
+        elif self.probing:
+            best = max(range(1, self.K_max + 1), key=self.rate)
+        return best
+
+    def update(self, K: int, accepted: int, draft_seconds: float, target_seconds: float) -> None:
+        """Record a finished round: K drafts proposed, `accepted` of them kept, and its times."""
+        self.r.setdefault(K + 1, RunningMean(self.decay)).add(target_seconds)
+        if K == 0:
+            self.idle += target_seconds
+            return
+        self.accepted = self.decay * self.accepted + accepted
+        self.rejected = self.decay * self.rejected + (accepted < K)
+        self.t_draft.add(draft_seconds / K)
+        self.idle = 0.0
+        if self.probing:
+            plain = (accepted + 1) * self.target_seconds(1)  # plain steps for the same tokens
+            self.probe_loss = max(0.0, draft_seconds + target_seconds - plain)
+            if accepted == K and self.could_pay():
+                self.probe_loss = 0.0  # every draft passed: look again at once
+
+    def could_pay(self) -> bool:
+        """Would some K >= 1 beat plain steps if every draft were accepted?"""
+        best = max((K + 1) / self.cost(K) for K in range(1, self.K_max + 1))
+        return best > 1 / self.cost(0)

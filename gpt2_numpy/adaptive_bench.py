@@ -1,0 +1,149 @@
+"""Benchmark: --adaptive against every fixed K and plain autoregressive decoding.
+
+    python -m gpt2_numpy.adaptive_bench            # about 7 minutes on 2 CPU cores
+
+The models have the official 355M (target) and 124M (draft) shapes and random weights: the
+timings are real, the acceptance is not. Random weights make no draft agree with the target,
+so the two high-acceptance situations use a *scripted* draft: it runs the real 124M forwards
+(same cost, same cache catch-up) but proposes the target's own greedy tokens, each replaced by a
+wrong one with probability `error`. Situations:
+    draft == target    scripted, error 0     acceptance 1
+    perturbed target   scripted, error 0.1   acceptance ~0.9
+    unrelated draft    the random 124M model itself, acceptance ~0
+Everything is greedy (temperature 0), so every run must print the autoregressive tokens.
+"""
+import argparse
+import os
+import platform
+import time
+
+import numpy as np
+
+from .adaptive import AdaptiveK
+from .decoding import ModelDrafter, autoregressive_sample, speculative_sample
+from .load import official_hparams, random_params
+from .model import GPT2
+from .sampling import Warp, probabilities
+
+
+class ScriptedDrafter(ModelDrafter):
+    """Pays for the draft model's forwards but proposes `script` (the target's greedy output),
+    each token replaced by a wrong one with probability `error`. Benchmark only."""
+
+    runs = 0  # each drafter gets its own stream of errors: repeats do not share their luck
+
+    def __init__(self, model, script, n_prompt: int, error: float):
+        super().__init__(model)
+        self.script, self.n_prompt, self.error = script, n_prompt, error
+        self.rng = np.random.default_rng(ScriptedDrafter.runs)
+        ScriptedDrafter.runs += 1
+
+    def propose(self, tokens, K, warp, rng):
+        drafts, q = [], np.zeros((K, self.n_vocab))
+        new = tokens[self.cache.length :]
+        for i in range(K):
+            probabilities(self.model(new, self.cache)[-1], warp)  # the draft's work, discarded
+            position = len(tokens) - self.n_prompt + i
+            x = self.script[position] if position < len(self.script) else 0
+            if self.rng.random() < self.error:
+                x = (x + 1) % self.n_vocab  # certainly not the target's argmax
+            drafts.append(x)
+            q[i, x] = 1.0  # a deterministic proposal: one-hot q keeps the output exact
+            new = [x]
+        return drafts, q
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def decode(target, make_drafter, prompt, n, K, K_max):
+    """One timed run. K: None (autoregressive), an int, or "adaptive"."""
+    if K is None:
+        return autoregressive_sample(target, prompt, n, Warp(0.0))
+    policy = AdaptiveK(K_max) if K == "adaptive" else K
+    return speculative_sample(target, make_drafter(), prompt, n, policy, Warp(0.0))
+
+
+def row(name, n, runs, reference):
+    """A table row from repeated runs: the median tokens/s, the first run's other numbers."""
+    ids, stats = runs[0]
+    Ks = np.bincount(stats.K_per_round) if stats.K_per_round else [stats.rounds]  # AR: all K=0
+    return dict(name=name, n=n, repeats=len(runs),
+                tps=float(np.median([s.tokens_per_second for _, s in runs])),
+                acceptance=stats.acceptance_rate, same=ids == reference[:n],
+                Ks=" ".join(f"{K}:{count}" for K, count in enumerate(Ks) if count))
+
+
+def run_situation(target, make_drafter, prompt, n, n_fixed, K_max, reference, repeats):
+    """Every fixed K once over n_fixed tokens; then autoregressive and adaptive over n tokens and
+    the best fixed K again over n_fixed, `repeats` times each, interleaved (so that a slow spell
+    of the machine hits all three)."""
+    fixed = {K: [decode(target, make_drafter, prompt, n_fixed, K, K_max)] for K in
+             range(1, K_max + 1)}
+    best = max(fixed, key=lambda K: fixed[K][0][1].tokens_per_second)
+    finals = {None: [], best: [], "adaptive": []}
+    for _ in range(repeats):
+        for K in finals:
+            finals[K].append(decode(target, make_drafter, prompt, n_fixed if K == best else n,
+                                    K, K_max))
+    rows = [row("autoregressive", n, finals[None], reference)]
+    rows += [row(f"K={K} (best K >= 1)", n_fixed, finals[K], reference) if K == best else
+             row(f"K={K}", n_fixed, fixed[K], reference) for K in fixed]
+    rows.append(row(f"adaptive, K_max={K_max}", n, finals["adaptive"], reference))
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="adaptive K vs fixed K, official shapes, random weights")
+    p.add_argument("--n_tokens", type=int, default=96, help="tokens per run")
+    p.add_argument("--n_tokens_unrelated", type=int, default=24,
+                   help="tokens per fixed-K run with the unrelated draft (every round emits one)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--K_max", type=int, default=8)
+    p.add_argument("--target", default="355M")
+    p.add_argument("--draft", default="124M")
+    args = p.parse_args(argv)
+
+    start = time.perf_counter()
+    target = GPT2(official_hparams(args.target), random_params(official_hparams(args.target), seed=0))
+    draft = GPT2(official_hparams(args.draft), random_params(official_hparams(args.draft), seed=1))
+    prompt = np.random.default_rng(0).integers(0, target.n_vocab, 20).tolist()
+    for model in (target, draft):  # page every weight in once, outside the timings
+        model(prompt, model.new_cache(len(prompt)))
+
+    n = args.n_tokens
+    print(f"# {args.target} target, {args.draft} draft, random weights, greedy; {cpu_name()}")
+    reference = autoregressive_sample(target, prompt, n, Warp(0.0))[0]  # the target's own tokens
+    situations = [
+        ("draft == target (scripted, acceptance 1)", n,
+         lambda: ScriptedDrafter(draft, reference, len(prompt), error=0.0)),
+        ("perturbed target (scripted, 10% of drafts wrong)", n,
+         lambda: ScriptedDrafter(draft, reference, len(prompt), error=0.1)),
+        ("unrelated random 124M draft", args.n_tokens_unrelated, lambda: ModelDrafter(draft)),
+    ]
+    print("| situation | decoder | tokens | runs | tokens/s | vs autoregressive | "
+          "vs best fixed K | acceptance | K:rounds |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for title, n_fixed, make_drafter in situations:
+        rows = run_situation(target, make_drafter, prompt, n, n_fixed, args.K_max, reference,
+                             args.repeats)
+        ar = rows[0]["tps"]
+        best = max(r["tps"] for r in rows[:-1])  # autoregressive (K = 0) included
+        for r in rows:
+            flag = "" if r["same"] else " (tokens differ!)"
+            acc = "-" if np.isnan(r["acceptance"]) else f"{r['acceptance']:.2f}"
+            print(f"| {title} | {r['name']}{flag} | {r['n']} | {r['repeats']} | {r['tps']:.2f} | "
+                  f"{r['tps'] / ar:.2f}x | {r['tps'] / best:.2f} | {acc} | {r['Ks']} |", flush=True)
+    print(f"\ntotal {time.perf_counter() - start:.0f} s; load average now "
+          f"{os.getloadavg()[0]:.2f} (other processes share these cores)")
+
+
+if __name__ == "__main__":
+    main()

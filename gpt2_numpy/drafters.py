@@ -1,0 +1,64 @@
+"""Drafting without a draft model: prompt-lookup (n-gram) decoding.
+
+A drafter is whatever speculative_sample asks for drafts (ModelDrafter in decoding.py is the
+other one):
+    start(tokens, capacity)        once, before the first round
+    propose(tokens, K, warp, rng)  -> (drafts, q): at most K token ids, and q [len(drafts), V],
+                                   the distributions they were drawn from
+    rollback(tokens)               after every round; `tokens` is the committed sequence
+    n_vocab, seconds, calls        vocabulary size; time spent and calls made proposing
+
+NGramDrafter looks up the most recent earlier occurrence of the context's last n tokens (the
+prompt and the output so far; n from n_max down to 1) and proposes the tokens that followed it.
+Text that quotes its prompt or repeats itself (code, lists, names) is drafted for free; where
+nothing matches it proposes nothing and the round is a plain target step.
+
+The proposal is deterministic, so each q_i is one-hot at x_i. The accept rule then keeps x_i with
+probability min(1, p_i(x_i) / 1) = p_i(x_i), and the residual norm(max(0, p_i - q_i)) is p_i
+with x_i removed: the output is still exactly the target's (the proof never needs q to come
+from a model, only that x_i ~ q_i).
+"""
+import time
+from typing import List
+
+import numpy as np
+
+
+def lookup(tokens: List[int], K: int, n_max: int = 3) -> List[int]:
+    """Up to K tokens that followed the latest earlier occurrence of the last n tokens, for the
+    largest n <= n_max that occurred before; [] if even the last token is new."""
+    for n in range(min(n_max, len(tokens) - 1), 0, -1):
+        suffix = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):  # latest first, never the suffix itself
+            if tokens[start : start + n] == suffix:
+                # Copy what followed, LZ77-style: the copy may run into tokens it has just copied,
+                # so a repeating run "a b a b" continues "a b ..." for as long as K asks.
+                copy = list(tokens)
+                for i in range(start + n, start + n + K):
+                    copy.append(copy[i])
+                return copy[len(tokens) :]
+    return []
+
+
+class NGramDrafter:
+    """Proposes continuations found in the context itself; no model, no cache."""
+
+    def __init__(self, n_vocab: int, n_max: int = 3):
+        self.n_vocab, self.n_max = n_vocab, n_max
+        self.seconds, self.calls = 0.0, 0
+
+    def start(self, tokens: List[int], capacity: int) -> None:
+        self.seconds, self.calls = 0.0, 0  # nothing to prefill: the context is the whole model
+
+    def propose(self, tokens: List[int], K: int, warp, rng):
+        """(drafts, q [len(drafts), V] one-hot); the warp and rng are not needed: no sampling."""
+        start = time.perf_counter()
+        drafts = lookup(tokens, K, self.n_max)
+        q = np.zeros((len(drafts), self.n_vocab))
+        q[np.arange(len(drafts)), drafts] = 1.0  # x_i ~ q_i with q_i one-hot at x_i
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return drafts, q
+
+    def rollback(self, tokens: List[int]) -> None:
+        pass  # no state: every lookup reads the committed tokens afresh
