@@ -796,6 +796,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default="bench_out", help="where bench.json, the CSVs and summary.md go")
     p.add_argument("--quick", action="store_true", help="fewer tokens, K values and repetitions (~2 min)")
     p.add_argument("--models_dir", default=None, help="where official weights are looked for (default weights/)")
+    p.add_argument("--adaptive", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="run the adaptive-K vs fixed-K benchmark instead (gpt2_numpy/adaptive_bench.py; "
+                        "ARGS go to it, e.g. --adaptive --help)")
     p.add_argument("--plot", metavar="OUT_DIR", help="only draw the figures from OUT_DIR/bench.json")
     p.add_argument("--img", default=str(Path(__file__).resolve().parent / "img"), help="where --plot writes")
     p.add_argument("--skip", default="", help="comma-separated sections to skip: "
@@ -814,6 +817,10 @@ def main(argv=None):
     if args.plot:
         plot(Path(args.plot), Path(args.img))
         return 0
+    if args.adaptive is not None:
+        from gpt2_numpy import adaptive_bench
+
+        return adaptive_bench.main(args.adaptive)
 
     q = args.quick
     cfg = {"prompt": 64, "ar_tokens": 24 if q else 64, "ar_reps": 2 if q else 3,
