@@ -7,9 +7,10 @@ kernel, and the caches are allocated on the device (`model.xp.zeros`). The decod
 host only the logits rows they sample from (backend.to_numpy); sampling and the accept/resample
 rule run in NumPy with one host random generator, so a seed gives the same draws on CPU and GPU.
 """
-from gpt2_numpy import (GPT2, GPT2Error, KVCache, ModelDrafter, OFFICIAL_HPARAMS, Stats, Warp,
-                        accept_or_resample, autoregressive_sample, forward, load_hparams,
-                        official_hparams, probabilities, residual, sample, speculative_sample)
+from gpt2_numpy import (GPT2, OFFICIAL_HPARAMS, AdaptiveK, FixedK, GPT2Error, KVCache,
+                        ModelDrafter, NGramDrafter, Stats, Warp, accept_or_resample,
+                        autoregressive_sample, forward, load_hparams, official_hparams,
+                        probabilities, residual, sample, speculative_sample)
 from gpt2_numpy import load as _load
 
 try:
@@ -36,7 +37,7 @@ def random_params(hparams, seed=0, scale=0.02):
     return _load.random_params(hparams, seed, scale, xp=xp)
 
 
-__all__ = ["GPT2", "GPT2Error", "KVCache", "ModelDrafter", "OFFICIAL_HPARAMS", "Stats", "Warp",
+__all__ = ["AdaptiveK", "FixedK", "NGramDrafter", "GPT2", "GPT2Error", "KVCache", "ModelDrafter", "OFFICIAL_HPARAMS", "Stats", "Warp",
            "accept_or_resample", "autoregressive_sample", "forward", "load_hparams", "load_model",
            "official_hparams", "probabilities", "random_params", "residual", "sample",
            "speculative_sample", "xp"]

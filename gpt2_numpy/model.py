@@ -15,7 +15,7 @@ The parameter tree mirrors the checkpoint's names (see checkpoint.py):
     blocks[i] = {ln_1, attn {c_attn {w [d, 3d], b}, c_proj {w [d, d], b}}, ln_2,
                  mlp {c_fc {w [d, 4d], b}, c_proj {w [4d, d], b}}}
 
-Speed (measured by bench.py; see docs/performance.md). Decoding one token is a chain of
+Speed (measured by bench.py; see the README, "Performance"). Decoding one token is a chain of
 one-row products `x @ w` that read every weight once, so it is bound by memory bandwidth. Three
 things here exist only to get closer to that floor; none changes the math: `GPT2` stores the two
 c_proj matrices column by column (`with_fast_layout`), `matmul` multiplies 2..7 rows the way
