@@ -1,9 +1,9 @@
-"""Tests for gpt2_numpy/checkpoint.py: the TensorFlow checkpoint reader and CRC-32C.
+"""Tests for gpt2_numpy/checkpoint.py: the TensorFlow checkpoint reader and writer, and CRC-32C.
 
 The fixtures in tests/fixtures/<name>/ were written by real TensorFlow (see make_fixtures.py);
 a few edge cases TensorFlow would not produce for us (more than 10 layers, several data blocks,
-unknown proto fields, sliced tensors) use a small SSTable writer at the bottom of this file.
-Only NumPy and pytest are needed.
+unknown proto fields, sliced tensors) use a small SSTable writer near the bottom of this file,
+independent of write_checkpoint (whose own tests come last). Only NumPy and pytest are needed.
 """
 
 import json
@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gpt2_numpy import checkpoint, random_params
 from gpt2_numpy.checkpoint import (
     DATA_FILE,
     INDEX_FILE,
@@ -25,6 +26,7 @@ from gpt2_numpy.checkpoint import (
     mask_crc,
     read_index,
     unmask_crc,
+    write_checkpoint,
 )
 from gpt2_numpy.errors import GPT2Error
 
@@ -530,3 +532,201 @@ def test_wrong_dtype_is_rejected(tmp_path):
     with pytest.raises(GPT2Error) as excinfo:
         load_checkpoint(folder, SMALL)
     assert_one_line_error(excinfo, "model/wte", "float32")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing checkpoints
+# ---------------------------------------------------------------------------------------------
+
+WRITTEN_FILES = {INDEX_FILE, DATA_FILE, "hparams.json", "checkpoint"}
+
+
+def data_blocks(index_path):
+    """[(separator key, [keys of that data block])] straight from the SSTable's index block."""
+    raw = index_path.read_bytes()
+    _, index_handle = checkpoint._read_footer(raw)
+    blocks = []
+    entries, read_block = checkpoint._block_entries, checkpoint._read_block
+    for separator, handle_bytes in entries(read_block(raw, index_handle)):
+        handle, _ = checkpoint._block_handle(handle_bytes, 0)
+        keys = [key for key, _ in entries(read_block(raw, handle))]
+        blocks.append((separator, keys))
+    return blocks
+
+
+def assert_same_params(actual, expected):
+    flat_actual, flat_expected = leaves(actual), leaves(expected)
+    assert flat_actual.keys() == flat_expected.keys()
+    for tensor, arr in flat_expected.items():
+        assert flat_actual[tensor].dtype == np.float32, tensor
+        np.testing.assert_array_equal(flat_actual[tensor], arr, err_msg=tensor)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_written_checkpoint_is_byte_identical_to_tensorflows(tmp_path, name):
+    """Same tensors in, same bytes out: header and entry protos, prefix compression, restart
+    arrays, the index block's separator key "n", block CRCs, footer and data layout all match."""
+    folder = FIXTURES / name
+    hp = hparams_of(folder)
+    write_checkpoint(tmp_path / "out", hp, load_checkpoint(folder, hp))
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} == WRITTEN_FILES  # no tokenizer, no temporary files
+    for file in (INDEX_FILE, DATA_FILE, "checkpoint"):
+        assert (out / file).read_bytes() == (folder / file).read_bytes(), file
+    assert len((out / "checkpoint").read_bytes()) == 77
+    # hparams.json: same values, in OpenAI's layout (the fixtures' copy lacks the final newline).
+    assert json.loads((out / "hparams.json").read_text()) == hp
+    assert (out / "hparams.json").read_text() == json.dumps(hp, indent=2) + "\n"
+
+
+TWELVE = {"n_vocab": 13, "n_ctx": 7, "n_embd": 8, "n_head": 2, "n_layer": 12}
+
+
+def test_round_trip_of_random_params_with_two_digit_layers(tmp_path):
+    params = random_params(TWELVE, seed=3)
+    write_checkpoint(tmp_path / "m", TWELVE, params)
+    loaded = load_checkpoint(tmp_path / "m", TWELVE, verify_crc=True)
+    assert_same_params(loaded, params)
+    assert json.loads((tmp_path / "m" / "hparams.json").read_text()) == TWELVE
+    # The data file is in bytewise key order (h10 and h11 before h2), like TensorFlow's.
+    entries = read_index(tmp_path / "m" / INDEX_FILE)
+    by_offset = sorted(entries, key=lambda tensor: entries[tensor].offset)
+    assert by_offset == sorted(entries) and by_offset.index("model/h11/ln_2/g") < by_offset.index(
+        "model/h2/attn/c_attn/b"
+    )
+
+
+def test_rewriting_a_loaded_checkpoint_in_place(tmp_path):
+    """The old data file is memory-mapped while its replacement is written: os.replace leaves
+    the mapping on the old file, so the loaded arrays stay valid and the output is intact."""
+    folder = tmp_path / "m"
+    write_checkpoint(folder, TWELVE, random_params(TWELVE, seed=1))
+    before = load_checkpoint(folder, TWELVE)
+    copy = {tensor: np.array(arr) for tensor, arr in leaves(before).items()}
+    write_checkpoint(folder, TWELVE, before)  # same folder, from its own memmap
+    after = load_checkpoint(folder, TWELVE, verify_crc=True)
+    for tensor, arr in leaves(after).items():
+        np.testing.assert_array_equal(arr, copy[tensor], err_msg=tensor)
+    assert {p.name for p in folder.iterdir()} == WRITTEN_FILES
+
+
+def test_float64_params_are_stored_as_float32(tmp_path):
+    params = random_params(TWELVE, seed=2)
+    as64 = {tensor: arr.astype(np.float64) * 1.1 for tensor, arr in leaves(params).items()}
+    tree64 = {
+        "wte": as64["model/wte"],
+        "wpe": as64["model/wpe"],
+        "ln_f": {"g": as64["model/ln_f/g"], "b": as64["model/ln_f/b"]},
+        "blocks": [
+            {
+                group: {
+                    key: {leaf: as64[f"model/h{i}/{group}/{key}/{leaf}"] for leaf in value}
+                    if isinstance(value, dict)
+                    else as64[f"model/h{i}/{group}/{key}"]
+                    for key, value in sub.items()
+                }
+                for group, sub in block.items()
+            }
+            for i, block in enumerate(params["blocks"])
+        ],
+    }
+    write_checkpoint(tmp_path / "m", TWELVE, tree64)
+    loaded = leaves(load_checkpoint(tmp_path / "m", TWELVE, verify_crc=True))
+    for tensor, arr in as64.items():
+        np.testing.assert_array_equal(loaded[tensor], arr.astype(np.float32), err_msg=tensor)
+
+
+def test_small_blocks_split_the_index_into_many_data_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "TABLE_BLOCK_SIZE", 64)  # ~1 entry per block instead of 256 kB
+    params = random_params(TWELVE, seed=4)
+    write_checkpoint(tmp_path / "m", TWELVE, params)
+    blocks = data_blocks(tmp_path / "m" / INDEX_FILE)
+    assert len(blocks) > 50
+    keys = [key for _, block_keys in blocks for key in block_keys]
+    assert keys == sorted(keys) and keys[0] == b"" and len(keys) == 1 + len(expected_shapes(TWELVE))
+    # Each separator lies between its block's last key and the next block's first key.
+    for (separator, block_keys), (_, next_keys) in zip(blocks, blocks[1:] + [(None, [None])]):
+        assert block_keys[-1] <= separator
+        assert next_keys[0] is None or separator < next_keys[0]
+    assert_same_params(load_checkpoint(tmp_path / "m", TWELVE, verify_crc=True), params)
+
+
+def test_separator_keys_follow_leveldb():
+    sep, succ = checkpoint._shortest_separator, checkpoint._short_successor
+    assert sep(b"model/h1/mlp", b"model/h3") == b"model/h2"  # bump the first differing byte
+    assert sep(b"model/h1/mlp", b"model/h2") == b"model/h1/mlp"  # h2 would not be < limit
+    assert sep(b"model/h1", b"model/h1/b") == b"model/h1"  # a prefix: kept as it is
+    assert sep(b"a\xff\xff", b"b") == b"a\xff\xff"
+    assert succ(b"model/wte") == b"n"  # the key in every GPT-2 index block
+    assert succ(b"\xff\xffa") == b"\xff\xffb"
+    assert succ(b"\xff\xff") == b"\xff\xff"
+
+
+def set_leaf(params, path, value):
+    node = params
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+
+
+@pytest.mark.parametrize(
+    "path, value, tensor",
+    [
+        (["blocks", 1, "attn", "c_attn", "w"], np.zeros((24, 8)), "model/h1/attn/c_attn/w"),
+        (["blocks", 2, "mlp", "c_proj", "w"], np.zeros((1, 32, 8)), "model/h2/mlp/c_proj/w"),
+        (["wte"], np.zeros((12, 8), np.float32), "model/wte"),
+        (["ln_f", "b"], np.zeros(8, np.int64), "model/ln_f/b"),
+        (["blocks", 0, "ln_2"], {"g": np.ones(8, np.float32)}, "model/h0/ln_2/b"),
+    ],
+)
+def test_bad_params_are_rejected_before_anything_is_written(tmp_path, path, value, tensor):
+    hp = dict(TWELVE, n_layer=3)
+    params = random_params(hp, seed=0)
+    set_leaf(params, path, value)
+    with pytest.raises(GPT2Error) as excinfo:
+        write_checkpoint(tmp_path / "new", hp, params)
+    assert_one_line_error(excinfo, tensor)
+    assert not (tmp_path / "new").exists()
+
+
+def test_wrong_layer_count_and_hparams_are_rejected(tmp_path):
+    params = random_params(TWELVE, seed=0)
+    with pytest.raises(GPT2Error) as excinfo:
+        write_checkpoint(tmp_path / "new", dict(TWELVE, n_layer=11), params)
+    assert_one_line_error(excinfo, "12 blocks", "n_layer=11")
+    with pytest.raises(GPT2Error) as excinfo:
+        write_checkpoint(tmp_path / "new", dict(TWELVE, n_head=3), params)
+    assert_one_line_error(excinfo, "n_head=3")
+    assert not (tmp_path / "new").exists()
+
+
+def test_bad_params_leave_an_existing_checkpoint_untouched(tmp_path):
+    folder = tmp_path / "m"
+    write_checkpoint(folder, TWELVE, random_params(TWELVE, seed=5))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    params = random_params(TWELVE, seed=6)
+    params["blocks"][11]["ln_1"]["g"] = np.zeros(9, np.float32)
+    with pytest.raises(GPT2Error) as excinfo:
+        write_checkpoint(folder, TWELVE, params)
+    assert_one_line_error(excinfo, "model/h11/ln_1/g", "[9]", "[8]")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_a_failure_mid_write_leaves_old_files_and_no_temporary_ones(tmp_path, monkeypatch):
+    """Disk full halfway through the data file: GPT2Error, and the folder is exactly as before."""
+    folder = tmp_path / "m"
+    write_checkpoint(folder, TWELVE, random_params(TWELVE, seed=7))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    real_crc32c, calls = checkpoint.crc32c, []
+
+    def failing_crc32c(data):
+        calls.append(1)
+        if len(calls) == 40:  # well into the data file: 40th of 148 tensors
+            raise OSError(28, "No space left on device")
+        return real_crc32c(data)
+
+    monkeypatch.setattr(checkpoint, "crc32c", failing_crc32c)
+    with pytest.raises(GPT2Error) as excinfo:
+        write_checkpoint(folder, TWELVE, random_params(TWELVE, seed=8))
+    assert_one_line_error(excinfo, "No space left on device")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
