@@ -11,6 +11,7 @@ import json
 import sys
 import time
 
+import gpt2_numpy  # noqa: F401  first: it picks OpenBLAS's kernels before NumPy loads OpenBLAS
 import numpy as np
 
 DEFAULT_PROMPT = "Alan Turing theorized that computers would one day become"

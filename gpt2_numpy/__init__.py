@@ -7,7 +7,11 @@
     logits = model(ids, cache)                      # [1, 50257]: logits of the next token
     cache.rollback(3)                               # forget all but the first 3 tokens: O(1)
 """
-import numpy as _np
+from ._openblas import prefer_haswell_kernels
+
+prefer_haswell_kernels()  # before anything imports NumPy: OpenBLAS reads it once (_openblas.py)
+
+import numpy as _np  # noqa: E402
 
 from .adaptive import AdaptiveK, FixedK
 from .decoding import ModelDrafter, Stats, autoregressive_sample, speculative_sample

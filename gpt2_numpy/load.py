@@ -1,10 +1,8 @@
 """Loading a model: a size ("355M") or a folder of official files -> a ready `GPT2`.
 
 The weights are NumPy memory maps of the checkpoint's data file (see checkpoint.py): loading is
-almost free and the OS pages bytes in as the first forward touches them. (GPT2 then copies the
-c_proj matrices, about a third of the bytes, into a faster layout once: see
-model.with_fast_layout.) On another backend (CuPy) each tensor
-is copied to the device once, here, and never again.
+almost free, nothing is copied, and the OS pages bytes in as the first forward touches them.
+On another backend (CuPy) each tensor is copied to the device once, here, and never again.
 """
 import json
 from pathlib import Path

@@ -16,11 +16,10 @@ The parameter tree mirrors the checkpoint's names (see checkpoint.py):
                  mlp {c_fc {w [d, 4d], b}, c_proj {w [4d, d], b}}}
 
 Speed (measured by bench.py; see the README, "Performance"). Decoding one token is a chain of
-one-row products `x @ w` that read every weight once, so it is bound by memory bandwidth. Three
-things here exist only to get closer to that floor; none changes the math: `GPT2` stores the two
-c_proj matrices column by column (`with_fast_layout`), `matmul` multiplies 2..7 rows the way
-OpenBLAS does cheapest, and the elementwise code avoids NumPy calls that are slow on small
-arrays (x**3, mean).
+one-row products `x @ w` that read every weight once, so it is bound by memory bandwidth; the
+weights stay exactly as the checkpoint stores them (no copies, no re-layout). The one speed
+measure here is in `matmul`: products of 2..7 rows are padded to 8, the row count OpenBLAS
+multiplies cheapest. It changes no result: the padding rows are zeros and are dropped.
 """
 import math
 
@@ -55,24 +54,19 @@ def layer_norm(x, g, b, eps: float = 1e-5):
 
 # How few rows meet a big matrix matters on a CPU. One row is a matrix-vector product that only
 # streams w from memory. For more rows OpenBLAS (the BLAS in NumPy's wheels) first copies
-# ("packs") w into cache-sized panels, which costs ~2.5-3 one-row products whatever the number
-# of rows up to 8, and rows that do not fill a whole panel of its kernel take slower edge paths
-# (5-7 rows cost ~20% more than 8). Measured by bench.py (r(T), "knobs") on the benchmark
-# machine, a 2-core AMD EPYC with NumPy's OpenBLAS 0.3.31. So:
-# 2 rows are two matrix-vector products, and 3..7 rows are padded with zero rows to 8. A
-# speculative verify step feeds K + 1 rows, and a draft catching up after a fully accepted
-# round feeds 2.
+# ("packs") w into cache-sized panels and then multiplies panel by panel, which costs about 1.8
+# one-row products with its Haswell kernels, and most for row counts that do not fill its
+# kernels: 5-7 rows cost ~25% more than 8. A speculative verify step multiplies K + 1 rows, so
+# 2..7 rows are padded with zero rows to 8 (bench.py "knobs" times it on and off).
 PAD_ROWS_TO = 8
 
 
 def matmul(x, w):
-    """x @ w for a few rows, done the cheapest way (see above).  [T, n] @ [n, m] -> [T, m]"""
+    """x @ w, with 2..7 rows padded to 8 (see above).  [T, n] @ [n, m] -> [T, m]"""
     T = x.shape[0]
     if not 1 < T < PAD_ROWS_TO:
-        return x @ w  # one row (a matrix-vector product) or many: nothing to gain
+        return x @ w  # one row (a matrix-vector product) or enough rows to fill the kernels
     xp = namespace_of(x)
-    if T == 2:
-        return xp.stack([x[0, :] @ w, x[1, :] @ w])  # 2 x ([n] @ [n, m]) -> [2, m]
     padded = xp.zeros((PAD_ROWS_TO, x.shape[1]), dtype=x.dtype)  # [8, n], rows T..7 zero
     padded[:T, :] = x
     return (padded @ w)[:T, :]  # [8, m] -> [T, m]; the zero rows' results are dropped
@@ -104,7 +98,8 @@ def attention(q, k, v, n_past: int):
     """
     xp = namespace_of(q)
     T, L, D = q.shape[1], k.shape[1], q.shape[2]
-    scores = q @ xp.permute_dims(k, (0, 2, 1)) / math.sqrt(D)  # [H, T, L]
+    # Scaling q rather than the scores: the same product, on D numbers per query instead of L.
+    scores = (q * (1.0 / math.sqrt(D))) @ xp.permute_dims(k, (0, 2, 1))  # [H, T, L]
     if T > 1:
         # Query t sits at absolute position n_past + t and may see keys 0..n_past + t: the mask is
         # aligned to the lower-right corner. A single query (decoding) sees everything: no mask.
@@ -206,57 +201,16 @@ def forward(params: dict, ids, cache: KVCache, n_head: int, n_logits=1):
     return lm_head(x, wte)  # [n_logits, V]
 
 
-def column_major(w):
-    """The same matrix, stored column by column: a copy, made once when a model is built.
-
-    [n, m] -> [n, m] whose columns are contiguous (it is a transposed view of a row-major
-    [m, n] array). The array API has no `order=` argument, so the copy is written through a
-    transposed view, 16 rows at a time: a plain transposing copy touches a new cache line for
-    every element it reads or writes and is ~5x slower here.
-    """
-    xp = namespace_of(w)
-    n, m = w.shape
-    w_t = xp.empty((m, n), dtype=w.dtype)  # [m, n] row-major = [n, m] column-major
-    for i in range(0, n, 16):
-        j = min(i + 16, n)  # the array API forbids slices past the end
-        w_t[:, i:j] = xp.permute_dims(w[i:j, :], (1, 0))  # [16, m] -> [m, 16]
-    return xp.permute_dims(w_t, (1, 0))  # a view: [n, m], w's shape and values
-
-
-def with_fast_layout(params: dict) -> dict:
-    """The parameter tree with the two c_proj matrices of every block stored column by column.
-
-    Same names, shapes and values, so everything that reads the tree is unaffected. Why: decoding
-    computes one row x @ w at a time, a matrix-vector product that only has to stream w from
-    memory. On the benchmark machine OpenBLAS streams a row-major w whose rows are short
-    (c_proj's n_out = d) at ~2/3 of the speed it reaches when each output's weights are
-    contiguous. For the wide c_attn and c_fc (n_out = 3d, 4d) the two layouts stream at similar
-    speeds, but the row-major one is ~1.4x faster for the 8-row products of a speculative verify
-    step, so those stay as in the checkpoint, and so does wte (x @ wte.T already reads wte row by
-    row, the fast way). bench.py times the model with and without this ("knobs").
-    """
-
-    def proj(dense):
-        return {**dense, "w": column_major(dense["w"])}
-
-    blocks = [{**block, "attn": {**block["attn"], "c_proj": proj(block["attn"]["c_proj"])},
-               "mlp": {**block["mlp"], "c_proj": proj(block["mlp"]["c_proj"])}}
-              for block in params["blocks"]]
-    return {**params, "blocks": blocks}
-
-
 class GPT2:
     """A loaded model: hyperparameters, the parameter tree, and (optionally) its tokenizer.
 
-    `model(ids, cache)` is `forward(model.params, ids, cache, n_head)`. Unless fast_layout is
-    False, `model.params` holds copies of the c_proj matrices in a faster layout (see
-    `with_fast_layout`; a one-time copy of ~1/3 of the weights, done here rather than per token).
+    `model(ids, cache)` is `forward(model.params, ids, cache, n_head)`; `model.params` is the
+    parameter tree as loaded (for official files: read-only views of the checkpoint's bytes).
     """
 
-    def __init__(self, hparams: dict, params: dict, tokenizer=None, name: str = "gpt2",
-                 fast_layout: bool = True):
+    def __init__(self, hparams: dict, params: dict, tokenizer=None, name: str = "gpt2"):
         self.hparams, self.tokenizer, self.name = hparams, tokenizer, name
-        self.params = with_fast_layout(params) if fast_layout else params
+        self.params = params
         self.xp = namespace_of(params["wte"])
 
     @property
