@@ -46,6 +46,7 @@ import sys
 import time
 from pathlib import Path
 
+import gpt2_numpy  # noqa: F401  first: it picks OpenBLAS's kernels before NumPy loads OpenBLAS
 import numpy as np
 
 RANDOM = "random weights: speed is real, acceptance is not"
@@ -162,8 +163,10 @@ def machine_info() -> dict:
         info["threadpoolctl"] = threadpoolctl.threadpool_info()
     except ImportError:
         info["threadpoolctl"] = "not installed (pip install threadpoolctl to record BLAS threads)"
+    info["openblas_core"] = openblas_core()
     info["env"] = {k: os.environ[k] for k in ("OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE",
-                                             "OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}
+                                             "GPT2_OPENBLAS_DEFAULT", "OMP_NUM_THREADS",
+                                             "MKL_NUM_THREADS") if k in os.environ}
     try:
         root = Path(__file__).resolve().parent
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
@@ -174,6 +177,29 @@ def machine_info() -> dict:
     except (OSError, subprocess.SubprocessError):
         pass
     return info
+
+
+def openblas_core():
+    """The kernel set ("core") OpenBLAS is using in this process, or None if that cannot be asked:
+    the loaded OpenBLAS library (NumPy's bundled copy prefixes its symbols) is asked directly."""
+    import ctypes
+
+    try:
+        libs = sorted({l.split()[-1] for l in open("/proc/self/maps") if "openblas" in l.lower()})
+    except OSError:
+        return None
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename",
+                     "openblas_get_corename"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.restype = ctypes.c_char_p
+                return fn().decode()
+    return None
 
 
 def official_dir(size, models_dir):
@@ -236,13 +262,14 @@ def prompt_ids(model, length, seed=0):
 
 def bandwidth(pool_mib, reps):
     """GB/s of one-row x @ W streamed over a pool of [1024, 4096] float32 matrices, far larger
-    than the caches, with W stored row-major (as in the checkpoint) and column-major."""
-    from gpt2_numpy.model import column_major
-
+    than the caches (lscpu reports up to hundreds of MiB of L3 on cloud CPUs: a pool that fits
+    would measure the cache, not memory), with W stored row-major (as in the checkpoint) and
+    column-major; the faster of the two is the floor's rate."""
     rng = np.random.default_rng(0)
     n = max(2, pool_mib * 2**20 // (1024 * 4096 * 4))
-    pools = {"row-major": [rng.standard_normal((1024, 4096), dtype=np.float32) for _ in range(n)]}
-    pools["column-major"] = [column_major(w) for w in pools["row-major"]]
+    w = rng.standard_normal((1024, 4096), dtype=np.float32)
+    pools = {"row-major": [w.copy() for _ in range(n)]}  # speed does not depend on the values
+    pools["column-major"] = [np.asfortranarray(w) for _ in range(n)]
     x = rng.standard_normal((1, 1024), dtype=np.float32)
     nbytes = sum(w.nbytes for w in pools["row-major"])
     samples = {k: [] for k in pools}
@@ -327,41 +354,57 @@ def r_of_T(model, label, n_past, Ts, reps):
     return rows, t1, costs[2, 1]["best"]
 
 
+def column_major_c_proj(params):
+    """The tree with both c_proj matrices of every block copied column by column (F order): the
+    layout an earlier version of model.py used. Same names, shapes and values."""
+    def proj(dense):
+        return {**dense, "w": np.asfortranarray(dense["w"])}
+    blocks = [{**b, "attn": {**b["attn"], "c_proj": proj(b["attn"]["c_proj"])},
+               "mlp": {**b["mlp"], "c_proj": proj(b["mlp"]["c_proj"])}} for b in params["blocks"]]
+    return {**params, "blocks": blocks}
+
+
+KNOBS = {  # name: (PAD_ROWS_TO, transform of the parameter tree)
+    "as shipped: checkpoint layout, 2..7 rows padded to 8": (8, None),
+    "no padding": (1, None),
+    "c_proj copied column-major, padded": (8, column_major_c_proj),
+}
+
+
 def knobs(sizes_params, n_past, reps, Ts=(1, 2, 5, 8)):
-    """Forward costs with model.py's two speed measures off and on, all four combinations
-    interleaved within every repetition (random weights; the same arrays for both layouts)."""
+    """Forward costs with model.py's padding of few-row products off and on, and with the c_proj
+    matrices in the other layout, all configurations interleaved within every repetition."""
     import gpt2_numpy as gpt2
     import gpt2_numpy.model as model_module
 
     rows = []
     for size, (h, params) in sizes_params.items():
-        models = {"checkpoint layout": gpt2.GPT2(h, params, fast_layout=False, name=size),
-                  "fast layout": gpt2.GPT2(h, params, name=size)}
-        ids = prompt_ids(models["fast layout"], n_past + max(Ts), seed=1)
+        models = {name: gpt2.GPT2(h, fn(params) if fn else params, name=size)
+                  for name, (_, fn) in KNOBS.items()}
+        ids = prompt_ids(next(iter(models.values())), n_past + max(Ts), seed=1)
         caches = {}
-        for layout, model in models.items():
-            caches[layout] = model.new_cache(n_past + max(Ts))
-            model(ids[:n_past], caches[layout], n_logits=0)
+        for name, model in models.items():
+            caches[name] = model.new_cache(n_past + max(Ts))
+            model(ids[:n_past], caches[name], n_logits=0)
         samples = {}
         try:
             for _ in range(reps):
-                for few_rows in (False, True):
-                    # 1: `1 < T < 1` never holds, so every T goes straight to x @ w, as before
-                    model_module.PAD_ROWS_TO = 8 if few_rows else 1
-                    for layout, model in models.items():
-                        for T in Ts:
-                            def step():
-                                caches[layout].rollback(n_past)
-                                model(ids[n_past : n_past + T], caches[layout], n_logits=T)
-                            samples.setdefault((few_rows, layout, T), []).append(quiet_sample(step))
+                for name, model in models.items():
+                    # PAD_ROWS_TO = 1: `1 < T < 1` never holds, so every T goes straight to x @ w
+                    model_module.PAD_ROWS_TO = KNOBS[name][0]
+                    for T in Ts:
+                        def step():
+                            caches[name].rollback(n_past)
+                            model(ids[n_past : n_past + T], caches[name], n_logits=T)
+                        samples.setdefault((name, T), []).append(quiet_sample(step))
         finally:
             model_module.PAD_ROWS_TO = 8
-        for few_rows in (False, True):
-            for layout in models:
-                ms = {T: 1e3 * best(samples[few_rows, layout, T])["best"] for T in Ts}
-                rows.append({"model": size, "weights": RANDOM, "layout": layout, "few_rows": few_rows,
-                             **{f"ms_T{T}": ms[T] for T in Ts}, **{f"r{T}": ms[T] / ms[1] for T in Ts[1:]},
-                             "max_foreign": max(best(samples[few_rows, layout, T])["max_foreign"] for T in Ts)})
+        for name in models:
+            ms = {T: 1e3 * best(samples[name, T])["best"] for T in Ts}
+            rows.append({"model": size, "weights": RANDOM, "configuration": name,
+                         **{f"ms_T{T}": ms[T] for T in Ts}, **{f"r{T}": ms[T] / ms[1] for T in Ts[1:]},
+                         "max_foreign": max(best(samples[name, T])["max_foreign"] for T in Ts)})
+        del models, caches
     return rows
 
 
@@ -407,6 +450,7 @@ def speculative(pair, target, draft, label, prompt, n_tokens, Ks, c, c2, r, reps
         a = stats.acceptance_rate
         ms = 1e3 * stats.decode_seconds / stats.n_generated
         formula = expected_tokens(a, K) / (K * c + r[K + 1])
+        steady = predicted_steady(a, K, c, c2, r)
         per_round = predicted_per_round(stats, c, c2, r)
         measured = ar_ms / ms
         rows.append({"pair": pair, "weights": label, "K": K, "new_tokens": stats.n_generated,
@@ -414,8 +458,9 @@ def speculative(pair, target, draft, label, prompt, n_tokens, Ks, c, c2, r, reps
                      "tokens_per_round": stats.tokens_per_round, "rounds": stats.rounds,
                      "draft_s": stats.draft_seconds, "target_s": stats.target_seconds,
                      "speedup": measured, "predicted_formula": formula,
-                     "predicted_per_round": per_round,
-                     "error_formula": measured / formula - 1, "error_per_round": measured / per_round - 1,
+                     "predicted_with_catch_up": steady, "predicted_per_round": per_round,
+                     "error_formula": measured / formula - 1, "error_with_catch_up": measured / steady - 1,
+                     "error_per_round": measured / per_round - 1,
                      "c": c, "r_K1": r[K + 1], "reps": reps, "foreign": foreign})
         print_row("speculative", rows[-1])
     return rows
@@ -453,8 +498,9 @@ def no_cache(model, label, positions, reps):
 def run_worker(name, args, env=None, timeout=900):
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", name, "--_args", json.dumps(args)]
     try:
+        environ = {**os.environ, **(env or {})}  # a value None removes the variable
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                             env={**os.environ, **(env or {})})
+                             env={k: v for k, v in environ.items() if v is not None})
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s"}
     lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
@@ -474,44 +520,102 @@ def rss_bytes():
     return proc_status_bytes("VmRSS")
 
 
+TOKENIZER_FILES = ("encoder.json", "vocab.bpe")
+
+
+def tokenizer_source(models_dir):
+    """A folder with the official tokenizer files, or None: a downloaded model's, else the
+    developers' ../shared copy. Only used to make random-weight checkpoint folders loadable."""
+    root = Path(__file__).resolve().parent
+    candidates = [Path(models_dir or root / "weights") / size for size in (DRAFT_SIZE, TARGET_SIZE)]
+    candidates.append(root.parent / "shared" / "gpt2-tokenizer")
+    return next((c for c in candidates if all((c / f).is_file() for f in TOKENIZER_FILES)), None)
+
+
+def worker_write_random(a):
+    """Write random weights in the official shapes AND the official file format (our
+    write_checkpoint: a TF tensor bundle, byte for byte what TensorFlow writes) into a folder."""
+    import shutil
+
+    import gpt2_numpy as gpt2
+    from gpt2_numpy.checkpoint import write_checkpoint
+
+    h = gpt2.official_hparams(a["size"])
+    start = time.perf_counter()
+    write_checkpoint(a["folder"], h, gpt2.random_params(h, seed=a["seed"]))
+    if a.get("tokenizer"):
+        for name in TOKENIZER_FILES:
+            shutil.copy(Path(a["tokenizer"]) / name, Path(a["folder"]) / name)
+    print(json.dumps({"seconds": time.perf_counter() - start}))
+
+
 def worker_memory(a):
-    """Load both models as main.py does, touch every weight once, report RSS and load times."""
-    import gpt2_numpy  # noqa: F401  (imported before the baseline, like main.py)
+    """Load both models from checkpoint folders as main.py does, run one token through each
+    (which pages every weight in), and report load times and RSS."""
+    import gpt2_numpy as gpt2
+    from gpt2_numpy.checkpoint import load_checkpoint
+    from gpt2_numpy.load import load_hparams
 
     base = rss_bytes()
     out = {"rss_before_bytes": base}
     models = {}
-    for size, seed in ((TARGET_SIZE, 0), (DRAFT_SIZE, 1)):
-        folder = official_dir(size, a["models_dir"])
-        if folder is not None:  # a first load pages the files in; the second is "from cache"
-            get_model(size, a["models_dir"], seed)
-        models[size], label, seconds = get_model(size, a["models_dir"], seed)
-        models[size](prompt_ids(models[size], 1), models[size].new_cache(1))  # touch everything
-        out[size] = {"weights": label, "weight_bytes": weight_bytes(models[size]),
-                     "load_s": seconds if label == OFFICIAL else None,
-                     "random_init_s": seconds if label == RANDOM else None}
+    for size in (TARGET_SIZE, DRAFT_SIZE):
+        folder = Path(a["folders"][size])
+        start = time.perf_counter()
+        if all((folder / f).is_file() for f in TOKENIZER_FILES):
+            models[size] = gpt2.load_model(str(folder), download=False, progress=False)
+            what = "load_model (index, memory map, tokenizer)"
+        else:  # no tokenizer files on this machine: everything load_model does but the tokenizer
+            h = load_hparams(folder)
+            models[size] = gpt2.GPT2(h, load_checkpoint(folder, h))
+            what = "index and memory map (no tokenizer files here)"
+        load_s = time.perf_counter() - start
+        start = time.perf_counter()
+        models[size]([0], models[size].new_cache(1))  # touches every weight once
+        out[size] = {"weights": a["labels"][size], "weight_bytes": weight_bytes(models[size]),
+                     "load_s": load_s, "loaded": what,
+                     "first_forward_s": time.perf_counter() - start}
     out["rss_after_bytes"] = rss_bytes()
     out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     out["vm_hwm_bytes"] = proc_status_bytes("VmHWM")  # the same peak, counted for this image only
     print(json.dumps(out))
 
 
+def memory_section(models_dir):
+    """Memory and load time, always from checkpoint files: the official ones where present, else
+    random weights written in the official format to a temporary folder (deleted afterwards)."""
+    import shutil
+    import tempfile
+
+    folders, labels, tmp = {}, {}, None
+    try:
+        for size, seed in ((TARGET_SIZE, 0), (DRAFT_SIZE, 1)):
+            folders[size] = official_dir(size, models_dir)
+            labels[size] = OFFICIAL
+            if folders[size] is None:
+                tmp = tmp or Path(tempfile.mkdtemp(prefix="gpt2-bench-"))
+                folders[size] = tmp / size
+                labels[size] = "random weights in the official file format: sizes and times are real"
+                src = tokenizer_source(models_dir)
+                w = run_worker("write_random", {"size": size, "seed": seed, "folder": str(folders[size]),
+                                                "tokenizer": str(src) if src else None})
+                if "error" in w:
+                    return {"error": f"writing a {size} checkpoint failed: {w['error']}"}
+        return run_worker("memory", {"folders": {k: str(v) for k, v in folders.items()}, "labels": labels})
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def worker_blas(a):
-    """124M forward at T = 1 and 8 under whatever OpenBLAS environment this process got."""
+    """355M forwards of T = 1, 5, 8 and 64 new tokens under this process's OpenBLAS environment."""
     import gpt2_numpy as gpt2
 
-    h = gpt2.official_hparams(DRAFT_SIZE)
-    model = gpt2.GPT2(h, gpt2.random_params(h, seed=1))
-    costs = forward_costs(model, 64, [1, 8], a["reps"], extra=())
-    info = {"ms_T1": 1e3 * costs[1, 1]["best"], "ms_T8": 1e3 * costs[8, 8]["best"],
-            "max_foreign": max(c["max_foreign"] for c in costs.values())}
-    try:
-        import threadpoolctl
-
-        tp = threadpoolctl.threadpool_info()
-        info["threadpoolctl"] = [{k: d.get(k) for k in ("internal_api", "num_threads", "architecture")} for d in tp]
-    except ImportError:
-        pass
+    h = gpt2.official_hparams(TARGET_SIZE)
+    model = gpt2.GPT2(h, gpt2.random_params(h, seed=0))
+    costs = forward_costs(model, 64, [1, 5, 8, 64], a["reps"], extra=())
+    info = {f"ms_T{T}": 1e3 * costs[T, T]["best"] for T in (1, 5, 8, 64)}
+    info.update(core=openblas_core(), max_foreign=max(c["max_foreign"] for c in costs.values()))
     print(json.dumps(info))
 
 
@@ -557,7 +661,8 @@ def worker_transformers(a):
                       "torch_threads": torch.get_num_threads(), "rows": rows}))
 
 
-WORKERS = {"memory": worker_memory, "blas": worker_blas, "transformers": worker_transformers}
+WORKERS = {"memory": worker_memory, "write_random": worker_write_random, "blas": worker_blas,
+           "transformers": worker_transformers}
 
 
 # --- output --------------------------------------------------------------------------------------
@@ -599,7 +704,8 @@ def summary_markdown(res) -> str:
     m = res["machine"]
     out = [f"Machine: {m.get('cpu')} ({m['cpus']} CPUs, {', '.join(m.get('simd', []))}), "
            f"{m.get('memory_gib')} GiB; Python {m['python']}, NumPy {m['numpy']}, "
-           f"{(m.get('blas') or {}).get('name')} {(m.get('blas') or {}).get('version')}; "
+           f"{(m.get('blas') or {}).get('name')} {(m.get('blas') or {}).get('version')} "
+           f"(kernels: {m.get('openblas_core')}); "
            f"git {m.get('git')}; command: `{res['command']}` ({res['total_seconds']:.0f} s)."]
     if "floor" in res:
         out += ["", "### Bandwidth and the floor", "",
@@ -643,9 +749,8 @@ def summary_markdown(res) -> str:
             row = {r["K"]: r for r in res["what_if"] if r["acceptance"] == a}
             out.append(f"| {a:.1f} | " + " | ".join(f"{row[K]['if_verify_were_free']:.2f}" for K in Ks) + " |")
     if "knobs" in res:
-        out += ["", "### model.py's speed measures on and off (random weights)", "",
-                md_table(res["knobs"], [("model", "model", None), ("c_proj layout", "layout", None),
-                                        ("2 rows: 2 x gemv; 3..7: pad to 8", "few_rows", None),
+        out += ["", "### Padding and weight layout (random weights)", "",
+                md_table(res["knobs"], [("model", "model", None), ("configuration", "configuration", None),
                                         ("T=1 ms", "ms_T1", "{:.1f}"), ("T=2 ms", "ms_T2", "{:.1f}"),
                                         ("T=5 ms", "ms_T5", "{:.1f}"), ("T=8 ms", "ms_T8", "{:.1f}"),
                                         ("r(2)", "r2", "{:.2f}"), ("r(5)", "r5", "{:.2f}"),
@@ -658,6 +763,8 @@ def summary_markdown(res) -> str:
                     ("acceptance", "acceptance", "{:.2f}"), ("tokens/round", "tokens_per_round", "{:.2f}"),
                     ("speedup", "speedup", "{:.2f}"), ("predicted (formula)", "predicted_formula", "{:.2f}"),
                     ("error", "error_formula", "{:+.0%}"),
+                    ("predicted (formula + catch-up)", "predicted_with_catch_up", "{:.2f}"),
+                    ("error", "error_with_catch_up", "{:+.0%}"),
                     ("predicted (per round)", "predicted_per_round", "{:.2f}"),
                     ("error", "error_per_round", "{:+.0%}"), ("weights", "weights", None)])]
     if "no_cache" in res:
@@ -676,14 +783,16 @@ def summary_markdown(res) -> str:
                 f"after {mem['rss_after_bytes'] / 1e9:.2f} GB, peak {mem['peak_rss_bytes'] / 1e9:.2f} GB "
                 f"(getrusage; VmHWM {mem['vm_hwm_bytes'] / 1e9:.2f} GB; "
                 f"peak - before = {(mem['peak_rss_bytes'] - mem['rss_before_bytes']) / wb:.2f} x weights). "
-                + "; ".join(f"{s}: load " + ("n/a (random weights)" if mem[s]["load_s"] is None
-                                             else "{:.2f} s from the page cache".format(mem[s]["load_s"]))
-                            for s in (TARGET_SIZE, DRAFT_SIZE))]
+                + "; ".join(f"{s} ({mem[s]['weights']}): {mem[s]['loaded']} {mem[s]['load_s']:.3f} s, "
+                            f"then the first forward, which pages the weights in from the page cache, "
+                            f"{mem[s]['first_forward_s']:.2f} s" for s in (TARGET_SIZE, DRAFT_SIZE))]
     if "blas" in res:
-        out += ["", "### OpenBLAS settings (124M, random weights, fresh process each)", "",
-                md_table(res["blas"], [("environment", "setting", None), ("T=1 ms", "ms_T1", "{:.1f}"),
+        out += ["", "### OpenBLAS kernels and threads (355M, random weights, fresh process each)", "",
+                md_table(res["blas"], [("environment", "setting", None), ("core", "core", None),
+                                       ("T=1 ms", "ms_T1", "{:.1f}"), ("T=5 ms", "ms_T5", "{:.1f}"),
                                        ("T=8 ms", "ms_T8", "{:.1f}"),
-                                       ("r(8)", lambda r: r["ms_T8"] / r["ms_T1"] if "ms_T1" in r else None, "{:.2f}"),
+                                       ("r(5)", lambda r: r["ms_T5"] / r["ms_T1"] if "ms_T1" in r else None, "{:.2f}"),
+                                       ("T=64 (a prefill) ms", "ms_T64", "{:.0f}"),
                                        ("note", lambda r: r.get("error", ""), None)])]
     if "transformers" in res:
         t = res["transformers"]
@@ -826,7 +935,7 @@ def main(argv=None):
     cfg = {"prompt": 64, "ar_tokens": 24 if q else 64, "ar_reps": 2 if q else 3,
            "spec_tokens": 16 if q else 24, "spec_reps": 1 if q else 2,
            "Ks": [1, 4] if q else list(range(1, 9)), "Ts": list(range(1, 10)),
-           "reps": 3 if q else 7, "pool_mib": 256 if q else 512,
+           "reps": 3 if q else 7, "pool_mib": 1024,
            "positions": [16, 128] if q else [16, 64, 128, 256, 512], "nc_reps": 2,
            "hf_sizes": [DRAFT_SIZE] if q else [DRAFT_SIZE, TARGET_SIZE]}
     skip = set(filter(None, args.skip.split(",")))
@@ -837,7 +946,8 @@ def main(argv=None):
     res = {"command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "config": cfg,
            "machine": machine_info()}
     m = res["machine"]
-    print(f"machine: {m.get('cpu')}, {m['cpus']} CPUs, NumPy {m['numpy']}, BLAS {m.get('blas')}", flush=True)
+    print(f"machine: {m.get('cpu')}, {m['cpus']} CPUs, NumPy {m['numpy']}, BLAS {m.get('blas')}, "
+          f"OpenBLAS core {m.get('openblas_core')}", flush=True)
 
     def checkpoint(section):
         res["total_seconds"] = time.perf_counter() - started
@@ -847,7 +957,7 @@ def main(argv=None):
     # 0. Memory and loading, in a fresh process started while this one is still small: Linux
     #    hands a child spawned from a big process that process's peak RSS (getrusage).
     if "memory" not in skip:
-        res["memory"] = run_worker("memory", {"models_dir": args.models_dir})
+        res["memory"] = memory_section(args.models_dir)
         print_row("memory", {k: v for k, v in res["memory"].items()})
         checkpoint("memory")
 
@@ -945,10 +1055,13 @@ def main(argv=None):
     # 7. Fresh processes: memory and loading; OpenBLAS settings; transformers.
     if "blas" not in skip:
         res["blas"] = []
-        for setting, env in (("default", {}), ("OPENBLAS_NUM_THREADS=1", {"OPENBLAS_NUM_THREADS": "1"}),
-                             ("OPENBLAS_CORETYPE=Haswell", {"OPENBLAS_CORETYPE": "Haswell"}),
-                             ("OPENBLAS_CORETYPE=Sandybridge", {"OPENBLAS_CORETYPE": "Sandybridge"})):
-            row = {"setting": setting, "weights": RANDOM, **run_worker("blas", {"reps": 5}, env)}
+        for setting, env in (
+                ("gpt2_numpy's choice (no variable set)", {"OPENBLAS_CORETYPE": None}),
+                ("GPT2_OPENBLAS_DEFAULT=1 (OpenBLAS's own choice)",
+                 {"OPENBLAS_CORETYPE": None, "GPT2_OPENBLAS_DEFAULT": "1"}),
+                ("gpt2_numpy's choice, OPENBLAS_NUM_THREADS=1",
+                 {"OPENBLAS_CORETYPE": None, "OPENBLAS_NUM_THREADS": "1"})):
+            row = {"setting": setting, "weights": RANDOM, **run_worker("blas", {"reps": 3}, env)}
             res["blas"].append(row)
             print_row("blas", row)
         checkpoint("blas")
