@@ -18,7 +18,6 @@ high acceptance pays for the verify step; on a GPU r(T) is nearly flat for small
 Choosing K never changes what is sampled, only how fast: whatever K a round uses, its tokens
 follow the target's distribution, and K is decided from past rounds only.
 """
-import numpy as np
 
 from .errors import GPT2Error
 
@@ -68,11 +67,14 @@ class AdaptiveK:
                each, i.e. a = 0.5 but weak, so that a few rounds decide.
       t_draft  seconds per draft token (the round's drafting time / K).
       r(T)     seconds of a target forward over T positions, a running mean per T. An unmeasured
-               T is interpolated between the measured T >= 2, and beyond the largest one taken
-               equal to it: optimistic, so that a larger K is tried when acceptance is high (and
-               then measured). T = 1 is left out because one row is a cheaper kind of product
-               (matrix-vector) than several; with nothing else measured, r(1) is the guess.
-               Until the first draft is timed, t_draft is taken as r(1) (pessimistic).
+               T is taken to cost what the nearest measured T below it costs (above 1, if any):
+               a forward over more positions never costs less, so this is a lower bound, i.e.
+               optimistic: a K that might pay gets tried once, and from then on it is measured.
+               (Cost curves have steps, e.g. OpenBLAS pads 2..7 rows to 8 and 9 rows cost
+               more, which interpolating between measured points would hide.) T = 1 is only
+               used when nothing above it is measured, because one row is a cheaper kind of
+               product (matrix-vector) than several. Until the first draft is timed, t_draft is
+               taken as r(1) (pessimistic).
     Exploration: while K* = 0 nothing is learnt about a, so now and then the best K >= 1 is tried
     instead (a probe). The first probe, in round 2, proposes K_max / 2 drafts: enough for a good
     draft to show itself in one round, few enough that a useless one costs little. Each probe's
@@ -103,13 +105,11 @@ class AdaptiveK:
         return self.accepted / (self.accepted + self.rejected)
 
     def target_seconds(self, T: int) -> float:
-        """r(T): measured, else guessed from fewer positions (see the class docstring)."""
+        """r(T): measured, else the nearest measured T' < T (see the class docstring)."""
         if T in self.r:
             return self.r[T].value
-        Ts = sorted(t for t in self.r if t > 1)
-        if not Ts:
-            return self.r[1].value
-        return float(np.interp(T, Ts, [self.r[t].value for t in Ts]))  # flat beyond the ends
+        below = [t for t in self.r if 1 < t < T] or [t for t in self.r if t < T] or [min(self.r)]
+        return self.r[max(below)].value
 
     def cost(self, K: int) -> float:
         """Expected seconds of a round with K drafts: K draft steps + one verify over K + 1."""

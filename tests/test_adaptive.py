@@ -204,3 +204,21 @@ def test_caches_stay_the_committed_prefix_when_plain_rounds_let_the_draft_lag(ta
 def test_bad_K_max():
     with pytest.raises(gpt2.GPT2Error, match="K_max"):
         AdaptiveK(0)
+
+
+def test_a_step_in_the_verify_cost_is_found():
+    # OpenBLAS with padding: 2..8 positions cost the same, 9 cost more. With every draft right
+    # the best K is 7 (8 tokens for 7 draft steps + r(8)), not K_max = 8 (9 tokens, dearer r(9)).
+    steps = dict(r=lambda T: 0.1 if T == 1 else 0.19 if T <= 8 else 0.24, t_draft=0.035)
+    rate = [expected_tokens(K, 1.0) / (K * steps["t_draft"] + steps["r"](K + 1)) for K in range(9)]
+    assert int(np.argmax(rate)) == 7
+    Ks = play(AdaptiveK(8), steps, acceptance=1.0, n_rounds=40)
+    assert Ks[10:] == [7] * 30, Ks
+
+
+def test_unmeasured_costs_are_the_nearest_measured_below():
+    policy = AdaptiveK(8, explore=0)
+    for K, seconds in ((0, 0.1), (2, 0.2), (6, 0.3)):  # T = 1, 3, 7
+        policy.update(K, 0, 0.01 * K, seconds)
+    assert [round(policy.target_seconds(T), 3) for T in range(1, 10)] == \
+        [0.1, 0.1, 0.2, 0.2, 0.2, 0.2, 0.3, 0.3, 0.3]
