@@ -71,10 +71,10 @@ class AdaptiveK:
                a forward over more positions never costs less, so this is a lower bound, i.e.
                optimistic: a K that might pay gets tried once, and from then on it is measured.
                (Cost curves have steps, e.g. OpenBLAS pads 2..7 rows to 8 and 9 rows cost
-               more, which interpolating between measured points would hide.) T = 1 is only
-               used when nothing above it is measured, because one row is a cheaper kind of
-               product (matrix-vector) than several. Until the first draft is timed, t_draft is
-               taken as r(1) (pessimistic).
+               more, which interpolating between measured points would hide.) T = 1 is never
+               used for T > 1 once any T > 1 is measured, because one row is a cheaper kind of
+               product (matrix-vector) than several: below the smallest measured T > 1, that one
+               is used. Until the first draft is timed, t_draft is taken as r(1) (pessimistic).
     Exploration: while K* = 0 nothing is learnt about a, so now and then the best K >= 1 is tried
     instead (a probe). The first probe, in round 2, proposes K_max / 2 drafts: enough for a good
     draft to show itself in one round, few enough that a useless one costs little. Each probe's
@@ -108,8 +108,13 @@ class AdaptiveK:
         """r(T): measured, else the nearest measured T' < T (see the class docstring)."""
         if T in self.r:
             return self.r[T].value
-        below = [t for t in self.r if 1 < t < T] or [t for t in self.r if t < T] or [min(self.r)]
-        return self.r[max(below)].value
+        several = [t for t in self.r if t > 1]  # forwards over several positions measured
+        below = [t for t in several if t < T]
+        if below:
+            return self.r[max(below)].value
+        if several:  # below every measured one: the nearest above, the same kind of product
+            return self.r[min(several)].value
+        return self.r[1].value
 
     def cost(self, K: int) -> float:
         """Expected seconds of a round with K drafts: K draft steps + one verify over K + 1."""

@@ -213,7 +213,7 @@ def test_a_step_in_the_verify_cost_is_found():
     rate = [expected_tokens(K, 1.0) / (K * steps["t_draft"] + steps["r"](K + 1)) for K in range(9)]
     assert int(np.argmax(rate)) == 7
     Ks = play(AdaptiveK(8), steps, acceptance=1.0, n_rounds=40)
-    assert Ks[10:] == [7] * 30, Ks
+    assert Ks[:5] == [0, 4, 8, 7, 7] and Ks[5:] == [7] * 35, Ks  # no detour through small K
 
 
 def test_unmeasured_costs_are_the_nearest_measured_below():
@@ -221,4 +221,7 @@ def test_unmeasured_costs_are_the_nearest_measured_below():
     for K, seconds in ((0, 0.1), (2, 0.2), (6, 0.3)):  # T = 1, 3, 7
         policy.update(K, 0, 0.01 * K, seconds)
     assert [round(policy.target_seconds(T), 3) for T in range(1, 10)] == \
-        [0.1, 0.1, 0.2, 0.2, 0.2, 0.2, 0.3, 0.3, 0.3]
+        [0.1, 0.2, 0.2, 0.2, 0.2, 0.2, 0.3, 0.3, 0.3]  # T = 2: from T = 3, not from one row
+    only_one_row = AdaptiveK(8, explore=0)
+    only_one_row.update(0, 0, 0.0, 0.1)
+    assert only_one_row.target_seconds(5) == 0.1
