@@ -64,8 +64,13 @@ class AdaptiveK:
                per round (decay). A round accepting m of K drafts counts m acceptances and one
                rejection if m < K; the drafts after a rejection are never judged, so they count
                neither way (accepted / drafted would underestimate a). Prior: a quarter of
-               each, i.e. a = 0.5 but weak, so that a few rounds decide.
-      t_draft  seconds per draft token (the round's drafting time / K).
+               each, i.e. a = 0.5 but weak, so that a few rounds decide. Whether to draft at all
+               is decided with a plus one standard error (`optimistic_acceptance`), and plain
+               rounds shrink the counts a little (forget), so that doubt speaks for drafting;
+               how many drafts, with a itself.
+      t_draft  seconds per draft token (the round's drafting time / K), from rounds that follow
+               a drafting round: after plain rounds the draft first catches up on the tokens it
+               missed, a one-time cost of resuming that is not the price of a draft step.
       r(T)     seconds of a target forward over T positions, a running mean per T. An unmeasured
                T is taken to cost what the nearest measured T below it costs (above 1, if any):
                a forward over more positions never costs less, so this is a lower bound, i.e.
@@ -89,20 +94,31 @@ class AdaptiveK:
     of speculative_sample to the next; make a new one for a cold start.
     """
 
-    def __init__(self, K_max: int, explore: float = 0.01, decay: float = 0.9, prior: float = 0.25):
+    def __init__(self, K_max: int, explore: float = 0.01, decay: float = 0.9, prior: float = 0.25,
+                 forget: float = 0.98):
         if K_max < 1:
             raise GPT2Error(f"K_max must be >= 1, got {K_max}")
-        self.K_max, self.explore, self.decay = K_max, explore, decay
+        self.K_max, self.explore, self.decay, self.forget = K_max, explore, decay, forget
         self.accepted, self.rejected = prior, prior  # pseudo-counts: a = 0.5 at first
         self.t_draft = RunningMean(decay)
         self.r = {}  # T -> RunningMean of the seconds of a target forward over T positions
         self.idle = 0.0  # seconds spent in plain steps since the last probe
         self.probe_loss = 0.0  # what the last probe cost beyond plain steps (0: none yet)
         self.probing = False
+        self.last_K = 0  # the previous round's K
 
     @property
     def acceptance(self) -> float:
         return self.accepted / (self.accepted + self.rejected)
+
+    @property
+    def optimistic_acceptance(self) -> float:
+        """a plus one standard error: the acceptance K is chosen with. A few judged drafts say
+        little (3 of 4 passing fits a = 0.5 as well as a = 0.95), and a draft that is dropped
+        on a pessimistic guess is never judged again, so the doubt is resolved in its favour
+        until enough drafts have been judged to settle it."""
+        a, n = self.acceptance, self.accepted + self.rejected
+        return min(1.0, a + (a * (1 - a) / (n + 1)) ** 0.5)
 
     def target_seconds(self, T: int) -> float:
         """r(T): measured, else the nearest measured T' < T (see the class docstring)."""
@@ -121,14 +137,19 @@ class AdaptiveK:
         t_draft = self.t_draft.value if self.t_draft.n else self.target_seconds(1)
         return K * t_draft + self.target_seconds(K + 1)
 
-    def rate(self, K: int) -> float:
-        """Expected tokens per second of a round with K drafts."""
-        return expected_tokens(K, self.acceptance) / self.cost(K)
+    def rate(self, K: int, a: float = None) -> float:
+        """Expected tokens per second of a round with K drafts (acceptance a, default: the
+        estimate)."""
+        return expected_tokens(K, self.acceptance if a is None else a) / self.cost(K)
 
     def next_K(self) -> int:
         if 1 not in self.r:
             return 0  # a plain step first: it measures r(1), which everything is compared with
-        best = max(range(self.K_max + 1), key=self.rate)
+        # Whether to draft at all is decided optimistically (a doubtful draft gets judged
+        # again), how many drafts with the estimate itself (optimism would overshoot K).
+        drafting_pays = max(range(self.K_max + 1),
+                            key=lambda K: self.rate(K, self.optimistic_acceptance)) > 0
+        best = max(range(1, self.K_max + 1), key=self.rate) if drafting_pays else 0
         due = self.explore > 0 and self.idle * self.explore >= self.probe_loss
         self.probing = best == 0 and due
         if self.probing and not self.t_draft.n:
@@ -140,12 +161,23 @@ class AdaptiveK:
     def update(self, K: int, accepted: int, draft_seconds: float, target_seconds: float) -> None:
         """Record a finished round: K drafts proposed, `accepted` of them kept, and its times."""
         self.r.setdefault(K + 1, RunningMean(self.decay)).add(target_seconds)
+        previous_K, self.last_K = self.last_K, K
         if K == 0:
             self.idle += target_seconds
+            # Forget a little: without drafts nothing new is learnt about the draft, so the
+            # counts shrink, the doubt (and with it the optimism) grows, and a draft whose
+            # estimate once dipped below break-even gets tried again.
+            self.accepted *= self.forget
+            self.rejected *= self.forget
             return
         self.accepted = self.decay * self.accepted + accepted
         self.rejected = self.decay * self.rejected + (accepted < K)
-        self.t_draft.add(draft_seconds / K)
+        if previous_K or not self.t_draft.n:
+            # After plain rounds the draft first feeds every token it missed, a catch-up that
+            # resuming costs once; counted as a draft step's price it would make drafting look
+            # dearer than it is for as long as the estimate remembers it. So such rounds only
+            # give the first estimate, when there is none better.
+            self.t_draft.add(draft_seconds / K)
         self.idle = 0.0
         if self.probing:
             plain = (accepted + 1) * self.target_seconds(1)  # plain steps for the same tokens

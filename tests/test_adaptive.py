@@ -53,7 +53,7 @@ def test_first_a_plain_step_then_a_probe_of_half_K_max(K_max, first_probe):
 
 
 def test_acceptance_counts_only_the_drafts_the_target_judged():
-    policy = AdaptiveK(8, decay=1.0, prior=0.25)
+    policy = AdaptiveK(8, decay=1.0, prior=0.25, forget=1.0)
     policy.update(0, 0, 0.0, 0.1)
     policy.next_K()
     policy.update(4, 2, 0.1, 0.3)  # drafts 1, 2 accepted, 3 rejected, 4 never looked at
@@ -80,10 +80,13 @@ def test_the_choice_is_the_argmax_of_expected_tokens_per_second():
         policy.update(K, K // 2, K * CPU["t_draft"], CPU["r"](K + 1))
     chosen = []
     for accepted in (0, 0, 2, 4, 6) + (8,) * 10:  # drafts get better and better
-        a = policy.acceptance
-        rate = [expected_tokens(K, a) / (K * CPU["t_draft"] + CPU["r"](K + 1)) for K in range(9)]
+        def rate(K, a):
+            return expected_tokens(K, a) / (K * CPU["t_draft"] + CPU["r"](K + 1))
+        # draft at all if an optimistic a says so; then the K that is best for a itself
+        draft = np.argmax([rate(K, policy.optimistic_acceptance) for K in range(9)]) > 0
+        expected = 1 + int(np.argmax([rate(K, policy.acceptance) for K in range(1, 9)])) if draft else 0
         chosen.append(policy.next_K())
-        assert chosen[-1] == int(np.argmax(rate)), a
+        assert chosen[-1] == expected, policy.acceptance
         policy.update(8, accepted, 8 * CPU["t_draft"], CPU["r"](9))
     assert chosen[0] == 0 and chosen[-1] == 8
 
@@ -225,3 +228,18 @@ def test_unmeasured_costs_are_the_nearest_measured_below():
     only_one_row = AdaptiveK(8, explore=0)
     only_one_row.update(0, 0, 0.0, 0.1)
     assert only_one_row.target_seconds(5) == 0.1
+
+
+def test_optimism_shrinks_as_drafts_are_judged_and_grows_in_plain_rounds():
+    policy = AdaptiveK(8, explore=0, decay=1.0)
+    policy.update(0, 0, 0.0, 0.1)
+    doubts = []
+    for _ in range(20):
+        policy.update(4, 3, 0.1, 0.2)
+        doubts.append(policy.optimistic_acceptance - policy.acceptance)
+    assert all(b < a for a, b in zip(doubts, doubts[1:])) and doubts[-1] < 0.05
+    a = policy.acceptance
+    for _ in range(50):
+        policy.update(0, 0, 0.0, 0.1)
+    assert policy.acceptance == pytest.approx(a)  # forgetting keeps the estimate...
+    assert policy.optimistic_acceptance - a > 1.5 * doubts[-1]  # ...and regains the doubt
