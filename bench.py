@@ -1,19 +1,19 @@
 """Every performance number in the README, from one command.
 
-    python bench.py                     # the full run: ~9 min on a 2-core machine
-    python bench.py --quick             # fewer tokens, K and repetitions: ~2 min
+    python bench.py                     # the full run: ~5 min on a 2-core machine
+    python bench.py --quick             # fewer tokens, K and repetitions: ~1 min
     python bench.py --plot bench_out    # the figures in img/ from bench_out/bench.json (matplotlib)
 
 It writes bench_out/bench.json (everything, with the machine and BLAS it ran on), one CSV per
 table, and summary.md (the tables as Markdown), and prints the tables as it goes. Sections:
 
-    bandwidth      one-row x @ W over 512 MiB of weights (far larger than any cache): the rate at
+    bandwidth      one-row x @ W over 1 GiB of weights (far larger than any cache): the rate at
                    which this machine can stream weights, and from it the ms/token FLOOR of each
                    size (every weight but wpe is read once per token)
     autoregressive ms/token of 124M and 355M (prefill reported apart) and its ratio to the floor
     r(T)           cost of one forward over T = 1..9 new tokens / cost over 1, at cache length 64,
                    and c = draft step / target step
-    knobs          T = 1, 2, 5, 8 with model.py's two speed measures turned off and on
+    knobs          T = 1, 2, 5, 8 with model.py's padding off and on, and c_proj column-major
     speculative    end to end, K = 1..8 (autoregressive re-timed next to each), next to the
                    speedup predicted from the measured acceptance a, c and r:
                    E[tokens/round] / (K c + r(K+1)),  E = (1 - a^(K+1)) / (1 - a);
@@ -23,7 +23,7 @@ table, and summary.md (the tables as Markdown), and prints the tables as it goes
                    minimal NumPy demos do) vs the KV-cached decoder (124M)
     memory         peak RSS with both models loaded vs their weight bytes, load time (subprocess,
                    run first)
-    blas           the same forward under other OpenBLAS settings (subprocesses)
+    blas           the same forward under other OpenBLAS kernels and threads (subprocesses)
     transformers   Hugging Face GPT2LMHeadModel.generate() (greedy, use_cache=True), same shapes,
                    same threads, same prompt length, if torch and transformers import (subprocess)
 
@@ -844,7 +844,9 @@ def plot(out_dir: Path, img_dir: Path):
             K = [r["K"] for r in rows]
             color = f"C{i}"
             ax.plot(K, [r["speedup"] for r in rows], "o-", color=color, label=f"{pair}: measured")
-            ax.plot(K, [r["predicted_formula"] for r in rows], "--", color=color, label=f"{pair}: formula")
+            key = "predicted_with_catch_up" if "predicted_with_catch_up" in rows[0] else "predicted_formula"
+            ax.plot(K, [r[key] for r in rows], "--", color=color,
+                    label=f"{pair}: formula" + (" + catch-up" if key != "predicted_formula" else ""))
             ax.plot(K, [r["predicted_per_round"] for r in rows], ":", color=color, label=f"{pair}: per round")
             ax2.plot(K, [r["acceptance"] for r in rows], "o-", color=color, label=pair)
         for a, style in ((0.7, "-."), (0.9, "--")):
@@ -903,7 +905,7 @@ def plot(out_dir: Path, img_dir: Path):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench_out", help="where bench.json, the CSVs and summary.md go")
-    p.add_argument("--quick", action="store_true", help="fewer tokens, K values and repetitions (~2 min)")
+    p.add_argument("--quick", action="store_true", help="fewer tokens, K values and repetitions (~1 min)")
     p.add_argument("--models_dir", default=None, help="where official weights are looked for (default weights/)")
     p.add_argument("--adaptive", nargs=argparse.REMAINDER, metavar="ARGS",
                    help="run the adaptive-K vs fixed-K benchmark instead (gpt2_numpy/adaptive_bench.py; "

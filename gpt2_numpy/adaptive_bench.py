@@ -1,6 +1,6 @@
 """Benchmark: --adaptive against every fixed K and plain autoregressive decoding.
 
-    python bench.py --adaptive                     # about 7 minutes on 2 CPU cores
+    python bench.py --adaptive                     # about 4 minutes on 2 CPU cores
 
 The models have the official 355M (target) and 124M (draft) shapes and random weights: the
 timings are real, the acceptance is not. Random weights make no draft agree with the target,
