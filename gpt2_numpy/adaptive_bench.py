@@ -28,15 +28,15 @@ from .sampling import Warp, probabilities
 
 class ScriptedDrafter(ModelDrafter):
     """Pays for the draft model's forwards but proposes `script` (the target's greedy output),
-    each token replaced by a wrong one with probability `error`. Benchmark only."""
+    with the token at each position wrong with probability `error`. Which positions are wrong is
+    drawn once per seed, like the places where a real draft model disagrees with the target: it
+    depends on the text, not on K, so every decoder run with the same seed meets the same hard
+    positions and their speeds compare fairly. Benchmark only."""
 
-    runs = 0  # each drafter gets its own stream of errors: repeats do not share their luck
-
-    def __init__(self, model, script, n_prompt: int, error: float):
+    def __init__(self, model, script, n_prompt: int, error: float, seed: int = 0):
         super().__init__(model)
-        self.script, self.n_prompt, self.error = script, n_prompt, error
-        self.rng = np.random.default_rng(ScriptedDrafter.runs)
-        ScriptedDrafter.runs += 1
+        self.script, self.n_prompt = script, n_prompt
+        self.wrong = np.random.default_rng(seed).random(len(script) + 64) < error  # [position]
 
     def propose(self, tokens, K, warp, rng):
         drafts, q = [], np.zeros((K, self.n_vocab))
@@ -45,7 +45,7 @@ class ScriptedDrafter(ModelDrafter):
             probabilities(self.model(new, self.cache)[-1], warp)  # the draft's work, discarded
             position = len(tokens) - self.n_prompt + i
             x = self.script[position] if position < len(self.script) else 0
-            if self.rng.random() < self.error:
+            if self.wrong[position]:
                 x = (x + 1) % self.n_vocab  # certainly not the target's argmax
             drafts.append(x)
             q[i, x] = 1.0  # a deterministic proposal: one-hot q keeps the output exact
@@ -63,12 +63,12 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def decode(target, make_drafter, prompt, n, K, K_max):
-    """One timed run. K: None (autoregressive), an int, or "adaptive"."""
+def decode(target, make_drafter, prompt, n, K, K_max, seed=0):
+    """One timed run. K: None (autoregressive), an int, or "adaptive"; make_drafter(seed)."""
     if K is None:
         return autoregressive_sample(target, prompt, n, Warp(0.0))
     policy = AdaptiveK(K_max) if K == "adaptive" else K
-    return speculative_sample(target, make_drafter(), prompt, n, policy, Warp(0.0))
+    return speculative_sample(target, make_drafter(seed), prompt, n, policy, Warp(0.0))
 
 
 def row(name, n, runs, reference):
@@ -84,15 +84,16 @@ def row(name, n, runs, reference):
 def run_situation(target, make_drafter, prompt, n, n_fixed, K_max, reference, repeats):
     """Every fixed K once over n_fixed tokens; then autoregressive and adaptive over n tokens and
     the best fixed K again over n_fixed, `repeats` times each, interleaved (so that a slow spell
-    of the machine hits all three)."""
+    of the machine hits all three). Repetition i uses the scripted draft's seed i for every
+    decoder (the fixed-K sweep is repetition 0), so that they meet the same wrong drafts."""
     fixed = {K: [decode(target, make_drafter, prompt, n_fixed, K, K_max)] for K in
              range(1, K_max + 1)}
     best = max(fixed, key=lambda K: fixed[K][0][1].tokens_per_second)
     finals = {None: [], best: [], "adaptive": []}
-    for _ in range(repeats):
+    for seed in range(repeats):
         for K in finals:
             finals[K].append(decode(target, make_drafter, prompt, n_fixed if K == best else n,
-                                    K, K_max))
+                                    K, K_max, seed))
     rows = [row("autoregressive", n, finals[None], reference)]
     rows += [row(f"K={K} (best K >= 1)", n_fixed, finals[K], reference) if K == best else
              row(f"K={K}", n_fixed, fixed[K], reference) for K in fixed]
@@ -123,10 +124,10 @@ def main(argv=None):
     reference = autoregressive_sample(target, prompt, n, Warp(0.0))[0]  # the target's own tokens
     situations = [
         ("draft == target (scripted, acceptance 1)", n,
-         lambda: ScriptedDrafter(draft, reference, len(prompt), error=0.0)),
+         lambda seed: ScriptedDrafter(draft, reference, len(prompt), error=0.0, seed=seed)),
         ("perturbed target (scripted, 10% of drafts wrong)", n,
-         lambda: ScriptedDrafter(draft, reference, len(prompt), error=0.1)),
-        ("unrelated random 124M draft", args.n_tokens_unrelated, lambda: ModelDrafter(draft)),
+         lambda seed: ScriptedDrafter(draft, reference, len(prompt), error=0.1, seed=seed)),
+        ("unrelated random 124M draft", args.n_tokens_unrelated, lambda seed: ModelDrafter(draft)),
     ]
     print("| situation | decoder | tokens | runs | tokens/s | vs autoregressive | "
           "vs best fixed K | acceptance | K:rounds |")
