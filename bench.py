@@ -19,6 +19,7 @@ table, and summary.md (the tables as Markdown), and prints the tables as it goes
                    E[tokens/round] / (K c + r(K+1)),  E = (1 - a^(K+1)) / (1 - a);
                    also for pairs whose acceptance is known: draft == target (a = 1) and an
                    unrelated draft (a ~ 0)
+    breakdown      where a decoding step's milliseconds go, part by part (355M and 124M)
     no cache       ms/token at positions 16..512 when every token re-runs the whole sequence (as
                    minimal NumPy demos do) vs the KV-cached decoder (124M)
     memory         peak RSS with both models loaded vs their weight bytes, load time (subprocess,
@@ -466,6 +467,75 @@ def speculative(pair, target, draft, label, prompt, n_tokens, Ks, c, c2, r, reps
     return rows
 
 
+def breakdown(model, label, n_past, n_steps, gbps):
+    """Where the milliseconds of a decoding step go: model.py's functions wrapped with timers.
+    The wrappers cost a microsecond or so per call, which the instrumented total includes. Each
+    product is shown next to its floor: its weight bytes at the floor's rate, `gbps` GB/s."""
+    import gpt2_numpy.model as mm
+
+    d = model.hparams["n_embd"]
+    kinds = {(d, 3 * d): "matmul c_attn", (d, d): "matmul attn.c_proj",
+             (d, 4 * d): "matmul mlp.c_fc", (4 * d, d): "matmul mlp.c_proj"}
+    seconds = {}
+    originals = {name: getattr(mm, name) for name in ("linear", "attention", "layer_norm", "gelu",
+                                                      "lm_head")}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+            return out
+        return wrapper
+
+    def linear(x, w, b):  # the product and the bias add, timed apart
+        start = time.perf_counter()
+        y = mm.matmul(x, w)
+        middle = time.perf_counter()
+        y = y + b
+        end = time.perf_counter()
+        kind = kinds[tuple(w.shape)]
+        seconds[kind] = seconds.get(kind, 0.0) + middle - start
+        seconds["bias adds"] = seconds.get("bias adds", 0.0) + end - middle
+        return y
+
+    ids = prompt_ids(model, n_past + n_steps, seed=3)
+    cache = model.new_cache(n_past + n_steps)
+    model(ids[:n_past], cache, n_logits=0)
+    try:
+        mm.linear = linear
+        mm.attention = timed("attention (scores, softmax, weighted values)", originals["attention"])
+        mm.layer_norm = timed("layer norms", originals["layer_norm"])
+        mm.gelu = timed("GELU", originals["gelu"])
+        mm.lm_head = timed("LM head (x @ wte.T)", originals["lm_head"])
+        model(ids[n_past : n_past + 1], cache)  # warm-up
+        seconds.clear()
+        start = time.perf_counter()
+        for i in range(1, n_steps):
+            model(ids[n_past + i : n_past + i + 1], cache)
+        total = time.perf_counter() - start
+    finally:
+        for name, fn in originals.items():
+            setattr(mm, name, fn)
+    steps = n_steps - 1
+    rest = total - sum(seconds.values())
+    n_layer, V = model.hparams["n_layer"], model.hparams["n_vocab"]
+    weight_bytes_of = {kind: 4 * n_layer * rows * cols for (rows, cols), kind in kinds.items()}
+    weight_bytes_of["LM head (x @ wte.T)"] = 4 * V * d
+    rows = [{"model": model.name, "weights": label, "part": k, "ms_per_token": 1e3 * v / steps,
+             "share": v / total,
+             "floor_ms": 1e3 * weight_bytes_of[k] / gbps / 1e9 if k in weight_bytes_of else None}
+            for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])]
+    rows.append({"model": model.name, "weights": label,
+                 "part": "the rest (embedding, head split/merge, cache writes, residual adds, Python)",
+                 "ms_per_token": 1e3 * rest / steps, "share": rest / total})
+    rows.append({"model": model.name, "weights": label, "part": "total (instrumented)",
+                 "ms_per_token": 1e3 * total / steps, "share": 1.0})
+    for row in rows:
+        print_row("breakdown", row)
+    return rows
+
+
 def no_cache(model, label, positions, reps):
     """ms per generated token at position p: re-running all p tokens (no cache; logits for every
     row, as picoGPT computes them, and for the last row only) vs one cached step."""
@@ -767,6 +837,12 @@ def summary_markdown(res) -> str:
                     ("error", "error_with_catch_up", "{:+.0%}"),
                     ("predicted (per round)", "predicted_per_round", "{:.2f}"),
                     ("error", "error_per_round", "{:+.0%}"), ("weights", "weights", None)])]
+    if "breakdown" in res:
+        out += ["", "### Where a decoding step's time goes (64 tokens in the cache)", "",
+                md_table(res["breakdown"], [("model", "model", None), ("part", "part", None),
+                                            ("ms/token", "ms_per_token", "{:.2f}"),
+                                            ("its floor (weight bytes at the floor's rate)", "floor_ms", "{:.2f}"),
+                                            ("share", "share", "{:.0%}")])]
     if "no_cache" in res:
         out += ["", "### ms/token without and with the KV cache (124M shapes)", "",
                 md_table(res["no_cache"], [
@@ -811,7 +887,8 @@ def summary_markdown(res) -> str:
 def save(res, out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps(res, indent=1, default=str))
-    for key in ("bandwidth", "autoregressive", "r_of_T", "what_if", "knobs", "speculative", "no_cache", "blas"):
+    for key in ("bandwidth", "autoregressive", "r_of_T", "what_if", "knobs", "speculative", "breakdown",
+                "no_cache", "blas"):
         write_csv(out_dir / f"{key}.csv", res.get(key, []))
     if "rows" in res.get("transformers", {}):
         write_csv(out_dir / "transformers.csv", res["transformers"]["rows"])
@@ -913,7 +990,7 @@ def parse_args(argv=None):
     p.add_argument("--plot", metavar="OUT_DIR", help="only draw the figures from OUT_DIR/bench.json")
     p.add_argument("--img", default=str(Path(__file__).resolve().parent / "img"), help="where --plot writes")
     p.add_argument("--skip", default="", help="comma-separated sections to skip: "
-                   "knobs,speculative,no_cache,memory,blas,transformers")
+                   "knobs,speculative,breakdown,no_cache,memory,blas,transformers")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     p.add_argument("--_args", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -1048,6 +1125,14 @@ def main(argv=None):
             res["speculative"] += speculative(name, target, d, label, prompt, cfg["spec_tokens"], cfg["Ks"],
                                               c, c2, r_target, cfg["spec_reps"])
             checkpoint(f"speculative {name}")
+
+    # 5b. Where a decoding step's time goes.
+    if "breakdown" not in skip:
+        res["breakdown"] = []
+        for size in (TARGET_SIZE, DRAFT_SIZE):
+            model, label = models[size]
+            res["breakdown"] += breakdown(model, label, cfg["prompt"], 33, gbps)
+        checkpoint("breakdown")
 
     # 6. No cache vs KV cache, 124M.
     if "no_cache" not in skip:
