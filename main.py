@@ -8,6 +8,7 @@ forward. Both runs sample from the same target distribution with the same seed; 
 """
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -210,10 +211,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print_report(report)
+    try:
+        if args.json:
+            print(json.dumps(report))
+        else:
+            print_report(report)
+    except BrokenPipeError:  # e.g. piped into `head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
     return 0
 
 

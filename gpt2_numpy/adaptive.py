@@ -113,10 +113,10 @@ class AdaptiveK:
 
     @property
     def optimistic_acceptance(self) -> float:
-        """a plus one standard error: the acceptance K is chosen with. A few judged drafts say
-        little (3 of 4 passing fits a = 0.5 as well as a = 0.95), and a draft that is dropped
-        on a pessimistic guess is never judged again, so the doubt is resolved in its favour
-        until enough drafts have been judged to settle it."""
+        """a plus one standard error: the acceptance that decides whether to draft at all. A few
+        judged drafts say little (3 of 4 passing fits a = 0.5 as well as a = 0.95), and a draft
+        that is dropped on a pessimistic guess is never judged again, so the doubt is resolved
+        in its favour until enough drafts have been judged to settle it."""
         a, n = self.acceptance, self.accepted + self.rejected
         return min(1.0, a + (a * (1 - a) / (n + 1)) ** 0.5)
 

@@ -36,7 +36,7 @@ class ScriptedDrafter(ModelDrafter):
     def __init__(self, model, script, n_prompt: int, error: float, seed: int = 0):
         super().__init__(model)
         self.script, self.n_prompt = script, n_prompt
-        self.wrong = np.random.default_rng(seed).random(len(script) + 64) < error  # [position]
+        self.wrong = np.random.default_rng(seed).random(len(script)) < error  # [position]
 
     def propose(self, tokens, K, warp, rng):
         drafts, q = [], np.zeros((K, self.n_vocab))
@@ -44,7 +44,7 @@ class ScriptedDrafter(ModelDrafter):
         for i in range(K):
             probabilities(self.model(new, self.cache)[-1], warp)  # the draft's work, discarded
             position = len(tokens) - self.n_prompt + i
-            x = self.script[position] if position < len(self.script) else 0
+            x = self.script[position]  # rounds never propose past the requested tokens
             if self.wrong[position]:
                 x = (x + 1) % self.n_vocab  # certainly not the target's argmax
             drafts.append(x)

@@ -846,7 +846,8 @@ def write_checkpoint(model_dir, hparams: dict, params: dict) -> None:
         index = _sstable([(b"", _header_proto()), *entries], TABLE_BLOCK_SIZE)
         with _replacing(model_dir / INDEX_FILE) as f:
             f.write(index)
-        # OpenAI's hparams.json is json.dumps(indent=2) plus a newline: 90 bytes for 124M.
+        # json.dumps(indent=2) plus a newline gives 90 bytes for 124M, the size OpenAI lists
+        # for its hparams.json (its exact bytes could not be checked here).
         hparams_json = json.dumps({key: hparams[key] for key in HPARAM_KEYS}, indent=2) + "\n"
         with _replacing(model_dir / "hparams.json") as f:
             f.write(hparams_json.encode())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import load_checkpoint
+from .checkpoint import HPARAM_KEYS, load_checkpoint
 from .download import resolve_model_dir
 from .errors import GPT2Error
 from .model import GPT2
@@ -22,7 +22,6 @@ OFFICIAL_HPARAMS = {
     "774M": dict(n_layer=36, n_head=20, n_embd=1280),
     "1558M": dict(n_layer=48, n_head=25, n_embd=1600),
 }
-HPARAM_KEYS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
 
 
 def load_hparams(model_dir) -> dict:
