@@ -49,6 +49,7 @@ from pathlib import Path
 
 import gpt2_numpy  # noqa: F401  first: it picks OpenBLAS's kernels before NumPy loads OpenBLAS
 import numpy as np
+from gpt2_numpy.backend import synchronize
 
 RANDOM = "random weights: speed is real, acceptance is not"
 OFFICIAL = "official weights"
@@ -342,6 +343,7 @@ def forward_costs(model, n_past, Ts, reps, extra=((2, 1),)):
             def step():
                 cache.rollback(n_past)
                 model(ids[n_past : n_past + T], cache, n_logits=n_logits)
+                synchronize(cache.k)  # a GPU returns before it has finished; a no-op on NumPy
             samples[T, n_logits].append(quiet_sample(step))
     return {c: best(s) for c, s in samples.items()}
 
@@ -702,13 +704,15 @@ def worker_transformers(a):
 
     torch.set_num_threads(a["threads"])
     torch.manual_seed(0)
+    device = a.get("device", "cpu")
     rows = []
     for size in a["sizes"]:
         h = gpt2.official_hparams(size)
         config = transformers.GPT2Config(vocab_size=h["n_vocab"], n_positions=h["n_ctx"],
                                          n_embd=h["n_embd"], n_layer=h["n_layer"], n_head=h["n_head"])
-        model = transformers.GPT2LMHeadModel(config).eval().float()
-        ids = torch.tensor([np.random.default_rng(0).integers(0, h["n_vocab"], a["prompt"]).tolist()])
+        model = transformers.GPT2LMHeadModel(config).eval().float().to(device)
+        ids = torch.tensor([np.random.default_rng(0).integers(0, h["n_vocab"], a["prompt"]).tolist()],
+                           device=device)
         mask = torch.ones_like(ids)
 
         def generate(n, model=model):
@@ -717,6 +721,8 @@ def worker_transformers(a):
                 out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
                                      min_new_tokens=n, do_sample=False, use_cache=True,
                                      pad_token_id=h["n_vocab"] - 1)
+                if device != "cpu":
+                    torch.cuda.synchronize()
                 seconds = time.perf_counter() - start
             assert out.shape[1] == a["prompt"] + n
             return seconds
@@ -728,7 +734,7 @@ def worker_transformers(a):
                      "prefill_plus_first_ms": 1e3 * one})
         del model
     print(json.dumps({"torch": torch.__version__, "transformers": transformers.__version__,
-                      "torch_threads": torch.get_num_threads(), "rows": rows}))
+                      "torch_threads": torch.get_num_threads(), "device": device, "rows": rows}))
 
 
 WORKERS = {"memory": worker_memory, "write_random": worker_write_random, "blas": worker_blas,
@@ -977,6 +983,170 @@ def plot(out_dir: Path, img_dir: Path):
         print(f"wrote {img_dir / name}")
 
 
+# --- GPU: python bench.py --backend cupy ---------------------------------------------------------
+
+GPU_SIZES = ["124M", "355M", "774M", "1558M"]
+
+
+def gpu_info() -> dict:
+    import cupy as cp
+
+    props = cp.cuda.runtime.getDeviceProperties(0)
+    return {"gpu": props["name"].decode(), "gpu_memory_gib": round(props["totalGlobalMem"] / 2**30, 1),
+            "cupy": cp.__version__, "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(),
+            "cuda_driver": cp.cuda.runtime.driverGetVersion()}
+
+
+def gpu_seconds(fn, n: int) -> float:
+    """Seconds per call of fn over n back-to-back calls (after one untimed), the GPU drained
+    before and after: what the calls cost when each waits for nothing but the GPU."""
+    import cupy as cp
+
+    fn()
+    cp.cuda.Device().synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    cp.cuda.Device().synchronize()
+    return (time.perf_counter() - start) / n
+
+
+def gpu_bandwidth(mib: int, reps: int) -> dict:
+    """The GPU's weight-streaming rate: one row times ONE matrix far larger than its L2 cache,
+    a single kernel, so that launch costs vanish (the floor's rate); and, for contrast, the
+    same bytes as [1024, 4096] products launched one by one, as an eager decoding step does."""
+    import cupy as cp
+
+    big = cp.full((mib * 2**20 // (4 * 8192), 8192), 0.5, dtype=cp.float32)  # [rows, 8192]
+    x = cp.ones((1, big.shape[0]), dtype=cp.float32)
+    seconds = min(gpu_seconds(lambda: x @ big, 10) for _ in range(reps))
+    small = [cp.full((1024, 4096), 0.5, dtype=cp.float32) for _ in range(256)]  # 4 GiB / 1024
+    x_small = cp.ones((1, 1024), dtype=cp.float32)
+    one_by_one = min(gpu_seconds(lambda: [x_small @ w for w in small], 1) for _ in range(reps))
+    y = cp.ones((1, 1024), dtype=cp.float32)
+    launch = min(gpu_seconds(lambda: x_small + y, 2000) for _ in range(reps))
+    nbytes = big.nbytes
+    del big, small
+    return {"MiB": nbytes // 2**20, "GB_per_s": nbytes / seconds / 1e9,
+            "GB_per_s_16MiB_products_one_by_one": 256 * 1024 * 4096 * 4 / one_by_one / 1e9,
+            "us_per_16MiB_product": 1e6 * one_by_one / 256, "tiny_kernel_us": 1e6 * launch,
+            "weights": RANDOM}
+
+
+def scripted(draft, script, n_prompt, error):
+    """A drafter that pays for `draft`'s forwards but proposes `script` (adaptive_bench.py)."""
+    from gpt2_numpy.adaptive_bench import ScriptedDrafter
+
+    return ScriptedDrafter(draft, script, n_prompt, error=error, seed=0)
+
+
+def gpu_main(args):
+    """The GPU run: CuPy twin, random weights in the official shapes (speed only)."""
+    import gpt2_cupy as gpu
+    import gpt2_numpy as gpt2
+
+    q = args.quick
+    cfg = {"prompt": 64, "ar_tokens": 32 if q else 64, "ar_reps": 2 if q else 3,
+           "spec_tokens": 32 if q else 64, "spec_reps": 1 if q else 2,
+           "Ks": [1, 4, 8] if q else list(range(1, 9)), "Ts": list(range(1, 10)) + [16],
+           "reps": 3 if q else 7, "pool_mib": 2048,
+           "sizes": GPU_SIZES[:2] if q else GPU_SIZES, "eager_sizes": GPU_SIZES[:2]}
+    out_dir = Path(args.out)
+    started = time.perf_counter()
+    res = {"command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "config": cfg,
+           "backend": "cupy", "machine": {**machine_info(), **gpu_info()}}
+    m = res["machine"]
+    print(f"machine: {m['gpu']} ({m['gpu_memory_gib']} GiB), CuPy {m['cupy']}, CUDA runtime "
+          f"{m['cuda_runtime']}, driver {m['cuda_driver']}; host {m.get('cpu')}, {m['cpus']} CPUs",
+          flush=True)
+
+    def checkpoint(section):
+        res["total_seconds"] = time.perf_counter() - started
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "bench.json").write_text(json.dumps(res, indent=1, default=str))
+        for key in ("autoregressive", "r_of_T", "speculative"):
+            write_csv(out_dir / f"{key}.csv", res.get(key, []))
+        print(f"-- {section} done at {res['total_seconds']:.0f} s", flush=True)
+
+    res["bandwidth"] = gpu_bandwidth(cfg["pool_mib"], 3)
+    print_row("bandwidth", res["bandwidth"])
+    gbps = res["bandwidth"]["GB_per_s"]
+
+    models = {}
+    for i, size in enumerate(cfg["sizes"]):
+        h = gpu.official_hparams(size)
+        models[size] = gpu.GPT2(h, gpu.random_params(h, seed=i), name=size)
+    prompt = prompt_ids(models["355M"], cfg["prompt"])
+
+    # 1. Autoregressive: CUDA graphs (gpt2_cupy's default) and eager, kernel by kernel.
+    res["autoregressive"] = []
+    for size, model in models.items():
+        floor = 1e3 * weight_bytes(model, streamed=True) / gbps / 1e9
+        variants = [("CUDA graphs", model)]
+        if size in cfg["eager_sizes"]:
+            variants.append(("eager", gpt2.GPT2(model.hparams, model.params, name=size)))
+        for how, mdl in variants:
+            first = gpt2.autoregressive_sample(mdl, prompt, cfg["ar_tokens"], gpt2.Warp(0.0))[1]
+            row = {"size": size, "forward": how,
+                   **autoregressive(mdl, RANDOM, prompt, cfg["ar_tokens"], cfg["ar_reps"]),
+                   "first_call_ms_per_token": 1e3 * first.decode_seconds / first.n_generated,
+                   "floor_ms": floor}
+            row["ratio_to_floor"] = row["ms_per_token"] / floor
+            res["autoregressive"].append(row)
+            print_row("autoregressive", row)
+    checkpoint("autoregressive")
+
+    # 2. r(T) and c (CUDA graphs).
+    res["r_of_T"], costs = [], {}
+    for size, model in models.items():
+        rows, t1, t2 = r_of_T(model, RANDOM, cfg["prompt"], cfg["Ts"], cfg["reps"])
+        res["r_of_T"] += rows
+        costs[size] = (t1, t2, {row["T"]: row["r"] for row in rows})
+        for row in rows:
+            print_row("r(T)", row)
+    checkpoint("r(T)")
+
+    # 3. Speculative vs autoregressive. Random weights make every real pair disagree, so the
+    #    drafts that agree are scripted: the draft model's forwards run (its cost is real) but it
+    #    proposes the target's own greedy tokens, all of them or 90% (adaptive_bench.py).
+    res["speculative"] = []
+    draft = models["124M"]
+    targets = ["355M", "1558M"] if "1558M" in models else ["355M"]
+    for size in targets:
+        target = models[size]
+        n = cfg["spec_tokens"]
+        script = gpt2.autoregressive_sample(target, prompt, n, gpt2.Warp(0.0))[0]
+        t1, t2, r = costs[size]
+        c, c2 = costs["124M"][0] / t1, costs["124M"][1] / t1
+        res.setdefault("c", {})[f"{size}/124M"] = c
+        pairs = [(f"{size}/124M scripted, every draft right (a=1)", scripted(draft, script, len(prompt), 0.0)),
+                 (f"{size}/124M scripted, 10% of drafts wrong", scripted(draft, script, len(prompt), 0.1))]
+        if size == "355M":
+            pairs.append((f"{size}/124M random weights (a~0)", draft))
+        for name, d in pairs:
+            res["speculative"] += speculative(name, target, d, RANDOM, prompt, n, cfg["Ks"], c, c2, r,
+                                              cfg["spec_reps"])
+            checkpoint(f"speculative {name}")
+
+    # 4. Hugging Face transformers on the same GPU, same shapes, if torch and transformers import.
+    if "transformers" not in set(filter(None, args.skip.split(","))):
+        t = run_worker("transformers", {"sizes": ["124M", "355M"], "prompt": cfg["prompt"],
+                                        "tokens": cfg["ar_tokens"], "reps": 2, "threads": N_CPU,
+                                        "device": "cuda"})
+        for row in t.get("rows", []):
+            ours = next(r for r in res["autoregressive"] if r["size"] == row["model"]
+                        and r["forward"] == "CUDA graphs")
+            row["ours_ms_per_token"] = ours["ms_per_token"]
+            row["ours_over_theirs"] = ours["ms_per_token"] / row["ms_per_token"]
+            row["weights"] = RANDOM
+            print_row("transformers", row)
+        if "rows" not in t:
+            print(f"[transformers] skipped: {t.get('skipped') or t.get('error')}", flush=True)
+        res["transformers"] = t
+    checkpoint("all")
+    return 0
+
+
 # --- main ----------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -989,6 +1159,9 @@ def parse_args(argv=None):
                         "ARGS go to it, e.g. --adaptive --help)")
     p.add_argument("--plot", metavar="OUT_DIR", help="only draw the figures from OUT_DIR/bench.json")
     p.add_argument("--img", default=str(Path(__file__).resolve().parent / "img"), help="where --plot writes")
+    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
+                   help="cupy: the GPU run instead (decoding with and without CUDA graphs, r(T), "
+                        "speculative decoding; random weights)")
     p.add_argument("--skip", default="", help="comma-separated sections to skip: "
                    "knobs,speculative,breakdown,no_cache,memory,blas,transformers")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
@@ -1008,7 +1181,10 @@ def main(argv=None):
     if args.adaptive is not None:
         from gpt2_numpy import adaptive_bench
 
-        return adaptive_bench.main(args.adaptive)
+        return adaptive_bench.main(args.adaptive + (["--backend", args.backend]
+                                                    if args.backend != "numpy" else []))
+    if args.backend == "cupy":
+        return gpu_main(args)
 
     q = args.quick
     cfg = {"prompt": 64, "ar_tokens": 24 if q else 64, "ar_reps": 2 if q else 3,

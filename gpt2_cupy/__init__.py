@@ -6,8 +6,11 @@ namespace (backend.namespace_of), so once `load_model` has copied the weights to
 kernel, and the caches are allocated on the device (`model.xp.zeros`). The decoders copy to the
 host only the logits rows they sample from (backend.to_numpy); sampling and the accept/resample
 rule run in NumPy with one host random generator, so a seed gives the same draws on CPU and GPU.
+
+The one GPU-specific piece is graphs.py: `GPT2` here is `GraphedGPT2`, which replays short
+forwards (decoding steps, verify steps) as CUDA graphs, one launch instead of ~50 per layer.
 """
-from gpt2_numpy import (GPT2, OFFICIAL_HPARAMS, AdaptiveK, FixedK, GPT2Error, KVCache,
+from gpt2_numpy import (OFFICIAL_HPARAMS, AdaptiveK, FixedK, GPT2Error, KVCache,
                         ModelDrafter, NGramDrafter, Stats, Warp, accept_or_resample,
                         autoregressive_sample, forward, load_hparams, official_hparams,
                         probabilities, residual, sample, speculative_sample)
@@ -27,17 +30,25 @@ if _n_gpus == 0:
     raise GPT2Error("CuPy is installed but no GPU is visible (check CUDA_VISIBLE_DEVICES)")
 
 
-def load_model(model="124M", models_dir=None, dtype=None, download=True, progress=True):
-    """Load GPT-2 by size or folder, with its weights copied once to the GPU (float32 default)."""
-    return _load.load_model(model, models_dir, xp=xp, dtype=dtype, download=download,
-                            progress=progress)
+from .graphs import GraphedGPT2  # noqa: E402  (needs CuPy, checked above)
+
+GPT2 = GraphedGPT2
+
+
+def load_model(model="124M", models_dir=None, dtype=None, download=True, progress=True,
+               graphs=True):
+    """Load GPT-2 by size or folder, with its weights copied once to the GPU (float32 default).
+    graphs=False: every forward runs eagerly, kernel by kernel (as gpt2_numpy.GPT2 on CuPy)."""
+    loaded = _load.load_model(model, models_dir, xp=xp, dtype=dtype, download=download,
+                              progress=progress)
+    return GraphedGPT2(loaded.hparams, loaded.params, loaded.tokenizer, loaded.name, graphs)
 
 
 def random_params(hparams, seed=0, scale=0.02):
     return _load.random_params(hparams, seed, scale, xp=xp)
 
 
-__all__ = ["AdaptiveK", "FixedK", "NGramDrafter", "GPT2", "GPT2Error", "KVCache", "ModelDrafter", "OFFICIAL_HPARAMS", "Stats", "Warp",
+__all__ = ["AdaptiveK", "FixedK", "NGramDrafter", "GPT2", "GraphedGPT2", "GPT2Error", "KVCache", "ModelDrafter", "OFFICIAL_HPARAMS", "Stats", "Warp",
            "accept_or_resample", "autoregressive_sample", "forward", "load_hparams", "load_model",
            "official_hparams", "probabilities", "random_params", "residual", "sample",
            "speculative_sample", "xp"]

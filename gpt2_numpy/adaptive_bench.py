@@ -110,17 +110,26 @@ def main(argv=None):
     p.add_argument("--K_max", type=int, default=8)
     p.add_argument("--target", default="355M")
     p.add_argument("--draft", default="124M")
+    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
     args = p.parse_args(argv)
 
     start = time.perf_counter()
-    target = GPT2(official_hparams(args.target), random_params(official_hparams(args.target), seed=0))
-    draft = GPT2(official_hparams(args.draft), random_params(official_hparams(args.draft), seed=1))
+    model_class, params, where = GPT2, random_params, cpu_name()
+    if args.backend == "cupy":  # the GPU twin: CUDA-graphed forwards, weights on the device
+        import cupy
+
+        import gpt2_cupy
+
+        model_class, params = gpt2_cupy.GPT2, gpt2_cupy.random_params
+        where = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode() + " (CuPy)"
+    target = model_class(official_hparams(args.target), params(official_hparams(args.target), seed=0))
+    draft = model_class(official_hparams(args.draft), params(official_hparams(args.draft), seed=1))
     prompt = np.random.default_rng(0).integers(0, target.n_vocab, 20).tolist()
     for model in (target, draft):  # page every weight in once, outside the timings
         model(prompt, model.new_cache(len(prompt)))
 
     n = args.n_tokens
-    print(f"# {args.target} target, {args.draft} draft, random weights, greedy; {cpu_name()}")
+    print(f"# {args.target} target, {args.draft} draft, random weights, greedy; {where}")
     reference = autoregressive_sample(target, prompt, n, Warp(0.0))[0]  # the target's own tokens
     situations = [
         ("draft == target (scripted, acceptance 1)", n,
@@ -133,6 +142,13 @@ def main(argv=None):
           "vs best fixed K | acceptance | K:rounds |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for title, n_fixed, make_drafter in situations:
+        if args.backend == "cupy":
+            # Untimed: record the CUDA graphs of every kind of step at both run lengths, so
+            # that no timed run pays for recording (a cost per process, not per decode).
+            for length in {n, n_fixed}:
+                decode(target, make_drafter, prompt, length, None, args.K_max)
+                for K in range(1, args.K_max + 1):
+                    decode(target, make_drafter, prompt, length, K, args.K_max)
         rows = run_situation(target, make_drafter, prompt, n, n_fixed, args.K_max, reference,
                              args.repeats)
         ar = rows[0]["tps"]

@@ -163,6 +163,7 @@ class ModelDrafter:
         self.cache = None
 
     def start(self, tokens: List[int], capacity: int) -> None:
+        self.cache = None  # dropped first, so that a GPU model can hand its arrays out again
         self.cache = self.model.model.new_cache(capacity)
         prefill(self.model, self.cache, tokens)
         self.model.seconds, self.model.calls = 0.0, 0  # count decoding only

@@ -18,8 +18,9 @@ The parameter tree mirrors the checkpoint's names (see checkpoint.py):
 Speed (measured by bench.py; see the README, "Performance"). Decoding one token is a chain of
 one-row products `x @ w` that read every weight once, so it is bound by memory bandwidth; the
 weights stay exactly as the checkpoint stores them (no copies, no re-layout). The one speed
-measure here is in `matmul`: products of 2..7 rows are padded to 8, the row count OpenBLAS
-multiplies cheapest. It changes no result: the padding rows are zeros and are dropped.
+measure here is in `matmul`: on NumPy, products of 2..7 rows are padded to 8, the row count
+OpenBLAS multiplies cheapest. It changes no result: the padding rows are zeros and are dropped.
+(On a GPU the cost is elsewhere, in launching ~50 small kernels per layer: gpt2_cupy/graphs.py.)
 """
 import math
 
@@ -57,16 +58,18 @@ def layer_norm(x, g, b, eps: float = 1e-5):
 # ("packs") w into cache-sized panels and then multiplies panel by panel, which costs about 1.8
 # one-row products with its Haswell kernels, and most for row counts that do not fill its
 # kernels: 5-7 rows cost ~25% more than 8. A speculative verify step multiplies K + 1 rows, so
-# 2..7 rows are padded with zero rows to 8 (bench.py "knobs" times it on and off).
+# 2..7 rows are padded with zero rows to 8 (bench.py "knobs" times it on and off). This is
+# OpenBLAS tuning: other backends (cuBLAS) get x @ w as it is.
 PAD_ROWS_TO = 8
 
 
 def matmul(x, w):
-    """x @ w, with 2..7 rows padded to 8 (see above).  [T, n] @ [n, m] -> [T, m]"""
+    """x @ w, with 2..7 rows padded to 8 on NumPy (see above).  [T, n] @ [n, m] -> [T, m]
+    (Batched [B, T, n] @ [B, n, m] products, as in attention, are passed straight through.)"""
     T = x.shape[0]
-    if not 1 < T < PAD_ROWS_TO:
-        return x @ w  # one row (a matrix-vector product) or enough rows to fill the kernels
     xp = namespace_of(x)
+    if x.ndim != 2 or not 1 < T < PAD_ROWS_TO or xp.__name__ != "numpy":
+        return x @ w  # one row (a matrix-vector product), enough rows, or not OpenBLAS
     padded = xp.zeros((PAD_ROWS_TO, x.shape[1]), dtype=x.dtype)  # [8, n], rows T..7 zero
     padded[:T, :] = x
     return (padded @ w)[:T, :]  # [8, m] -> [T, m]; the zero rows' results are dropped
@@ -91,23 +94,34 @@ def merge_heads(x):
     return xp.reshape(xp.permute_dims(x, (1, 0, 2)), (T, H * D))
 
 
-def attention(q, k, v, n_past: int):
-    """Causal scaled dot-product attention of T new queries over L = n_past + T keys.
+def causal_mask(n_past: int, T: int, xp):
+    """Which keys each new query may see: query t sits at absolute position n_past + t and sees
+    keys 0..n_past + t, a mask aligned to the lower-right corner.  -> [T, L] bool, L = n_past + T"""
+    query_pos = xp.reshape(xp.arange(T), (T, 1)) + n_past  # [T, 1]
+    key_pos = xp.reshape(xp.arange(n_past + T), (1, n_past + T))  # [1, L]
+    return key_pos <= query_pos
+
+
+def attention(q, k, v, visible=None):
+    """Scaled dot-product attention of T queries over L keys; `visible` [T, L] masks the keys a
+    query may not see (None: it sees all, as a single decoding query does).
 
     q [H, T, D], k [H, L, D], v [H, L, D] -> [H, T, D]
     """
     xp = namespace_of(q)
-    T, L, D = q.shape[1], k.shape[1], q.shape[2]
+    D = q.shape[2]
     # Scaling q rather than the scores: the same product, on D numbers per query instead of L.
-    scores = (q * (1.0 / math.sqrt(D))) @ xp.permute_dims(k, (0, 2, 1))  # [H, T, L]
-    if T > 1:
-        # Query t sits at absolute position n_past + t and may see keys 0..n_past + t: the mask is
-        # aligned to the lower-right corner. A single query (decoding) sees everything: no mask.
-        # -1e10 rather than -inf so a row can never become all -inf (NaN after softmax).
-        query_pos = xp.reshape(xp.arange(T), (T, 1)) + n_past  # [T, 1]
-        key_pos = xp.reshape(xp.arange(L), (1, L))  # [1, L]
-        scores = xp.where(key_pos <= query_pos, scores, xp.asarray(-1e10, dtype=scores.dtype))
-    return softmax(scores) @ v  # [H, T, L] @ [H, L, D] -> [H, T, D]
+    scores = matmul(q * (1.0 / math.sqrt(D)), xp.permute_dims(k, (0, 2, 1)))  # [H, T, L]
+    if visible is not None:
+        # -1e10 rather than -inf, so that a row can never become all -inf (NaN after softmax).
+        scores = xp.where(visible, scores, xp.full_like(scores, -1e10))
+    return matmul(softmax(scores), v)  # [H, T, L] @ [H, L, D] -> [H, T, D]
+
+
+def qkv_heads(x, c_attn, n_head: int):
+    """One product for queries, keys and values, split into heads.  [T, d] -> 3 x [H, T, D]"""
+    heads = split_heads(linear(x, **c_attn), 3 * n_head)  # [3H, T, D]: q's H heads, k's, v's
+    return tuple(heads[i * n_head : (i + 1) * n_head, ...] for i in range(3))
 
 
 def causal_self_attention(x, c_attn, c_proj, n_head: int, k_cache, v_cache, n_past: int):
@@ -115,14 +129,13 @@ def causal_self_attention(x, c_attn, c_proj, n_head: int, k_cache, v_cache, n_pa
 
     x [T, d]; k_cache, v_cache [H, capacity, D], rows 0..n_past-1 already filled -> [T, d]
     """
-    T, d = x.shape
-    qkv = linear(x, **c_attn)  # [T, d] -> [T, 3d], one product for q, k and v
-    heads = split_heads(qkv, 3 * n_head)  # [3H, T, D]: the columns are q's H heads, k's, v's
-    q, k, v = (heads[i * n_head : (i + 1) * n_head, ...] for i in range(3))  # 3 x [H, T, D]
+    T = x.shape[0]
+    q, k, v = qkv_heads(x, c_attn, n_head)  # 3 x [H, T, D]
     L = n_past + T
     k_cache[:, n_past:L, :] = k  # write only the new rows; older ones are reused as they are
     v_cache[:, n_past:L, :] = v
-    out = attention(q, k_cache[:, :L, :], v_cache[:, :L, :], n_past)  # [H, T, D]
+    visible = causal_mask(n_past, T, namespace_of(x)) if T > 1 else None
+    out = attention(q, k_cache[:, :L, :], v_cache[:, :L, :], visible)  # [H, T, D]
     return linear(merge_heads(out), **c_proj)  # [T, d]
 
 

@@ -113,9 +113,9 @@ MUTATIONS = {
     "dropped bias": lambda mp, p: (mp.setattr(model_module, "linear", lambda x, w, b: x @ w), p)[1],
     "q/k/v in the wrong order": lambda mp, p: swap_qk(p),
     "no causal mask": lambda mp, p: (mp.setattr(
-        model_module, "attention", _wrap(model_module.attention, lambda q, k, v, n_past: (q, k, v, 10**6))), p)[1],
+        model_module, "attention", _wrap(model_module.attention, lambda q, k, v, visible: (q, k, v, None))), p)[1],
     "attention scaled by 1/D": lambda mp, p: (mp.setattr(
-        model_module, "attention", _wrap(model_module.attention, lambda q, k, v, n_past: (q / math.sqrt(q.shape[-1]), k, v, n_past))), p)[1],
+        model_module, "attention", _wrap(model_module.attention, lambda q, k, v, visible: (q / math.sqrt(q.shape[-1]), k, v, visible))), p)[1],
     "layer-norm epsilon 1e-6": lambda mp, p: (mp.setattr(
         model_module, "layer_norm", _wrap(model_module.layer_norm, lambda x, g, b, **k: (x, g, b), eps=1e-6)), p)[1],
     "untied LM head": lambda mp, p: (mp.setattr(

@@ -1,0 +1,198 @@
+"""CUDA graphs: a decoding step as one GPU launch instead of ~50 per layer.
+
+Why. A forward of gpt2_numpy/model.py is a chain of small operations (a layer norm alone is
+about ten), and on a GPU each is a kernel launch that costs the host 10-20 microseconds of
+Python, CuPy and driver time while the kernel itself runs for a few: eagerly, 355M spends ~40 ms
+per token launching ~1,300 kernels whose work takes a few ms. A CUDA graph records those launches
+once and replays them with one call (bench.py --backend cupy times both).
+
+How. A graph replays fixed work on fixed addresses, so it is recorded from
+gpt2_numpy/static.py's forward, whose positions are an array (read that file first). One graph
+per (cache, T, n_logits), since a cache's arrays are baked in:
+    - the first forward of that kind runs eagerly (that is its result; it also compiles the
+      kernels and fills the graph's private memory pool), then the same forward is recorded;
+    - later ones copy the token ids and positions into the graph's input array and launch it.
+A graph's scratch memory comes from a pool of its own, so nothing else can be handed memory the
+graph will write into on its next replay. CuPy refuses to call cuBLAS while a stream is being
+recorded (cuBLAS itself allows it), so while a graph is made, model.matmul is swapped for
+`CuBLAS.matmul`, the same product through cuBLAS called directly. Forwards over more than GRAPH_MAX_T new tokens
+(prompts) and prefills without logits run eagerly: they happen once per call, and launching is
+a small part of their time.
+
+Recording costs about two eager forwards, and the decoders make a new cache per call. So
+`new_cache` hands out the arrays of a dropped cache of the same capacity again, with their
+graphs: a second call of the same length replays from its first step (a few spare caches per
+model are kept; see SPARE_CACHES).
+"""
+import contextlib
+import ctypes
+import warnings
+import weakref
+
+import cupy as cp
+import numpy as np
+
+from gpt2_numpy import model as model_module
+from gpt2_numpy.model import GPT2, KVCache
+from gpt2_numpy.static import static_forward
+
+GRAPH_MAX_T = 16  # longer forwards run eagerly (a verify step over K + 1 <= 16 tokens is graphed)
+SPARE_CACHES = 4  # dropped caches kept per capacity for reuse, with their graphs
+
+
+class CuBLAS:
+    """Row-major x @ w (batched or not) through cuBLAS's sgemm, called with ctypes.
+
+    cuBLAS is column-major: a row-major [r, c] matrix with strides (s, 1) is, to it, the
+    column-major [c, r] matrix (its transpose) with leading dimension s, and a transposed view
+    (strides (1, s)) is the column-major [r, c] matrix itself. So y = x @ w is computed as
+    y^T = w^T x^T, with no copy of either operand whatever its layout.
+    """
+
+    def __init__(self):
+        cp.ones((2, 2), cp.float32) @ cp.ones((2, 2), cp.float32)  # CuPy loads libcublas
+        paths = sorted({line.split()[-1] for line in open("/proc/self/maps")
+                        if "libcublas.so" in line and "libcublasLt" not in line})
+        if not paths:
+            raise cp.cuda.runtime.CUDARuntimeError(999)  # handled by the caller: run eagerly
+        self.lib = ctypes.CDLL(paths[0])
+        self.handle = ctypes.c_void_p()
+        self.check(self.lib.cublasCreate_v2(ctypes.byref(self.handle)))
+        self.workspace = cp.empty(32 * 2**20, dtype=cp.uint8)  # so that cuBLAS never allocates
+        self.check(self.lib.cublasSetWorkspace_v2(self.handle, ctypes.c_void_p(self.workspace.data.ptr),
+                                                  ctypes.c_size_t(self.workspace.nbytes)))
+        self.one, self.zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+
+    @staticmethod
+    def check(status):
+        if status != 0:
+            raise RuntimeError(f"cuBLAS error {status}")
+
+    @staticmethod
+    def operand(a):
+        """(transpose?, leading dimension) of row-major 2-D matrices a[..., r, c] for cuBLAS,
+        as the column-major matrix a^T."""
+        s_r, s_c = (s // a.itemsize for s in a.strides[-2:])
+        if s_c == 1 or a.shape[-1] == 1:
+            return 0, max(s_r, a.shape[-1], 1)  # CUBLAS_OP_N on a^T, stored with ld s_r
+        if s_r == 1 or a.shape[-2] == 1:
+            return 1, max(s_c, a.shape[-2], 1)  # CUBLAS_OP_T on a, stored with ld s_c
+        raise ValueError("cuBLAS needs one unit stride per matrix")
+
+    def matmul(self, x, w):
+        """x [..., T, n] @ w [..., n, m] -> [..., T, m] (equal leading batch shapes)"""
+        T, n, m = x.shape[-2], x.shape[-1], w.shape[-1]
+        batch = x.shape[:-2]
+        y = cp.empty(batch + (T, m), dtype=cp.float32)
+        op_w, ld_w = self.operand(w)
+        op_x, ld_x = self.operand(x)
+        count = int(np.prod(batch)) if batch else 1
+        step = lambda a: (a.strides[0] // a.itemsize) if batch else 0  # noqa: E731
+        self.check(self.lib.cublasSetStream_v2(self.handle,
+                                               ctypes.c_void_p(cp.cuda.get_current_stream().ptr)))
+        self.check(self.lib.cublasSgemmStridedBatched(
+            self.handle, op_w, op_x, m, T, n, ctypes.byref(self.one),
+            ctypes.c_void_p(w.data.ptr), ld_w, ctypes.c_longlong(step(w)),
+            ctypes.c_void_p(x.data.ptr), ld_x, ctypes.c_longlong(step(x)),
+            ctypes.byref(self.zero), ctypes.c_void_p(y.data.ptr), m, ctypes.c_longlong(T * m),
+            count))
+        return y
+
+
+_cublas = None
+
+
+@contextlib.contextmanager
+def products_through_cublas():
+    """model.matmul, the model's one product function, replaced by CuBLAS.matmul meanwhile."""
+    global _cublas
+    _cublas = _cublas or CuBLAS()
+    original, model_module.matmul = model_module.matmul, _cublas.matmul
+    try:
+        yield
+    finally:
+        model_module.matmul = original
+
+
+class Graph:
+    """One recorded forward over T new tokens with logits for the last n_logits, on one cache."""
+
+    def __init__(self, model, cache, T: int, n_logits: int):
+        # Capture needs a stream other than the legacy default one; a blocking stream stays
+        # ordered with work on the default stream (the decoders' device -> host copies).
+        self.stream = cp.cuda.Stream(non_blocking=False)
+        self.pool = cp.cuda.MemoryPool()  # the graph's scratch memory, for it alone
+        self.inputs = cp.zeros((2, T), dtype=cp.int64)  # [ids; positions], rewritten per launch
+        self.args = (model.params, self.inputs[0], self.inputs[1], cache.k, cache.v,
+                     model.hparams["n_head"], n_logits)
+        self.graph = self.logits = None
+
+    def __call__(self, ids, n_past: int):
+        T = len(ids)
+        with self.stream:
+            self.inputs.set(np.array([ids, range(n_past, n_past + T)], dtype=np.int64))
+            if self.graph is None:
+                return self.record()
+            self.graph.launch()
+            return self.logits.copy()  # the graph rewrites self.logits on its next launch
+
+    def record(self):
+        with cp.cuda.using_allocator(self.pool.malloc), products_through_cublas():
+            logits = static_forward(*self.args)  # run: this call's result
+            self.stream.begin_capture()
+            try:
+                self.logits = static_forward(*self.args)  # recorded, not run
+            finally:
+                self.graph = self.stream.end_capture()
+        return logits
+
+
+class GraphedGPT2(GPT2):
+    """A GPT2 whose forwards over up to GRAPH_MAX_T new tokens replay CUDA graphs. Used exactly
+    like GPT2 (`model(ids, cache, n_logits)`), with the same logits up to float rounding."""
+
+    def __init__(self, hparams: dict, params: dict, tokenizer=None, name: str = "gpt2",
+                 graphs: bool = True):
+        super().__init__(hparams, params, tokenizer, name)
+        self.use_graphs = graphs  # False: every forward eagerly, kernel by kernel
+        self.graphs = {}  # (address of cache.k, T, n_logits) -> Graph
+        self.spare = {}  # capacity -> [(k, v)] of dropped caches, newest last
+
+    def new_cache(self, capacity: int = None) -> KVCache:
+        """An empty cache; the arrays of a dropped one of the same capacity if there is one."""
+        capacity = capacity or self.n_ctx
+        if not self.spare.get(capacity):
+            cache = super().new_cache(capacity)
+        else:
+            cache = KVCache.__new__(KVCache)  # the same arrays, length 0: as good as new
+            cache.k, cache.v = self.spare[capacity].pop()
+            cache.capacity, cache.length = capacity, 0
+        weakref.finalize(cache, self.release, cache.k, cache.v)
+        return cache
+
+    def release(self, k, v) -> None:
+        """Called when a cache is dropped: keep its arrays (and graphs) for the next new_cache."""
+        spares = self.spare.setdefault(k.shape[2], [])
+        spares.append((k, v))
+        if len(spares) > SPARE_CACHES:
+            old, _ = spares.pop(0)
+            for key in [key for key in self.graphs if key[0] == old.data.ptr]:
+                del self.graphs[key]  # the graphs held the last references to its memory
+
+    def __call__(self, ids, cache, n_logits=1):
+        T, n_past = len(ids), cache.length
+        n_logits = T if n_logits is None else n_logits
+        if (not self.use_graphs or not 0 < T <= GRAPH_MAX_T or not 0 < n_logits <= T
+                or n_past + T > cache.capacity):
+            return super().__call__(ids, cache, n_logits)  # eagerly (and its errors)
+        key = (cache.k.data.ptr, T, n_logits)
+        if key not in self.graphs:
+            self.graphs[key] = Graph(self, cache, T, n_logits)
+        try:
+            logits = self.graphs[key](ids, n_past)
+        except (cp.cuda.runtime.CUDARuntimeError, OSError, RuntimeError) as e:  # no capture here
+            warnings.warn(f"CUDA graphs unavailable ({e}); running eagerly", RuntimeWarning)
+            self.use_graphs = False
+            return super().__call__(ids, cache, n_logits)
+        cache.length = n_past + T
+        return logits
