@@ -737,6 +737,21 @@ def worker_transformers(a):
                       "torch_threads": torch.get_num_threads(), "device": device, "rows": rows}))
 
 
+def transformers_section(res, worker_args, is_ours=lambda row: True) -> dict:
+    """Hugging Face generate() in a fresh process; each of its rows beside our autoregressive
+    row of the same size (the first one `is_ours` accepts)."""
+    t = run_worker("transformers", worker_args)
+    for row in t.get("rows", []):
+        ours = next(r for r in res["autoregressive"] if r["size"] == row["model"] and is_ours(r))
+        row["ours_ms_per_token"] = ours["ms_per_token"]
+        row["ours_over_theirs"] = ours["ms_per_token"] / row["ms_per_token"]
+        row["weights"] = RANDOM
+        print_row("transformers", row)
+    if "rows" not in t:
+        print(f"[transformers] skipped: {t.get('skipped') or t.get('error')}", flush=True)
+    return t
+
+
 WORKERS = {"memory": worker_memory, "write_random": worker_write_random, "blas": worker_blas,
            "transformers": worker_transformers}
 
@@ -1130,19 +1145,10 @@ def gpu_main(args):
 
     # 4. Hugging Face transformers on the same GPU, same shapes, if torch and transformers import.
     if "transformers" not in set(filter(None, args.skip.split(","))):
-        t = run_worker("transformers", {"sizes": ["124M", "355M"], "prompt": cfg["prompt"],
-                                        "tokens": cfg["ar_tokens"], "reps": 2, "threads": N_CPU,
-                                        "device": "cuda"})
-        for row in t.get("rows", []):
-            ours = next(r for r in res["autoregressive"] if r["size"] == row["model"]
-                        and r["forward"] == "CUDA graphs")
-            row["ours_ms_per_token"] = ours["ms_per_token"]
-            row["ours_over_theirs"] = ours["ms_per_token"] / row["ms_per_token"]
-            row["weights"] = RANDOM
-            print_row("transformers", row)
-        if "rows" not in t:
-            print(f"[transformers] skipped: {t.get('skipped') or t.get('error')}", flush=True)
-        res["transformers"] = t
+        res["transformers"] = transformers_section(
+            res, {"sizes": ["124M", "355M"], "prompt": cfg["prompt"], "tokens": cfg["ar_tokens"],
+                  "reps": 2, "threads": N_CPU, "device": "cuda"},
+            lambda row: row["forward"] == "CUDA graphs")
     checkpoint("all")
     return 0
 
@@ -1331,17 +1337,9 @@ def main(argv=None):
     if "transformers" not in skip:
         threads = next((d.get("num_threads") for d in m["threadpoolctl"] if isinstance(d, dict)),
                        None) if isinstance(m.get("threadpoolctl"), list) else None
-        t = run_worker("transformers", {"sizes": cfg["hf_sizes"], "prompt": cfg["prompt"],
-                                        "tokens": cfg["ar_tokens"], "reps": 2, "threads": threads or N_CPU})
-        for row in t.get("rows", []):
-            ours = next(r for r in res["autoregressive"] if r["size"] == row["model"])
-            row["ours_ms_per_token"] = ours["ms_per_token"]
-            row["ours_over_theirs"] = ours["ms_per_token"] / row["ms_per_token"]
-            row["weights"] = RANDOM
-            print_row("transformers", row)
-        if "rows" not in t:
-            print(f"[transformers] skipped: {t.get('skipped') or t.get('error')}", flush=True)
-        res["transformers"] = t
+        res["transformers"] = transformers_section(
+            res, {"sizes": cfg["hf_sizes"], "prompt": cfg["prompt"], "tokens": cfg["ar_tokens"],
+                  "reps": 2, "threads": threads or N_CPU})
     checkpoint("all")
     print(f"\nwrote {out_dir}/bench.json, *.csv, summary.md; figures: python bench.py --plot {out_dir}")
     return 0
