@@ -2,8 +2,8 @@
 
 Why. A forward of gpt2_numpy/model.py is a chain of small operations (a layer norm alone is
 about ten), and on a GPU each is a kernel launch that costs the host 10-20 microseconds of
-Python, CuPy and driver time while the kernel itself runs for a few: eagerly, 355M spends ~40 ms
-per token launching ~1,300 kernels whose work takes a few ms. A CUDA graph records those launches
+Python, CuPy and driver time while the kernel itself runs for a few: eagerly, 355M spends
+25-40 ms per token launching ~1,300 kernels whose work takes a few ms. A CUDA graph records those launches
 once and replays them with one call (bench.py --backend cupy times both).
 
 How. A graph replays fixed work on fixed addresses, so it is recorded from
@@ -15,14 +15,15 @@ per (cache, T, n_logits), since a cache's arrays are baked in:
 A graph's scratch memory comes from a pool of its own, so nothing else can be handed memory the
 graph will write into on its next replay. CuPy refuses to call cuBLAS while a stream is being
 recorded (cuBLAS itself allows it), so while a graph is made, model.matmul is swapped for
-`CuBLAS.matmul`, the same product through cuBLAS called directly. Forwards over more than GRAPH_MAX_T new tokens
-(prompts) and prefills without logits run eagerly: they happen once per call, and launching is
-a small part of their time.
+`CuBLAS.matmul`, the same product through cuBLAS called directly. Forwards over more than
+GRAPH_MAX_T new tokens (prompts) and prefills without logits run eagerly: they happen once per
+call, and launching is a small part of their time.
 
 Recording costs about two eager forwards, and the decoders make a new cache per call. So
 `new_cache` hands out the arrays of a dropped cache of the same capacity again, with their
-graphs: a second call of the same length replays from its first step (a few spare caches per
-model are kept; see SPARE_CACHES).
+graphs: a second call of the same length replays from its first step. At most SPARE_CACHES
+dropped caches are kept per model, whatever their capacities; only caches made by `new_cache`
+are graphed (their graphs go when the cache's arrays do), any other runs eagerly.
 """
 import contextlib
 import ctypes
@@ -37,7 +38,7 @@ from gpt2_numpy.model import GPT2, KVCache
 from gpt2_numpy.static import static_forward
 
 GRAPH_MAX_T = 16  # longer forwards run eagerly (a verify step over K + 1 <= 16 tokens is graphed)
-SPARE_CACHES = 4  # dropped caches kept per capacity for reuse, with their graphs
+SPARE_CACHES = 4  # dropped caches kept per model for reuse, with their graphs
 
 
 class CuBLAS:
@@ -156,34 +157,36 @@ class GraphedGPT2(GPT2):
         super().__init__(hparams, params, tokenizer, name)
         self.use_graphs = graphs  # False: every forward eagerly, kernel by kernel
         self.graphs = {}  # (address of cache.k, T, n_logits) -> Graph
-        self.spare = {}  # capacity -> [(k, v)] of dropped caches, newest last
+        self.spare = []  # (k, v) of dropped caches, oldest first
+        self.handed_out = weakref.WeakSet()  # live caches made by new_cache: the graphed ones
 
     def new_cache(self, capacity: int = None) -> KVCache:
         """An empty cache; the arrays of a dropped one of the same capacity if there is one."""
         capacity = capacity or self.n_ctx
-        if not self.spare.get(capacity):
+        reusable = [i for i, (k, _) in enumerate(self.spare) if k.shape[2] == capacity]
+        if not reusable:
             cache = super().new_cache(capacity)
         else:
             cache = KVCache.__new__(KVCache)  # the same arrays, length 0: as good as new
-            cache.k, cache.v = self.spare[capacity].pop()
+            cache.k, cache.v = self.spare.pop(reusable[-1])
             cache.capacity, cache.length = capacity, 0
+        self.handed_out.add(cache)
         weakref.finalize(cache, self.release, cache.k, cache.v)
         return cache
 
     def release(self, k, v) -> None:
         """Called when a cache is dropped: keep its arrays (and graphs) for the next new_cache."""
-        spares = self.spare.setdefault(k.shape[2], [])
-        spares.append((k, v))
-        if len(spares) > SPARE_CACHES:
-            old, _ = spares.pop(0)
+        self.spare.append((k, v))
+        if len(self.spare) > SPARE_CACHES:
+            old, _ = self.spare.pop(0)
             for key in [key for key in self.graphs if key[0] == old.data.ptr]:
                 del self.graphs[key]  # the graphs held the last references to its memory
 
     def __call__(self, ids, cache, n_logits=1):
         T, n_past = len(ids), cache.length
         n_logits = T if n_logits is None else n_logits
-        if (not self.use_graphs or not 0 < T <= GRAPH_MAX_T or not 0 < n_logits <= T
-                or n_past + T > cache.capacity):
+        if (not self.use_graphs or cache not in self.handed_out or not 0 < T <= GRAPH_MAX_T
+                or not 0 < n_logits <= T or n_past + T > cache.capacity):
             return super().__call__(ids, cache, n_logits)  # eagerly (and its errors)
         key = (cache.k.data.ptr, T, n_logits)
         if key not in self.graphs:

@@ -113,7 +113,9 @@ def attention(q, k, v, visible=None):
     # Scaling q rather than the scores: the same product, on D numbers per query instead of L.
     scores = matmul(q * (1.0 / math.sqrt(D)), xp.permute_dims(k, (0, 2, 1)))  # [H, T, L]
     if visible is not None:
-        # -1e10 rather than -inf, so that a row can never become all -inf (NaN after softmax).
+        # -1e10 rather than -inf, so that a row can never become all -inf (NaN after softmax);
+        # full_like fills on the device, where a 0-d asarray would copy from the host (which a
+        # CUDA graph, gpt2_cupy/graphs.py, cannot record).
         scores = xp.where(visible, scores, xp.full_like(scores, -1e10))
     return matmul(softmax(scores), v)  # [H, T, L] @ [H, L, D] -> [H, T, D]
 
