@@ -39,6 +39,9 @@ class FixedK:
     def next_K(self) -> int:
         return self.K
 
+    def look_back(self, acceptance, seconds) -> None:
+        pass
+
     def update(self, K, accepted, draft_seconds, target_seconds) -> None:
         pass
 
@@ -65,12 +68,11 @@ class AdaptiveK:
                rejection if m < K; the drafts after a rejection are never judged, so they count
                neither way (accepted / drafted would underestimate a). Prior: a quarter of
                each, i.e. a = 0.5 but weak, so that a few rounds decide. Whether to draft at all
-               is decided with a plus one standard error (`optimistic_acceptance`), and plain
-               rounds shrink the counts a little (forget), so that doubt speaks for drafting;
-               how many drafts, with a itself.
-      t_draft  seconds per draft token (the round's drafting time / K), from rounds that follow
-               a drafting round: after plain rounds the draft first catches up on the tokens it
-               missed, a one-time cost of resuming that is not the price of a draft step.
+               is decided with a plus one standard error (`optimistic_acceptance`); how many
+               drafts, with a itself.
+      t_draft  seconds per draft token (the round's drafting time / K). Until a draft step has
+               been timed: the time of the last catch-up (an upper bound: it fed at least one
+               token), or before any, r(1).
       r(T)     seconds of a target forward over T positions, a running mean per T. An unmeasured
                T is taken to cost what the nearest measured T below it costs (above 1, if any):
                a forward over more positions never costs less, so this is a lower bound, i.e.
@@ -79,33 +81,41 @@ class AdaptiveK:
                more, which interpolating between measured points would hide.) T = 1 is never
                used for T > 1 once any T > 1 is measured, because one row is a cheaper kind of
                product (matrix-vector) than several: below the smallest measured T > 1, that one
-               is used. Until the first draft is timed, t_draft is taken as r(1) (pessimistic).
-    Exploration: while K* = 0 nothing is learnt about a, so now and then the best K >= 1 is tried
-    instead (a probe). The first probe, in round 2, proposes K_max / 2 drafts: enough for a good
-    draft to show itself in one round, few enough that a useless one costs little. Each probe's
-    loss, the seconds it took beyond what plain steps would have
-    taken for the tokens it emitted (a lagging draft's catch-up included), is measured; the next
-    probe waits until the time spent in plain steps reaches loss / explore, so probing costs
-    about `explore` (1%) of the time when the draft is useless. A probe whose drafts all passed
-    is followed by another at once (if speculation can pay at all), so that a good draft is
-    recognised within a few rounds. explore = 0 never probes.
+               is used.
+    Looking back: after plain rounds the draft model must catch up on the tokens it missed, in
+    one forward over all of them, and that forward also tells how probable the draft found each
+    of them. speculative_sample turns this into the chance that a draft would have been
+    accepted at each missed position, passes it to `look_back`, and asks for K again: every
+    plain step becomes a judged draft, for the price of the catch-up alone.
+    Exploration: while K* = 0 nothing new is learnt, so now and then the best K >= 1 is asked
+    for anyway (a probe). The draft catches up, the look back re-estimates a from every token it
+    missed, and the probe goes on to draft only if that says it may pay. Each probe's loss, the
+    seconds it took beyond what plain steps would have taken for the tokens it emitted (the
+    catch-up included), is measured; the next probe waits until the time spent in plain steps
+    reaches loss / explore, so probing costs about `explore` (1%) of the time when the draft is
+    useless, and the longer the wait, the more tokens the next look back judges. A probe whose
+    drafts all passed is followed by another at once (if speculation can pay at all). The first
+    drafting round, after the plain step of round 1, proposes K_max / 2 drafts: enough for a
+    good draft to show itself in one round, few enough that a useless one costs little.
+    explore = 0 never probes.
 
     Round 1 is a plain step, which measures r(1). A policy carries its estimates from one call
     of speculative_sample to the next; make a new one for a cold start.
     """
 
-    def __init__(self, K_max: int, explore: float = 0.01, decay: float = 0.9, prior: float = 0.25,
-                 forget: float = 0.98):
+    def __init__(self, K_max: int, explore: float = 0.01, decay: float = 0.95,
+                 prior: float = 0.25):
         if K_max < 1:
             raise GPT2Error(f"K_max must be >= 1, got {K_max}")
-        self.K_max, self.explore, self.decay, self.forget = K_max, explore, decay, forget
+        self.K_max, self.explore, self.decay = K_max, explore, decay
         self.accepted, self.rejected = prior, prior  # pseudo-counts: a = 0.5 at first
         self.t_draft = RunningMean(decay)
+        self.catch_up_seconds = None  # the last catch-up's time: t_draft until one is timed
         self.r = {}  # T -> RunningMean of the seconds of a target forward over T positions
         self.idle = 0.0  # seconds spent in plain steps since the last probe
         self.probe_loss = 0.0  # what the last probe cost beyond plain steps (0: none yet)
         self.probing = False
-        self.last_K = 0  # the previous round's K
+        self.look_seconds = None  # this round's catch-up time, once look_back has been called
 
     @property
     def acceptance(self) -> float:
@@ -114,9 +124,8 @@ class AdaptiveK:
     @property
     def optimistic_acceptance(self) -> float:
         """a plus one standard error: the acceptance that decides whether to draft at all. A few
-        judged drafts say little (3 of 4 passing fits a = 0.5 as well as a = 0.95), and a draft
-        that is dropped on a pessimistic guess is never judged again, so the doubt is resolved
-        in its favour until enough drafts have been judged to settle it."""
+        judged drafts say little (3 of 4 passing fits a = 0.5 as well as a = 0.95), so the doubt
+        is resolved in the draft's favour until enough drafts have been judged to settle it."""
         a, n = self.acceptance, self.accepted + self.rejected
         return min(1.0, a + (a * (1 - a) / (n + 1)) ** 0.5)
 
@@ -132,10 +141,15 @@ class AdaptiveK:
             return self.r[min(several)].value
         return self.r[1].value
 
+    def draft_seconds(self) -> float:
+        """t_draft: measured, else the last catch-up's time, else r(1) (pessimistic)."""
+        if self.t_draft.n:
+            return self.t_draft.value
+        return self.catch_up_seconds if self.catch_up_seconds is not None else self.target_seconds(1)
+
     def cost(self, K: int) -> float:
         """Expected seconds of a round with K drafts: K draft steps + one verify over K + 1."""
-        t_draft = self.t_draft.value if self.t_draft.n else self.target_seconds(1)
-        return K * t_draft + self.target_seconds(K + 1)
+        return K * self.draft_seconds() + self.target_seconds(K + 1)
 
     def rate(self, K: int, a: float = None) -> float:
         """Expected tokens per second of a round with K drafts (acceptance a, default: the
@@ -150,38 +164,41 @@ class AdaptiveK:
         drafting_pays = max(range(self.K_max + 1),
                             key=lambda K: self.rate(K, self.optimistic_acceptance)) > 0
         best = max(range(1, self.K_max + 1), key=self.rate) if drafting_pays else 0
-        due = self.explore > 0 and self.idle * self.explore >= self.probe_loss
-        self.probing = best == 0 and due
-        if self.probing and not self.t_draft.n:
-            best = (self.K_max + 1) // 2  # the first probe: see the class docstring
-        elif self.probing:
-            best = max(range(1, self.K_max + 1), key=self.rate)
+        if self.look_seconds is None:  # before the round; asked again after a look back, it decides
+            due = self.explore > 0 and self.idle * self.explore >= self.probe_loss
+            self.probing = best == 0 and due
+            if self.probing:
+                best = max(range(1, self.K_max + 1), key=self.rate)
+        if best and not self.t_draft.n:
+            best = (self.K_max + 1) // 2  # the first drafting round: see the class docstring
         return best
 
+    def look_back(self, acceptance, seconds: float) -> None:
+        """The draft caught up on tokens it missed, in `seconds`; `acceptance` holds, for each
+        missed token a plain round chose, the probability that a draft proposed there would
+        have been accepted. Each counts as a judged draft: that many acceptances in
+        expectation, the rest rejections. next_K is asked again after this."""
+        passed = float(sum(acceptance))
+        self.accepted, self.rejected = self.accepted + passed, self.rejected + len(acceptance) - passed
+        self.look_seconds = self.catch_up_seconds = seconds
+
     def update(self, K: int, accepted: int, draft_seconds: float, target_seconds: float) -> None:
-        """Record a finished round: K drafts proposed, `accepted` of them kept, and its times."""
+        """Record a finished round: K drafts proposed, `accepted` of them kept, and its times
+        (draft_seconds: proposing them; a catch-up is reported to look_back instead)."""
+        looked, self.look_seconds = self.look_seconds or 0.0, None
         self.r.setdefault(K + 1, RunningMean(self.decay)).add(target_seconds)
-        previous_K, self.last_K = self.last_K, K
         if K == 0:
             self.idle += target_seconds
-            # Forget a little: without drafts nothing new is learnt about the draft, so the
-            # counts shrink, the doubt (and with it the optimism) grows, and a draft whose
-            # estimate once dipped below break-even gets tried again.
-            self.accepted *= self.forget
-            self.rejected *= self.forget
+            if self.probing:  # the probe's look back said no: it cost the catch-up
+                self.idle, self.probe_loss, self.probing = 0.0, looked, False
             return
         self.accepted = self.decay * self.accepted + accepted
         self.rejected = self.decay * self.rejected + (accepted < K)
-        if previous_K or not self.t_draft.n:
-            # After plain rounds the draft first feeds every token it missed, a catch-up that
-            # resuming costs once; counted as a draft step's price it would make drafting look
-            # dearer than it is for as long as the estimate remembers it. So such rounds only
-            # give the first estimate, when there is none better.
-            self.t_draft.add(draft_seconds / K)
+        self.t_draft.add(draft_seconds / K)
         self.idle = 0.0
         if self.probing:
             plain = (accepted + 1) * self.target_seconds(1)  # plain steps for the same tokens
-            self.probe_loss = max(0.0, draft_seconds + target_seconds - plain)
+            self.probe_loss = max(0.0, looked + draft_seconds + target_seconds - plain)
             if accepted == K and self.could_pay():
                 self.probe_loss = 0.0  # every draft passed: look again at once
 

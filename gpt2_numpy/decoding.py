@@ -185,6 +185,21 @@ class ModelDrafter:
             new = drafts[-1:]
         return drafts, q
 
+    def catch_up(self, tokens: List[int], plain: dict, warp: Warp) -> dict:
+        """Feed every token the cache lacks but the newest (propose feeds that) in one forward,
+        and look back: for each token a plain round chose, plain = {index: p(token)} with p the
+        target's distribution there, return {index: min(1, q(token) / p(token))}, q the draft's.
+        Its mean over token ~ p is sum_x min(p(x), q(x)), the probability that a draft x ~ q
+        proposed there would have been accepted (for greedy decoding: 1 if the two argmaxes
+        agree, else 0). The catch-up forward had to happen anyway; the look back is free."""
+        start = self.cache.length
+        missed = tokens[start:-1]
+        if not missed:
+            return {}
+        logits = self.model(missed, self.cache, n_logits=len(missed))  # row j: q for start + j + 1
+        return {i: min(1.0, probabilities(logits[i - start - 1], warp)[tokens[i]] / p)
+                for i, p in plain.items()}
+
     @property
     def seconds(self) -> float:
         return self.model.seconds
@@ -205,7 +220,9 @@ def speculative_sample(target, draft, prompt: List[int], n_new: int, K=4,
     start/propose/rollback, e.g. drafters.NGramDrafter) propose K tokens per round.
 
     K: an int >= 1, or a policy choosing each round's K (next_K() -> K >= 0, then
-    update(K, accepted, draft_seconds, target_seconds); see adaptive.AdaptiveK). A round with
+    update(K, accepted, draft_seconds, target_seconds); if it has look_back(acceptance,
+    seconds), a draft model that lags behind plain rounds catches up first and the policy is
+    told what that showed, then asked next_K() again; see adaptive.AdaptiveK). A round with
     K = 0, or in which the drafter proposes nothing, is a plain target step.
     Exactly n_new tokens come out (a round never proposes more than are still needed), fewer
     only if the context fills up (stats.stopped_at_context). on_tokens(ids, kinds) streams each
@@ -229,11 +246,22 @@ def speculative_sample(target, draft, prompt: List[int], n_new: int, K=4,
     stats.prefill_seconds = time.perf_counter() - start
 
     verify = Timed(target)
+    plain = {}  # index -> p(token), for tokens committed by rounds without drafts
+    # A draft model that lags can look back (NGramDrafter has nothing to feed), if it is heard.
+    looks_back = hasattr(drafter, "catch_up") and hasattr(policy, "look_back")
     start = time.perf_counter()
     while len(tokens) < n_stop:
         # 1. A round emits at most K + 1 tokens: never ask for more than are still wanted. The
         #    drafter may propose fewer; K_round is what it did propose.
         K_wanted = min(policy.next_K(), n_stop - len(tokens) - 1)
+        if K_wanted and plain:
+            # 0. After plain rounds the draft first feeds the tokens it missed, and that forward
+            #    shows how often its drafts would have passed there: the policy may reconsider.
+            look_start = time.perf_counter()
+            looked = drafter.catch_up(tokens, plain, warp)
+            plain.clear()
+            policy.look_back(list(looked.values()), time.perf_counter() - look_start)
+            K_wanted = min(policy.next_K(), n_stop - len(tokens) - 1)
         round_start = time.perf_counter()
         drafts, q = drafter.propose(tokens, K_wanted, warp, rng) if K_wanted else ([], None)
         K_round, drafted_at = len(drafts), time.perf_counter()
@@ -243,6 +271,8 @@ def speculative_sample(target, draft, prompt: List[int], n_new: int, K=4,
         p = np.stack([probabilities(row, warp) for row in logits])  # [K + 1, V]
         m, next_token = accept_or_resample(drafts, q, p, rng)  # 3.
         policy.update(K_round, m, drafted_at - round_start, time.perf_counter() - drafted_at)
+        if not K_round and looks_back:  # the draft has not seen this token: looked back on later
+            plain[len(tokens)] = float(p[0, next_token])
         tokens += drafts[:m] + [next_token]
         cache.rollback(len(tokens) - 1)  # 4. drop rejected drafts: a length change
         drafter.rollback(tokens)
