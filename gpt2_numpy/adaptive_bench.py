@@ -4,7 +4,7 @@
 
 The models have the official 355M (target) and 124M (draft) shapes and random weights: the
 timings are real, the acceptance is not. Random weights make no draft agree with the target,
-so the two high-acceptance situations use a *scripted* draft: it runs the real 124M forwards
+so the first three situations use a *scripted* draft: it runs the real 124M forwards
 (same cost, same cache catch-up) but proposes the target's own greedy tokens, each replaced by a
 wrong one with probability `error`. Situations:
     draft == target    scripted, error 0     acceptance 1

@@ -191,13 +191,16 @@ class ModelDrafter:
         target's distribution there, return {index: min(1, q(token) / p(token))}, q the draft's.
         Its mean over token ~ p is sum_x min(p(x), q(x)), the probability that a draft x ~ q
         proposed there would have been accepted (for greedy decoding: 1 if the two argmaxes
-        agree, else 0). The catch-up forward had to happen anyway; the look back is free."""
-        start = self.cache.length
-        missed = tokens[start:-1]
-        if not missed:
+        agree, else 0). Feeding the missed tokens is needed before drafting anyway; the look
+        back adds only the logits rows of the plain tokens and their softmaxes."""
+        missed = tokens[self.cache.length : -1]
+        if not missed or not plain:
             return {}
-        logits = self.model(missed, self.cache, n_logits=len(missed))  # row j: q for start + j + 1
-        return {i: min(1.0, probabilities(logits[i - start - 1], warp)[tokens[i]] / p)
+        # Plain tokens come after everything the cache holds, and the newest is one of them: the
+        # last n rows of the forward predict tokens[first:], which include them all.
+        first = min(plain)
+        logits = self.model(missed, self.cache, n_logits=len(tokens) - first)  # [n, V]
+        return {i: min(1.0, probabilities(logits[i - first], warp)[tokens[i]] / p)
                 for i, p in plain.items()}
 
     @property
