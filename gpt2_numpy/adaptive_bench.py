@@ -1,6 +1,7 @@
 """Benchmark: --adaptive against every fixed K and plain autoregressive decoding.
 
     python bench.py --adaptive                     # about 6 minutes on 2 CPU cores
+    python bench.py --adaptive --simulate          # many prompts, replayed: adaptive_sim.py
 
 The models have the official 355M (target) and 124M (draft) shapes and random weights: the
 timings are real, the acceptance is not. Random weights make no draft agree with the target,
@@ -16,6 +17,7 @@ Everything is greedy (temperature 0), so every run must print the autoregressive
 import argparse
 import os
 import platform
+import sys
 import time
 
 import numpy as np
@@ -108,7 +110,14 @@ def run_situation(target, make_drafter, prompt, n, n_fixed, K_max, reference, re
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="adaptive K vs fixed K, official shapes, random weights")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--simulate" in argv:  # the replay over many prompts: adaptive_sim.py, its own options
+        from .adaptive_sim import main as simulate
+
+        argv.remove("--simulate")
+        return simulate(argv)
+    p = argparse.ArgumentParser(description="adaptive K vs fixed K, official shapes, random weights "
+                                "(--simulate [ARGS]: replay over many prompts, adaptive_sim.py)")
     p.add_argument("--n_tokens", type=int, default=96, help="tokens per run")
     p.add_argument("--n_tokens_unrelated", type=int, default=24,
                    help="tokens per fixed-K run with the unrelated draft (every round emits one)")

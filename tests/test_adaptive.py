@@ -369,3 +369,33 @@ def test_speculative_sample_looks_back_on_every_plain_token_once(target, drafts,
     assert len(policy.heard) >= 3 and sum(policy.heard) > 10
     if temperature == 0:
         assert sp == ar
+
+
+# The replay harness of `bench.py --adaptive --simulate` (adaptive_sim.py): the real decoders
+# against stand-in models that cost virtual seconds. Round costs in it must add up exactly.
+REPLAY_COSTS = dict(target={T: 0.05 if T == 1 else 0.1 + 0.001 * T for T in range(1, 6)},
+                    draft={1: 0.02, 2: 0.03}, catch_up=([1, 2, 64], [0.02, 0.04, 0.1]),
+                    softmax=0.001)
+
+
+def test_replayed_autoregressive_costs_one_target_step_per_token():
+    from gpt2_numpy.adaptive_sim import replay
+
+    rates = replay(REPLAY_COSTS, error=0.0, n=12, seed=0, K_max=4)
+    assert rates["autoregressive"] == pytest.approx(1 / (0.05 + 0.001))
+
+
+def test_replayed_rejections_cost_one_draft_step_and_one_verify_per_token():
+    from gpt2_numpy.adaptive_sim import replay
+
+    # Every draft wrong: a K=1 round drafts once (feeding the one new token) and verifies 2
+    # positions, and emits the one resampled token; the last token is a plain step (a round
+    # never proposes more than are still wanted). Every replayed decoder still printed the
+    # autoregressive tokens (replay asserts it).
+    rates = replay(REPLAY_COSTS, error=1.0, n=12, seed=0, K_max=4)
+    assert rates["K=1"] == pytest.approx(12 / (11 * (0.02 + 0.001 + 0.102 + 2 * 0.001) + 0.051))
+    # All drafts right: a K=2 round emits 3 tokens for a 2-token draft step (x_K and the bonus
+    # of the round before), one 1-token step, and a verify over 3 (the first round feeds 1).
+    rates = replay(REPLAY_COSTS, error=0.0, n=3 * 5, seed=0, K_max=4)
+    first, later = 0.02 + 0.02 + 0.103 + 0.005, 0.03 + 0.02 + 0.103 + 0.005
+    assert rates["K=2"] == pytest.approx(15 / (first + 4 * later))

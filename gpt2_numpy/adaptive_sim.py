@@ -1,0 +1,213 @@
+"""Many prompts in seconds: the real decoders replayed against models that only cost time.
+
+    python bench.py --adaptive --simulate           # about a minute on 2 CPU cores
+
+`python bench.py --adaptive` times real forwards, so it can afford three prompts per situation;
+whether adaptive K is "never more than 5% slower on any prompt" is a question about the spread
+over many prompts. Speed depends on the prompt only through which drafts pass, so this measures
+every cost once, then replays the decoders over hundreds of scripted prompts:
+
+  1. Measure, on the real 355M target and 124M draft (official shapes, random weights), the
+     seconds of a target forward over T = 1..K_max + 1 positions, of a draft forward over 1 and 2,
+     of a draft catch-up over N positions, and of turning one row of logits into a distribution.
+  2. Replay `autoregressive_sample` and `speculative_sample` (the real functions, AdaptiveK and
+     FixedK unchanged) with `CostModel`s: stand-ins that return one-hot logits for a script and
+     advance a virtual clock by the measured cost of each forward instead of computing it. The
+     draft's argmax is wrong at a random fraction `error` of the positions (a new draw per
+     prompt), its look back judges the same script.
+
+What it leaves out: the decoders' own Python time between forwards (~0.1 ms a round), and
+drafts that are wrong in bursts rather than independently. It is a model of the timings, so its
+tables say "replayed"; the benchmark above checks it against real runs.
+"""
+import argparse
+import contextlib
+import time
+
+import numpy as np
+
+from . import decoding
+from .adaptive import AdaptiveK, FixedK
+from .adaptive_bench import cpu_name
+from .decoding import autoregressive_sample, speculative_sample
+from .load import official_hparams, random_params
+from .model import GPT2, KVCache
+from .sampling import Warp, probabilities
+
+
+class VirtualClock:
+    """Stands in for the `time` module inside decoding.py: perf_counter() reads a counter that
+    only CostModel calls advance."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class CostModel:
+    """Quacks like a GPT2 for the decoders: the logits of position i are one-hot at
+    next_token(i), and each call costs `seconds(T, n_logits)` of virtual time.
+
+    The sequence is the prompt followed by `script`; the token after position i (i >= n_prompt - 1)
+    is script[i + 1 - n_prompt], except where `wrong` says this model gets it wrong."""
+
+    def __init__(self, clock, seconds, script, n_prompt, wrong=None, n_vocab=64, n_ctx=1024):
+        self.clock, self.seconds, self.script, self.n_prompt = clock, seconds, script, n_prompt
+        self.wrong = np.zeros(len(script), bool) if wrong is None else wrong
+        self.n_vocab, self.n_ctx = n_vocab, n_ctx
+        self.hparams = dict(n_layer=1, n_head=1, n_embd=1, n_ctx=n_ctx)
+
+    def next_token(self, position: int) -> int:
+        i = position + 1 - self.n_prompt  # index into script of the token that follows
+        return (self.script[i] + int(self.wrong[i])) % self.n_vocab
+
+    def new_cache(self, capacity=None):
+        return KVCache(self.hparams, capacity or self.n_ctx, np)  # only its length is used
+
+    def __call__(self, ids, cache, n_logits=1):
+        T, start = len(ids), cache.length
+        cache.length += T
+        self.clock.now += self.seconds(T, n_logits)
+        if not n_logits:
+            return None
+        logits = np.zeros((n_logits, self.n_vocab), np.float32)
+        for row, position in enumerate(range(start + T - n_logits, start + T)):
+            logits[row, self.next_token(position)] = 1.0
+        return logits
+
+
+def measure_costs(K_max: int, reps: int = 3):
+    """Best-of-reps seconds of every kind of forward the decoders make, on the official shapes."""
+    def model(size, seed):
+        h = official_hparams(size)
+        return GPT2(h, random_params(h, seed=seed))
+
+    def seconds(m, T, n_logits, n_past=64):
+        ids = list(range(n_past + T))
+        cache = m.new_cache(n_past + T)
+        m(ids[:n_past], cache, n_logits=0)
+        best = float("inf")
+        for _ in range(reps):
+            cache.rollback(n_past)
+            start = time.perf_counter()
+            m(ids[n_past:], cache, n_logits=n_logits)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    target, draft = model("355M", 0), model("124M", 1)
+    row = np.random.default_rng(0).standard_normal(target.n_vocab).astype(np.float32)
+    start = time.perf_counter()
+    for _ in range(20):
+        probabilities(row, Warp(0.0))
+    softmax = (time.perf_counter() - start) / 20
+    Ns = [1, 2, 4, 8, 9, 16, 32, 64]
+    return dict(
+        target={T: seconds(target, T, T) for T in range(1, K_max + 2)},
+        draft={T: seconds(draft, T, 1) for T in (1, 2)},
+        catch_up=(Ns, [seconds(draft, N, N) for N in Ns]),
+        softmax=softmax)
+
+
+def cost_functions(costs):
+    """(target_seconds, draft_seconds) as functions of (T, n_logits), for CostModel."""
+    Ns, catch = costs["catch_up"]
+
+    def target(T, n_logits):
+        return costs["target"][T] + n_logits * costs["softmax"] if n_logits else 0.0
+
+    def draft(T, n_logits):
+        if not n_logits:
+            return 0.0  # the prefill: not part of the decoding time
+        if n_logits == 1 and T in costs["draft"]:  # a draft step
+            return costs["draft"][T] + costs["softmax"]
+        # A catch-up (logits for its plain tokens; timed with logits for all N).
+        return float(np.interp(T, Ns, catch)) + n_logits * costs["softmax"]
+
+    return target, draft
+
+
+@contextlib.contextmanager
+def virtual_time(clock):
+    saved = decoding.time
+    decoding.time = clock
+    try:
+        yield
+    finally:
+        decoding.time = saved
+
+
+def replay(costs, error: float, n: int, seed: int, K_max: int, n_prompt: int = 20):
+    """tokens/s of autoregressive, of every fixed K and of adaptive K on one scripted prompt."""
+    # Wrong positions drawn as ScriptedDrafter draws them: seed s replays the s-th repetition
+    # of `bench.py --adaptive` (another prompt, the same pattern of wrong drafts).
+    wrong = np.append(np.random.default_rng(seed).random(n) < error, False)
+    rng = np.random.default_rng([seed, 1])
+    script, prompt = rng.integers(0, 64, n + 1), rng.integers(0, 64, n_prompt).tolist()
+    clock = VirtualClock()
+    target_cost, draft_cost = cost_functions(costs)
+    target = CostModel(clock, target_cost, script, n_prompt)
+    draft = CostModel(clock, draft_cost, script, n_prompt, wrong)
+    rates = {}
+    with virtual_time(clock):
+        ids, stats = autoregressive_sample(target, prompt, n, Warp(0.0))
+        rates["autoregressive"] = stats.tokens_per_second
+        reference = ids
+        policies = {f"K={K}": FixedK(K) for K in range(1, K_max + 1)}
+        policies["adaptive"] = AdaptiveK(K_max)
+        for name, policy in policies.items():
+            ids, stats = speculative_sample(target, draft, prompt, n, policy, Warp(0.0))
+            assert ids == reference, "a replayed decoder changed the output"
+            rates[name] = stats.tokens_per_second
+    return rates
+
+
+def spread(x):
+    return f"{np.median(x):.2f} / {np.percentile(x, 10):.2f} / {np.min(x):.2f}"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="adaptive K over many replayed prompts")
+    p.add_argument("--n_tokens", type=int, nargs="+", default=[96, 256])
+    p.add_argument("--prompts", type=int, default=50, help="scripted prompts per situation")
+    p.add_argument("--errors", type=float, nargs="+",
+                   default=[0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0])
+    p.add_argument("--K_max", type=int, default=8)
+    args = p.parse_args(argv)
+
+    start = time.perf_counter()
+    costs = measure_costs(args.K_max)
+    print(f"# replayed: 355M target / 124M draft costs measured on {cpu_name()} (random weights), "
+          f"greedy, {args.prompts} scripted prompts per row")
+    print("# ms: target T=1.." + str(args.K_max + 1) + ": "
+          + " ".join(f"{1e3 * s:.1f}" for s in costs["target"].values())
+          + f"; draft T=1,2: {1e3 * costs['draft'][1]:.1f} {1e3 * costs['draft'][2]:.1f}"
+          + "; catch-up N=" + ",".join(map(str, costs["catch_up"][0])) + ": "
+          + " ".join(f"{1e3 * s:.1f}" for s in costs["catch_up"][1])
+          + f"; one softmax row {1e3 * costs['softmax']:.2f}")
+    print("\n| tokens | wrong drafts | best fixed decoder (by median) | adaptive vs autoregressive: "
+          "median / p10 / min | adaptive vs best fixed: median / p10 / min | "
+          "best fixed vs autoregressive: median / p10 / min |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for n in args.n_tokens:
+        for error in args.errors:
+            runs = [replay(costs, error, n, seed, args.K_max) for seed in range(args.prompts)]
+            names = [k for k in runs[0] if k != "adaptive"]
+            rates = {k: np.array([r[k] for r in runs]) for k in runs[0]}
+            best = max(names, key=lambda k: np.median(rates[k]))
+            ar = rates["autoregressive"]
+            print(f"| {n} | {error:.0%} | {best} | {spread(rates['adaptive'] / ar)} | "
+                  f"{spread(rates['adaptive'] / rates[best])} | {spread(rates[best] / ar)} |",
+                  flush=True)
+    print("\nThe prompts `bench.py --adaptive` runs (seeds 0, 1, 2; wrong drafts 0%, 10%, 30%, 100%), "
+          f"{args.n_tokens[0]} tokens: adaptive vs autoregressive, replayed")
+    for error in (0.0, 0.1, 0.3, 1.0):
+        ratios = [replay(costs, error, args.n_tokens[0], seed, args.K_max) for seed in range(3)]
+        print(f"  {error:.0%} wrong: " + ", ".join(f"seed {i} {r['adaptive'] / r['autoregressive']:.2f}x"
+                                                 for i, r in enumerate(ratios)))
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
