@@ -97,17 +97,18 @@ def measure_costs(K_max: int, reps: int = 3):
         return best
 
     target, draft = model("355M", 0), model("124M", 1)
+    # The host's work on each row of logits a decoder reads (greedy: an argmax into a one-hot).
     row = np.random.default_rng(0).standard_normal(target.n_vocab).astype(np.float32)
     start = time.perf_counter()
     for _ in range(20):
         probabilities(row, Warp(0.0))
-    softmax = (time.perf_counter() - start) / 20
+    per_row = (time.perf_counter() - start) / 20
     Ns = [1, 2, 4, 8, 9, 16, 32, 64]
     return dict(
         target={T: seconds(target, T, T) for T in range(1, K_max + 2)},
         draft={T: seconds(draft, T, 1) for T in (1, 2)},
         catch_up=(Ns, [seconds(draft, N, N) for N in Ns]),
-        softmax=softmax)
+        per_row=per_row)
 
 
 def cost_functions(costs):
@@ -115,21 +116,22 @@ def cost_functions(costs):
     Ns, catch = costs["catch_up"]
 
     def target(T, n_logits):
-        return costs["target"][T] + n_logits * costs["softmax"] if n_logits else 0.0
+        return costs["target"][T] + n_logits * costs["per_row"] if n_logits else 0.0
 
     def draft(T, n_logits):
         if not n_logits:
             return 0.0  # the prefill: not part of the decoding time
         if n_logits == 1 and T in costs["draft"]:  # a draft step
-            return costs["draft"][T] + costs["softmax"]
+            return costs["draft"][T] + costs["per_row"]
         # A catch-up (logits for its plain tokens; timed with logits for all N).
-        return float(np.interp(T, Ns, catch)) + n_logits * costs["softmax"]
+        return float(np.interp(T, Ns, catch)) + n_logits * costs["per_row"]
 
     return target, draft
 
 
 @contextlib.contextmanager
 def virtual_time(clock):
+    """Within this block decoding.py reads `clock` instead of the wall clock."""
     saved = decoding.time
     decoding.time = clock
     try:
@@ -175,6 +177,10 @@ def main(argv=None):
                    default=[0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0])
     p.add_argument("--K_max", type=int, default=8)
     args = p.parse_args(argv)
+    if args.prompts < 1 or args.K_max < 1 or min(args.n_tokens) < 2:
+        p.error("--prompts and --K_max must be >= 1, --n_tokens >= 2")
+    if not all(0 <= e <= 1 for e in args.errors):
+        p.error("--errors are fractions of wrong drafts, in [0, 1]")
 
     start = time.perf_counter()
     costs = measure_costs(args.K_max)
@@ -185,7 +191,7 @@ def main(argv=None):
           + f"; draft T=1,2: {1e3 * costs['draft'][1]:.1f} {1e3 * costs['draft'][2]:.1f}"
           + "; catch-up N=" + ",".join(map(str, costs["catch_up"][0])) + ": "
           + " ".join(f"{1e3 * s:.1f}" for s in costs["catch_up"][1])
-          + f"; one softmax row {1e3 * costs['softmax']:.2f}")
+          + f"; one row of logits to a distribution {1e3 * costs['per_row']:.2f}")
     print("\n| tokens | wrong drafts | best fixed decoder (by median) | adaptive vs autoregressive: "
           "median / p10 / min | adaptive vs best fixed: median / p10 / min | "
           "best fixed vs autoregressive: median / p10 / min |")

@@ -375,7 +375,7 @@ def test_speculative_sample_looks_back_on_every_plain_token_once(target, drafts,
 # against stand-in models that cost virtual seconds. Round costs in it must add up exactly.
 REPLAY_COSTS = dict(target={T: 0.05 if T == 1 else 0.1 + 0.001 * T for T in range(1, 6)},
                     draft={1: 0.02, 2: 0.03}, catch_up=([1, 2, 64], [0.02, 0.04, 0.1]),
-                    softmax=0.001)
+                    per_row=0.001)
 
 
 def test_replayed_autoregressive_costs_one_target_step_per_token():
