@@ -5,7 +5,7 @@
 `python bench.py --adaptive` times real forwards, so it can afford three prompts per situation;
 whether adaptive K is "never more than 5% slower on any prompt" is a question about the spread
 over many prompts. Speed depends on the prompt only through which drafts pass, so this measures
-every cost once, then replays the decoders over hundreds of scripted prompts:
+every cost once, then replays the decoders over 50 scripted prompts per situation:
 
   1. Measure, on the real 355M target and 124M draft (official shapes, random weights), the
      seconds of a target forward over T = 1..K_max + 1 positions, of a draft forward over 1 and 2,
@@ -16,9 +16,10 @@ every cost once, then replays the decoders over hundreds of scripted prompts:
      draft's argmax is wrong at a random fraction `error` of the positions (a new draw per
      prompt), its look back judges the same script.
 
-What it leaves out: the decoders' own Python time between forwards (~0.1 ms a round), and
+What it leaves out: the decoders' own Python time between forwards, and
 drafts that are wrong in bursts rather than independently. It is a model of the timings, so its
-tables say "replayed"; the benchmark above checks it against real runs.
+tables say "replayed". Its last lines replay the prompts adaptive_bench.py times for real, so
+that the two can be compared (the README does).
 """
 import argparse
 import contextlib
