@@ -15,6 +15,9 @@ What wins depends on the hardware as much as on the draft. On a CPU a 2-position
 cost twice a 1-position one (a matrix-vector product becomes a matrix-matrix product), so only
 high acceptance pays for the verify step; on a GPU r(T) is nearly flat for small T.
 
+A guard keeps every run within a few percent of plain decoding: the policy never bets more on
+drafting than the run can afford to lose (see AdaptiveK).
+
 Choosing K never changes what is sampled, only how fast: whatever K a round uses, its tokens
 follow the target's distribution, and K is decided from past rounds only.
 """
@@ -72,7 +75,8 @@ class AdaptiveK:
                drafts, with a itself.
       t_draft  seconds per draft token (the round's drafting time / K). Until a draft step has
                been timed: the time of the last catch-up (an upper bound: it fed at least one
-               token), or before any, r(1).
+               token), or before any, r(1); for a drafter without a model (n-gram lookup, which
+               never lags), 0.
       r(T)     seconds of a target forward over T positions, a running mean per T. An unmeasured
                T is taken to cost what the nearest measured T below it costs (above 1, if any):
                a forward over more positions never costs less, so this is a lower bound, i.e.
@@ -98,24 +102,51 @@ class AdaptiveK:
     drafting round, after the plain step of round 1, proposes K_max / 2 drafts: enough for a
     good draft to show itself in one round, few enough that a useless one costs little.
     explore = 0 never probes.
+    Doubt: a few unlucky rounds early on can drag the estimate below break-even for a draft
+    that is in fact good. So once the plain tokens since the last look back outnumber `doubt`
+    (4) times the drafts judged so far, if a plus two standard errors could pay, the policy
+    looks back without waiting for the probe (`in_doubt`).
+    Guard (a conservative bandit: Wu et al. 2016): a run of n_new tokens may lose at most
+    `guard` (4%) of the time n_new plain steps take. The policy counts what drafting has lost
+    so far (each drafting round's and catch-up's time beyond plain steps for the same tokens;
+    gains count negative) and clips K to the largest K whose worst case (every draft
+    rejected) still fits. So a run is never more than ~4% slower than plain decoding, whatever
+    the prompt; the price is that in short runs on a CPU, where one failed round costs a few
+    percent of the run, drafting stops after early failures or (on the Xeon of the README,
+    below ~40 tokens) never starts. Unmeasured costs are the same estimates as above (optimistic until measured), so
+    the first round of a new size can overshoot its worst case. guard = inf: no guard.
 
     Round 1 is a plain step, which measures r(1). A policy carries its estimates from one call
     of speculative_sample to the next; make a new one for a cold start.
     """
 
     def __init__(self, K_max: int, explore: float = 0.01, decay: float = 0.95,
-                 prior: float = 0.25):
+                 prior: float = 0.25, guard: float = 0.04, doubt: float = 4.0):
         if K_max < 1:
             raise GPT2Error(f"K_max must be >= 1, got {K_max}")
-        self.K_max, self.explore, self.decay = K_max, explore, decay
+        if guard < 0:
+            raise GPT2Error(f"guard (the share of a run drafting may lose) must be >= 0, got {guard}")
+        self.K_max, self.explore, self.decay, self.guard, self.doubt = K_max, explore, decay, guard, doubt
         self.accepted, self.rejected = prior, prior  # pseudo-counts: a = 0.5 at first
         self.t_draft = RunningMean(decay)
         self.catch_up_seconds = None  # the last catch-up's time: t_draft until one is timed
         self.r = {}  # T -> RunningMean of the seconds of a target forward over T positions
         self.idle = 0.0  # seconds spent in plain steps since the last probe
+        self.unjudged = 0  # plain tokens since the last look back
         self.probe_loss = 0.0  # what the last probe cost beyond plain steps (0: none yet)
         self.probing = False
         self.look_seconds = None  # this round's catch-up time, once look_back has been called
+        self.n_new = None  # tokens this run will emit (begin); None: no guard
+        self.loss = 0.0  # seconds drafting has cost this run beyond plain steps (< 0: gained)
+        self.lags = True  # the drafter catches up after plain rounds (a draft model does)
+        self.lagging = False  # the last round was plain: the draft must catch up first
+
+    def begin(self, n_new: int, lags: bool = True) -> None:
+        """A run of n_new tokens starts (speculative_sample calls this): the guard's budget,
+        guard x the time of n_new plain steps, is counted from here. lags: the drafter catches
+        up on the tokens of plain rounds before drafting (a draft model; n-gram drafting does
+        not), and next_K is asked again after that catch-up."""
+        self.n_new, self.loss, self.lags, self.lagging = n_new, 0.0, lags, False
 
     @property
     def acceptance(self) -> float:
@@ -142,10 +173,13 @@ class AdaptiveK:
         return self.r[1].value
 
     def draft_seconds(self) -> float:
-        """t_draft: measured, else the last catch-up's time, else r(1) (pessimistic)."""
+        """t_draft: measured, else the last catch-up's time, else r(1) (pessimistic), or 0 for
+        a drafter that never lags (no model to run: an n-gram lookup)."""
         if self.t_draft.n:
             return self.t_draft.value
-        return self.catch_up_seconds if self.catch_up_seconds is not None else self.target_seconds(1)
+        if self.catch_up_seconds is not None:
+            return self.catch_up_seconds
+        return self.target_seconds(1) if self.lags else 0.0
 
     def cost(self, K: int) -> float:
         """Expected seconds of a round with K drafts: K draft steps + one verify over K + 1."""
@@ -161,17 +195,62 @@ class AdaptiveK:
             return 0  # a plain step first: it measures r(1), which everything is compared with
         # Whether to draft at all is decided optimistically (a doubtful draft gets judged
         # again), how many drafts with the estimate itself (optimism would overshoot K).
-        drafting_pays = max(range(self.K_max + 1),
-                            key=lambda K: self.rate(K, self.optimistic_acceptance)) > 0
-        best = max(range(1, self.K_max + 1), key=self.rate) if drafting_pays else 0
+        best = self.best_K() if self.pays(self.optimistic_acceptance) else 0
         if self.look_seconds is None:  # before the round; asked again after a look back, it decides
             due = self.explore > 0 and self.idle * self.explore >= self.probe_loss
-            self.probing = best == 0 and due
+            self.probing = best == 0 and (due or self.in_doubt())
             if self.probing:
-                best = max(range(1, self.K_max + 1), key=self.rate)
+                best = self.best_K()
         if best and not self.t_draft.n:
             best = (self.K_max + 1) // 2  # the first drafting round: see the class docstring
+        best = min(best, self.affordable())
+        if self.look_seconds is None:
+            self.probing = self.probing and best > 0  # a probe the guard forbids is not made
         return best
+
+    def best_K(self) -> int:
+        """The K >= 1 with the most expected tokens per second at the estimated acceptance."""
+        return max(range(1, self.K_max + 1), key=self.rate)
+
+    def pays(self, a: float) -> bool:
+        """Would some K >= 1 beat plain steps if drafts passed with probability a?"""
+        return max(range(self.K_max + 1), key=lambda K: self.rate(K, a)) > 0
+
+    def in_doubt(self) -> bool:
+        """Time to look back again: the plain tokens since the last look back outnumber `doubt`
+        times the drafts judged so far, and at a plus two standard errors drafting could still
+        pay. A few early rejections must not settle the question for the rest of the run: the
+        look backs come after geometrically longer stretches, so each judges several times as
+        many tokens as everything before it, and they stop once the estimate is sure that
+        drafting cannot pay."""
+        a, n = self.acceptance, self.accepted + self.rejected
+        return (self.unjudged >= self.doubt * n
+                and self.pays(min(1.0, a + 2 * (a * (1 - a) / (n + 1)) ** 0.5)))
+
+    def worst_loss(self, K: int) -> float:
+        """The most a round with K drafts can lose against a plain step: every draft rejected,
+        one token for K draft steps and a verify over K + 1, and before that a catch-up if the
+        draft lags (taken to cost what the last one did)."""
+        if K == 0:
+            return 0.0
+        catch_up = 0.0
+        if self.lagging and self.look_seconds is None:
+            if self.catch_up_seconds is None and not self.t_draft.n:
+                # The draft's speed is unknown until its first catch-up times it, and K is asked
+                # again after that: until then, the catch-up alone is at stake (a draft smaller
+                # than the target catches up on a token in less than a plain step).
+                return self.target_seconds(1)
+            catch_up = self.draft_seconds() if self.catch_up_seconds is None else self.catch_up_seconds
+        return catch_up + self.cost(K) - self.target_seconds(1)
+
+    def affordable(self) -> int:
+        """The largest K whose worst case keeps the run within guard of plain decoding: what
+        drafting has lost so far (a catch-up just made included) plus the round's worst loss
+        must stay within guard x (n_new plain steps). Gains raise the budget."""
+        if self.n_new is None:
+            return self.K_max
+        budget = self.guard * self.n_new * self.target_seconds(1) - self.loss - (self.look_seconds or 0.0)
+        return max([0] + [K for K in range(1, self.K_max + 1) if self.worst_loss(K) <= budget])
 
     def look_back(self, acceptance, seconds: float) -> None:
         """The draft caught up on tokens it missed, in `seconds`; `acceptance` holds, for each
@@ -180,6 +259,7 @@ class AdaptiveK:
         expectation, the rest rejections. next_K is asked again after this."""
         passed = float(sum(acceptance))
         self.accepted, self.rejected = self.accepted + passed, self.rejected + len(acceptance) - passed
+        self.unjudged = 0
         self.look_seconds = self.catch_up_seconds = seconds
 
     def update(self, K: int, accepted: int, draft_seconds: float, target_seconds: float) -> None:
@@ -187,8 +267,15 @@ class AdaptiveK:
         (draft_seconds: proposing them; a catch-up is reported to look_back instead)."""
         looked, self.look_seconds = self.look_seconds or 0.0, None
         self.r.setdefault(K + 1, RunningMean(self.decay)).add(target_seconds)
+        # The guard's account: a plain step costs what it costs; drafting (its catch-up included)
+        # is charged what it took beyond plain steps for the same tokens.
+        self.loss += looked
+        if K:
+            self.loss += draft_seconds + target_seconds - (accepted + 1) * self.target_seconds(1)
+        self.lagging = K == 0 and self.lags
         if K == 0:
             self.idle += target_seconds
+            self.unjudged += 1
             if self.probing:  # the probe's look back said no: it cost the catch-up
                 self.idle, self.probe_loss, self.probing = 0.0, looked, False
             return

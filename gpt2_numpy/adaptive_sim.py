@@ -141,8 +141,10 @@ def virtual_time(clock):
         decoding.time = saved
 
 
-def replay(costs, error: float, n: int, seed: int, K_max: int, n_prompt: int = 20):
-    """tokens/s of autoregressive, of every fixed K and of adaptive K on one scripted prompt."""
+def replay(costs, error: float, n: int, seed: int, K_max: int, n_prompt: int = 20,
+           adaptive=AdaptiveK):
+    """tokens/s of autoregressive, of every fixed K and of adaptive K (the policy
+    adaptive(K_max) makes) on one scripted prompt."""
     # Wrong positions drawn as ScriptedDrafter draws them: seed s replays the s-th repetition
     # of `bench.py --adaptive` (another prompt, the same pattern of wrong drafts).
     wrong = np.append(np.random.default_rng(seed).random(n) < error, False)
@@ -158,7 +160,7 @@ def replay(costs, error: float, n: int, seed: int, K_max: int, n_prompt: int = 2
         rates["autoregressive"] = stats.tokens_per_second
         reference = ids
         policies = {f"K={K}": FixedK(K) for K in range(1, K_max + 1)}
-        policies["adaptive"] = AdaptiveK(K_max)
+        policies["adaptive"] = adaptive(K_max)
         for name, policy in policies.items():
             ids, stats = speculative_sample(target, draft, prompt, n, policy, Warp(0.0))
             assert ids == reference, "a replayed decoder changed the output"

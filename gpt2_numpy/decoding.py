@@ -252,6 +252,8 @@ def speculative_sample(target, draft, prompt: List[int], n_new: int, K=4,
     plain = {}  # index -> p(token), for tokens committed by rounds without drafts
     # A draft model that lags can look back (NGramDrafter has nothing to feed), if it is heard.
     looks_back = hasattr(drafter, "catch_up") and hasattr(policy, "look_back")
+    if hasattr(policy, "begin"):
+        policy.begin(n_stop - len(tokens), lags=looks_back)  # for AdaptiveK's guard
     start = time.perf_counter()
     while len(tokens) < n_stop:
         # 1. A round emits at most K + 1 tokens: never ask for more than are still wanted. The

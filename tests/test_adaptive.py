@@ -1,5 +1,7 @@
 """Adaptive K: the policy's decisions under injected timings, and speculative_sample driven by it
 (still exact: greedy tokens equal autoregressive ones, caches stay consistent)."""
+import math
+
 import numpy as np
 import pytest
 
@@ -361,7 +363,8 @@ class Listening(AdaptiveK):
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_speculative_sample_looks_back_on_every_plain_token_once(target, drafts, temperature):
-    policy = Listening(6, explore=1.0)  # probes often: many look backs
+    # Probes often: many look backs (no guard: it would soon stop drafting so useless a draft)
+    policy = Listening(6, explore=1.0, guard=float("inf"))
     warp = Warp(temperature)
     ar, _ = autoregressive_sample(target, PROMPT, 40, warp, np.random.default_rng(3))
     sp, stats = speculative_sample(target, drafts["rarely"], PROMPT, 40, policy, warp,
@@ -399,3 +402,69 @@ def test_replayed_rejections_cost_one_draft_step_and_one_verify_per_token():
     rates = replay(REPLAY_COSTS, error=0.0, n=3 * 5, seed=0, K_max=4)
     first, later = 0.02 + 0.02 + 0.103 + 0.005, 0.03 + 0.02 + 0.103 + 0.005
     assert rates["K=2"] == pytest.approx(15 / (first + 4 * later))
+
+
+# Costs as `bench.py --adaptive --simulate` measured them on the 2-core Xeon (seconds): 355M
+# target over T positions, 124M draft steps over 1 and 2, catch-ups over N, a row of logits.
+XEON = dict(target={1: 0.055, **{T: 0.105 for T in range(2, 9)}, 9: 0.124},
+            draft={1: 0.0196, 2: 0.0304},
+            catch_up=([1, 2, 4, 8, 9, 16, 32, 64], [0.0197, 0.0417, 0.0415, 0.0415, 0.0472,
+                                                   0.054, 0.0776, 0.1177]),
+            per_row=0.00018)
+
+
+def test_the_guard_keeps_every_prompt_within_5_percent_of_autoregressive():
+    """Near this CPU's break-even (a draft 70% right) some prompts lose >5% to plain decoding
+    when drafting is unguarded; with the guard (4% of the run's plain time) none does."""
+    from gpt2_numpy.adaptive_sim import replay
+
+    def ratios(**kw):
+        runs = [replay(XEON, error=0.3, n=96, seed=s, K_max=8,
+                       adaptive=lambda K_max: AdaptiveK(K_max, **kw)) for s in range(12)]
+        return [r["adaptive"] / r["autoregressive"] for r in runs]
+
+    assert min(ratios(guard=float("inf"))) < 1 / 1.05  # what the guard is for
+    assert min(ratios()) >= 1 / 1.05
+
+
+def test_the_guard_bets_no_more_than_is_left():
+    policy = Stubbed(8, CPU)  # r(1) = 0.1 s, r(T > 1) = 0.24 + 0.005 T, a draft step 0.04 s
+    policy.begin(100, lags=False)  # budget: 0.04 x 100 plain steps of 0.1 s = 0.4 s
+    policy.update(0, 0, 0.0, 0.0)
+    policy.update(2, 2, 0.0, 0.0)  # 3 tokens for 0.08 + 0.255 s: 0.035 s more than plain steps
+    assert policy.loss == pytest.approx(0.08 + 0.255 - 0.3)
+
+    def largest_affordable():
+        # Every draft rejected, a K-draft round loses 0.04 K + r(K + 1) - 0.1 s, where an
+        # unmeasured r(K + 1) is taken as the nearest measured below: here r(3) = 0.255 s.
+        left = 0.4 - policy.loss
+        return max([0] + [K for K in range(1, 9) if 0.04 * K + 0.255 - 0.1 <= left])
+
+    assert policy.affordable() == largest_affordable() == 5
+    policy.update(3, 0, 0.0, 0.0)  # a failed round
+    assert policy.affordable() == largest_affordable() < 5
+    for _ in range(3):  # more failures, while it can afford them
+        policy.update(policy.next_K(), 0, 0.0, 0.0)
+    assert 0 < policy.loss <= 0.4 and policy.next_K() == 0  # spent: plain steps to the end
+    assert AdaptiveK(8).affordable() == 8  # no run begun: no guard
+
+
+def test_a_bad_start_is_looked_back_on_soon():
+    """A good draft on this Xeon's costs whose first drafting round fails: plain steps follow,
+    and once they number doubt x the drafts judged so far the policy looks back (at a + 2 SE
+    drafting could still pay), instead of waiting loss / explore for the next probe."""
+    xeon = dict(r=lambda T: 0.1 if T == 1 else 0.19, t_draft=0.036)
+
+    def first_drafting_round(doubt):
+        policy = Stubbed(8, xeon, doubt=doubt)
+        policy.update(0, 0, 0.0, 0.0)
+        policy.next_K()
+        policy.look_back([1.0], 0.036)  # the catch-up: the one plain token would have passed
+        policy.update(policy.next_K(), 0, 0.0, 0.0)  # the first drafting round: all rejected
+        judged = policy.accepted + policy.rejected
+        Ks, _ = play_looking_back(policy, xeon, acceptance=0.95, n_rounds=1000)
+        return next(i for i, K in enumerate(Ks) if K), judged
+
+    soon, judged = first_drafting_round(doubt=4.0)
+    assert soon == math.ceil(4 * judged)
+    assert first_drafting_round(doubt=float("inf"))[0] > 10 * soon  # the explore probe's wait
