@@ -113,7 +113,7 @@ class AdaptiveK:
     rejected) still fits. So a run is never more than ~4% slower than plain decoding, whatever
     the prompt; the price is that in short runs on a CPU, where one failed round costs a few
     percent of the run, drafting stops after early failures or (on the Xeon of the README,
-    below ~40 tokens) never starts. Unmeasured costs are the same estimates as above (optimistic until measured), so
+    below ~40 tokens) never starts. Unmeasured costs are the estimates above (optimistic), so
     the first round of a new size can overshoot its worst case. guard = inf: no guard.
 
     Round 1 is a plain step, which measures r(1). A policy carries its estimates from one call
@@ -125,8 +125,10 @@ class AdaptiveK:
         if K_max < 1:
             raise GPT2Error(f"K_max must be >= 1, got {K_max}")
         if guard < 0:
-            raise GPT2Error(f"guard (the share of a run drafting may lose) must be >= 0, got {guard}")
-        self.K_max, self.explore, self.decay, self.guard, self.doubt = K_max, explore, decay, guard, doubt
+            raise GPT2Error(f"guard (the share of a run drafting may lose) must be >= 0, "
+                            f"got {guard}")
+        self.K_max, self.explore, self.decay = K_max, explore, decay
+        self.guard, self.doubt = guard, doubt
         self.accepted, self.rejected = prior, prior  # pseudo-counts: a = 0.5 at first
         self.t_draft = RunningMean(decay)
         self.catch_up_seconds = None  # the last catch-up's time: t_draft until one is timed
@@ -240,7 +242,9 @@ class AdaptiveK:
                 # again after that: until then, the catch-up alone is at stake (a draft smaller
                 # than the target catches up on a token in less than a plain step).
                 return self.target_seconds(1)
-            catch_up = self.draft_seconds() if self.catch_up_seconds is None else self.catch_up_seconds
+            catch_up = self.catch_up_seconds
+            if catch_up is None:  # a draft step was timed, no catch-up yet: one of a token
+                catch_up = self.draft_seconds()
         return catch_up + self.cost(K) - self.target_seconds(1)
 
     def affordable(self) -> int:
@@ -249,7 +253,8 @@ class AdaptiveK:
         must stay within guard x (n_new plain steps). Gains raise the budget."""
         if self.n_new is None:
             return self.K_max
-        budget = self.guard * self.n_new * self.target_seconds(1) - self.loss - (self.look_seconds or 0.0)
+        allowed = self.guard * self.n_new * self.target_seconds(1)
+        budget = allowed - self.loss - (self.look_seconds or 0.0)
         return max([0] + [K for K in range(1, self.K_max + 1) if self.worst_loss(K) <= budget])
 
     def look_back(self, acceptance, seconds: float) -> None:
@@ -286,10 +291,5 @@ class AdaptiveK:
         if self.probing:
             plain = (accepted + 1) * self.target_seconds(1)  # plain steps for the same tokens
             self.probe_loss = max(0.0, looked + draft_seconds + target_seconds - plain)
-            if accepted == K and self.could_pay():
+            if accepted == K and self.pays(1.0):
                 self.probe_loss = 0.0  # every draft passed: look again at once
-
-    def could_pay(self) -> bool:
-        """Would some K >= 1 beat plain steps if every draft were accepted?"""
-        best = max((K + 1) / self.cost(K) for K in range(1, self.K_max + 1))
-        return best > 1 / self.cost(0)
