@@ -147,8 +147,10 @@ class AdaptiveK:
         """A run of n_new tokens starts (speculative_sample calls this): the guard's budget,
         guard x the time of n_new plain steps, is counted from here. lags: the drafter catches
         up on the tokens of plain rounds before drafting (a draft model; n-gram drafting does
-        not), and next_K is asked again after that catch-up."""
+        not), and next_K is asked again after that catch-up. The estimates carry over from the
+        previous run; its plain tokens, never looked back on, do not."""
         self.n_new, self.loss, self.lags, self.lagging = n_new, 0.0, lags, False
+        self.unjudged = 0
 
     @property
     def acceptance(self) -> float:

@@ -446,6 +446,8 @@ def test_the_guard_bets_no_more_than_is_left():
     for _ in range(3):  # more failures, while it can afford them
         policy.update(policy.next_K(), 0, 0.0, 0.0)
     assert 0 < policy.loss <= 0.4 and policy.next_K() == 0  # spent: plain steps to the end
+    policy.begin(100, lags=False)  # the next run has a budget of its own
+    assert policy.loss == 0 and policy.affordable() == largest_affordable() > 0
     assert AdaptiveK(8).affordable() == 8  # no run begun: no guard
 
 
