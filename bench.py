@@ -473,7 +473,7 @@ def breakdown(model, label, n_past, n_steps, gbps):
     """Where the milliseconds of a decoding step go: model.py's functions wrapped with timers.
     The wrappers cost a microsecond or so per call, which the instrumented total includes. Each
     product is shown next to its floor: its weight bytes at the floor's rate, `gbps` GB/s.
-    Then the same steps again with the weight products skipped (each returns its previous
+    Then the same steps again with the weight products skipped (each returns its first
     output): what everything else costs when no weight stream evicts its data from the caches."""
     import gpt2_numpy.model as mm
 
