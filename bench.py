@@ -14,6 +14,7 @@ table, and summary.md (the tables as Markdown), and prints the tables as it goes
     r(T)           cost of one forward over T = 1..9 new tokens / cost over 1, at cache length 64,
                    and c = draft step / target step
     knobs          T = 1, 2, 5, 8 with model.py's padding off and on, and c_proj column-major
+                   (both, or only attention's or only the MLP's)
     speculative    end to end, K = 1..8 (autoregressive re-timed next to each), next to the
                    speedup predicted from the measured acceptance a, c and r:
                    E[tokens/round] / (K c + r(K+1)),  E = (1 - a^(K+1)) / (1 - a);
@@ -357,13 +358,13 @@ def r_of_T(model, label, n_past, Ts, reps):
     return rows, t1, costs[2, 1]["best"]
 
 
-def column_major_c_proj(params):
-    """The tree with both c_proj matrices of every block copied column by column (F order): the
-    layout an earlier version of model.py used. Same names, shapes and values."""
-    def proj(dense):
-        return {**dense, "w": np.asfortranarray(dense["w"])}
-    blocks = [{**b, "attn": {**b["attn"], "c_proj": proj(b["attn"]["c_proj"])},
-               "mlp": {**b["mlp"], "c_proj": proj(b["mlp"]["c_proj"])}} for b in params["blocks"]]
+def column_major_c_proj(params, parts=("attn", "mlp")):
+    """The tree with the c_proj matrices of `parts` in every block copied column by column (F
+    order): the layout an earlier version of model.py used for both. Same names, shapes and
+    values."""
+    def proj(part):
+        return {**part, "c_proj": {**part["c_proj"], "w": np.asfortranarray(part["c_proj"]["w"])}}
+    blocks = [{**b, **{part: proj(b[part]) for part in parts}} for b in params["blocks"]]
     return {**params, "blocks": blocks}
 
 
@@ -371,6 +372,8 @@ KNOBS = {  # name: (PAD_ROWS_TO, transform of the parameter tree)
     "as shipped: checkpoint layout, 2..7 rows padded to 8": (8, None),
     "no padding": (1, None),
     "c_proj copied column-major, padded": (8, column_major_c_proj),
+    "attn.c_proj only copied column-major, padded": (8, lambda p: column_major_c_proj(p, ["attn"])),
+    "mlp.c_proj only copied column-major, padded": (8, lambda p: column_major_c_proj(p, ["mlp"])),
 }
 
 
