@@ -116,19 +116,10 @@ def run(args):
                         f"({args.n_tokens_to_generate}) exceeds the context of {target.n_ctx} tokens")
     warp = gpt2_numpy.Warp(args.temperature, args.top_k, args.top_p)
 
-    # Touch every weight once, so neither timed run pays for paging the checkpoint in (or, on a
-    # GPU, for compiling kernels).
+    # Untimed: page every weight in (or, on a GPU, compile the kernels and record the CUDA graphs
+    # the timed runs replay, for caches of the capacity the decoders ask for: gpt2_cupy/graphs.py).
     for model in [target] + ([draft] if args.draft == "model" and draft else []):
-        model(prompt[:1], model.new_cache(1))
-    if args.backend == "cupy":
-        # One untimed run of each mode records the CUDA graphs that the timed runs then replay
-        # (gpt2_cupy/graphs.py): recording costs about two eager forwards per kind of step.
-        for mode in modes:
-            if mode == "autoregressive":
-                gpt2.autoregressive_sample(target, prompt, args.n_tokens_to_generate, warp)
-            else:
-                gpt2.speculative_sample(target, draft, prompt, args.n_tokens_to_generate,
-                                        AdaptiveK(args.K) if args.adaptive else args.K, warp)
+        model.warm_up(len(prompt) + args.n_tokens_to_generate - 1)
 
     results = {}
     for mode in modes:

@@ -8,7 +8,9 @@ once and replays them with one call (bench.py --backend cupy times both).
 
 How. A graph replays fixed work on fixed addresses, so it is recorded from
 gpt2_numpy/static.py's forward, whose positions are an array (read that file first). One graph
-per (cache, T, n_logits), since a cache's arrays are baked in:
+per (cache, T), since a cache's arrays are baked in; it computes logits for all T rows and a
+caller asking for fewer gets the last n_logits (the LM head streams wte once however few rows
+it has, so one graph serves a verify step, a draft step and a catch-up of the same T):
     - the first forward of that kind runs eagerly (that is its result; it also compiles the
       kernels and fills the graph's private memory pool), then the same forward is recorded;
     - later ones copy the token ids and positions into the graph's input array and launch it.
@@ -19,11 +21,15 @@ recorded (cuBLAS itself allows it), so while a graph is made, model.matmul is sw
 GRAPH_MAX_T new tokens (prompts) and prefills without logits run eagerly: they happen once per
 call, and launching is a small part of their time.
 
-Recording costs about two eager forwards, and the decoders make a new cache per call. So
-`new_cache` hands out the arrays of a dropped cache of the same capacity again, with their
-graphs: a second call of the same length replays from its first step. At most SPARE_CACHES
-dropped caches are kept per model, whatever their capacities; only caches made by `new_cache`
-are graphed (their graphs go when the cache's arrays do), any other runs eagerly.
+Recording costs about two eager forwards (for 355M, as long as 16-27 graphed steps), and the
+decoders make a new cache per call. So `new_cache` hands out the arrays of a dropped cache of
+the same capacity again, with their graphs: a second call of the same length replays from its
+first step. At most SPARE_CACHES dropped caches are kept per model, whatever their capacities;
+only caches made by `new_cache` are graphed (their graphs go when the cache's arrays do), any
+other runs eagerly. `warm_up(capacity)` records every graph of one capacity up front, so that
+no timed step pays for a recording: an adaptive decoder, whose catch-ups come in any length up
+to GRAPH_MAX_T, would otherwise record in the middle of a run and count it as the cost of
+drafting.
 """
 import contextlib
 import ctypes
@@ -116,26 +122,27 @@ def products_through_cublas():
 
 
 class Graph:
-    """One recorded forward over T new tokens with logits for the last n_logits, on one cache."""
+    """One recorded forward over T new tokens on one cache, with logits for all T rows."""
 
-    def __init__(self, model, cache, T: int, n_logits: int):
+    def __init__(self, model, cache, T: int):
         # Capture needs a stream other than the legacy default one; a blocking stream stays
         # ordered with work on the default stream (the decoders' device -> host copies).
         self.stream = cp.cuda.Stream(non_blocking=False)
         self.pool = cp.cuda.MemoryPool()  # the graph's scratch memory, for it alone
         self.inputs = cp.zeros((2, T), dtype=cp.int64)  # [ids; positions], rewritten per launch
         self.args = (model.params, self.inputs[0], self.inputs[1], cache.k, cache.v,
-                     model.hparams["n_head"], n_logits)
+                     model.hparams["n_head"], T)
         self.graph = self.logits = None
 
-    def __call__(self, ids, n_past: int):
+    def __call__(self, ids, n_past: int, n_logits: int):
+        """Feed ids at positions n_past.. and return the logits of the last n_logits."""
         T = len(ids)
         with self.stream:
             self.inputs.set(np.array([ids, range(n_past, n_past + T)], dtype=np.int64))
             if self.graph is None:
-                return self.record()
+                return self.record()[T - n_logits :]
             self.graph.launch()
-            return self.logits.copy()  # the graph rewrites self.logits on its next launch
+            return self.logits[T - n_logits :].copy()  # the next launch rewrites self.logits
 
     def record(self):
         with cp.cuda.using_allocator(self.pool.malloc), products_through_cublas():
@@ -156,7 +163,7 @@ class GraphedGPT2(GPT2):
                  graphs: bool = True):
         super().__init__(hparams, params, tokenizer, name)
         self.use_graphs = graphs  # False: every forward eagerly, kernel by kernel
-        self.graphs = {}  # (address of cache.k, T, n_logits) -> Graph
+        self.graphs = {}  # (address of cache.k, T) -> Graph
         self.spare = []  # (k, v) of dropped caches, oldest first
         self.handed_out = weakref.WeakSet()  # live caches made by new_cache: the graphed ones
 
@@ -182,17 +189,27 @@ class GraphedGPT2(GPT2):
             for key in [key for key in self.graphs if key[0] == old.data.ptr]:
                 del self.graphs[key]  # the graphs held the last references to its memory
 
+    def warm_up(self, capacity: int = None) -> None:
+        """Record now every graph a decoder can replay on caches of this capacity (the decoders
+        make theirs with len(prompt) + n_new - 1): one per T = 1..GRAPH_MAX_T. The cache goes
+        back to the spares with its graphs, and the next new_cache(capacity) hands it out.
+        (Recording runs each forward eagerly first: that compiles the kernels as well.)"""
+        cache = self.new_cache(capacity)
+        for T in range(1, min(GRAPH_MAX_T, cache.capacity) + 1):
+            cache.rollback(0)
+            self([0] * T, cache, n_logits=T)  # any ids: the rows it writes count as stale
+
     def __call__(self, ids, cache, n_logits=1):
         T, n_past = len(ids), cache.length
         n_logits = T if n_logits is None else n_logits
         if (not self.use_graphs or cache not in self.handed_out or not 0 < T <= GRAPH_MAX_T
                 or not 0 < n_logits <= T or n_past + T > cache.capacity):
             return super().__call__(ids, cache, n_logits)  # eagerly (and its errors)
-        key = (cache.k.data.ptr, T, n_logits)
+        key = (cache.k.data.ptr, T)
         if key not in self.graphs:
-            self.graphs[key] = Graph(self, cache, T, n_logits)
+            self.graphs[key] = Graph(self, cache, T)
         try:
-            logits = self.graphs[key](ids, n_past)
+            logits = self.graphs[key](ids, n_past, n_logits)
         except (cp.cuda.runtime.CUDARuntimeError, OSError, RuntimeError) as e:  # no capture here
             warnings.warn(f"CUDA graphs unavailable ({e}); running eagerly", RuntimeWarning)
             self.use_graphs = False

@@ -158,14 +158,14 @@ def main(argv=None):
     print("| situation | decoder | tokens | runs | tokens/s | vs autoregressive | "
           "vs best fixed K | acceptance | K:rounds |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    if args.backend == "cupy":
+        # Untimed: record the CUDA graphs of every kind of step (verify steps, draft steps and
+        # catch-ups of any length) at both run lengths, so that no timed run pays for a
+        # recording: a cost per process, not per decode (gpt2_cupy/graphs.py).
+        for length in {n, args.n_tokens_unrelated}:
+            for model in (target, draft):
+                model.warm_up(len(prompt) + length - 1)
     for title, n_fixed, make_drafter in situations:
-        if args.backend == "cupy":
-            # Untimed: record the CUDA graphs of every kind of step at both run lengths, so
-            # that no timed run pays for recording (a cost per process, not per decode).
-            for length in {n, n_fixed}:
-                decode(target, make_drafter, prompt, length, None, args.K_max)
-                for K in range(1, args.K_max + 1):
-                    decode(target, make_drafter, prompt, length, K, args.K_max)
         rows = run_situation(target, make_drafter, prompt, n, n_fixed, args.K_max, reference,
                              args.repeats)
         ar = rows[0]["tps"]

@@ -243,6 +243,12 @@ class GPT2:
     def __call__(self, ids, cache: KVCache, n_logits=1):
         return forward(self.params, ids, cache, self.hparams["n_head"], n_logits)
 
+    def warm_up(self, capacity: int = None) -> None:
+        """One untimed forward, so that no timed one pays for first-time work: paging the
+        weights in from the checkpoint's memory map, or on a GPU compiling kernels.
+        gpt2_cupy's GPT2 also records here the CUDA graphs of caches of this capacity."""
+        self([0], self.new_cache(1))
+
     def __repr__(self):
         h = self.hparams
         return (f"GPT2({self.name!r}, n_layer={h['n_layer']}, n_head={h['n_head']}, "

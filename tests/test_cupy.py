@@ -84,18 +84,23 @@ def test_cuda_graphs_replay_the_eager_forward(gpu):
     graphed(ids[:8], g_cache, n_logits=0)  # a prefill: eager in both
     eager(ids[:8], e_cache, n_logits=0)
     fed = 8
-    for T, keep in [(1, None), (1, None), (5, None), (1, 12), (5, None), (5, 15), (1, None)]:
+    # (T, roll back to, n_logits): fewer logits than T (a draft step after a bonus, a catch-up)
+    # come from the same graph as all T of them
+    steps = [(1, None, 1), (1, None, 1), (5, None, 5), (1, 12, 1), (5, None, 2), (5, 15, 5),
+             (2, None, 1), (1, None, 1), (2, None, 2)]
+    for T, keep, n_logits in steps:
         if keep is not None:
             g_cache.rollback(keep)
             e_cache.rollback(keep)
             fed = keep
-        got = graphed(ids[fed : fed + T], g_cache, n_logits=T)
-        want = eager(ids[fed : fed + T], e_cache, n_logits=T)
+        got = graphed(ids[fed : fed + T], g_cache, n_logits=n_logits)
+        want = eager(ids[fed : fed + T], e_cache, n_logits=n_logits)
         fed += T
         assert g_cache.length == e_cache.length == fed
+        assert got.shape == want.shape == (n_logits, graphed.n_vocab)
         np.testing.assert_allclose(cupy.asnumpy(got), cupy.asnumpy(want), atol=1e-4, rtol=1e-4)
     recorded = {key[1:]: g for key, g in graphed.graphs.items() if key[0] == g_cache.k.data.ptr}
-    assert set(recorded) == {(1, 1), (5, 5)} and all(g.graph is not None for g in recorded.values())
+    assert set(recorded) == {(1,), (2,), (5,)} and all(g.graph is not None for g in recorded.values())
     assert not eager.graphs  # graphs=False records nothing
     k = g_cache.k
     del g_cache
@@ -105,3 +110,40 @@ def test_cuda_graphs_replay_the_eager_forward(gpu):
     other = gpu.KVCache(graphed.hparams, 40, cupy)  # not from new_cache: run eagerly, no graph
     graphed(ids[:1], other)
     assert other.length == 1 and len(graphed.graphs) == n_graphs
+
+
+def test_warm_up_records_every_graph_an_adaptive_run_replays(gpu):
+    """After warm_up(capacity) no decoding step records a graph (a recording costs about two
+    eager forwards, which adaptive K would count as the cost of drafting): AR, fixed K and
+    adaptive K, whose catch-ups come in many lengths, replay only."""
+    target = gpu.load_model(str(FIXTURES / "tiny-4h"), download=False)
+    draft = gpu.load_model(str(FIXTURES / "tiny-3h"), download=False)
+    prompt = target.tokenizer.encode("the model is learning the")
+    n = 40
+    for model in (target, draft):
+        model.warm_up(len(prompt) + n - 1)
+    counts = len(target.graphs), len(draft.graphs)
+    assert counts == (16, 16)  # T = 1..GRAPH_MAX_T, on one cache each
+    ar, _ = gpu.autoregressive_sample(target, prompt, n)
+    for K in (3, gpu.AdaptiveK(8), PlainStretches([0, 2, 0, 0, 3, 0, 0, 0, 1, 0, 0, 0, 0, 4])):
+        sp, stats = gpu.speculative_sample(target, draft, prompt, n, K)
+        assert sp == ar
+    assert {1, 2, 3, 4} <= set(stats.K_per_round)
+    assert (len(target.graphs), len(draft.graphs)) == counts
+
+
+class PlainStretches:
+    """A policy with look_back that repeats a pattern of K per round: after plain stretches of
+    1 to 4 rounds the draft catches up on 1 to 5 tokens, each length its own kind of forward."""
+
+    def __init__(self, pattern):
+        self.pattern, self.round = pattern, 0
+
+    def next_K(self):
+        return self.pattern[self.round % len(self.pattern)]
+
+    def look_back(self, acceptance, seconds):
+        pass
+
+    def update(self, K, accepted, draft_seconds, target_seconds):
+        self.round += 1
