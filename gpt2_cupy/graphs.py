@@ -17,9 +17,12 @@ it has, so one graph serves a verify step, a draft step and a catch-up of the sa
 A graph's scratch memory comes from a pool of its own, so nothing else can be handed memory the
 graph will write into on its next replay. CuPy refuses to call cuBLAS while a stream is being
 recorded (cuBLAS itself allows it), so while a graph is made, model.matmul is swapped for
-`CuBLAS.matmul`, the same product through cuBLAS called directly. Forwards over more than
-GRAPH_MAX_T new tokens (prompts) and prefills without logits run eagerly: they happen once per
-call, and launching is a small part of their time.
+`CuBLAS.matmul`, the same product through cuBLAS called directly. A forward over more than
+GRAPH_MAX_T new tokens with logits (a catch-up after a long plain stretch) runs as chunks of
+GRAPH_MAX_T, each a graph launch (~2 ms for 124M on the H100 of the README, where the eager
+forward took 14-22 ms), up to CHUNKED_MAX_T, beyond which the eager forward's bigger kernels
+should win. Longer forwards, and prefills over more than GRAPH_MAX_T tokens (no logits), run
+eagerly: they happen once per call.
 
 Recording costs about two eager forwards (for 355M, as long as 16-27 graphed steps), and the
 decoders make a new cache per call. So `new_cache` hands out the arrays of a dropped cache of
@@ -27,9 +30,8 @@ the same capacity again, with their graphs: a second call of the same length rep
 first step. At most SPARE_CACHES dropped caches are kept per model, whatever their capacities;
 only caches made by `new_cache` are graphed (their graphs go when the cache's arrays do), any
 other runs eagerly. `warm_up(capacity)` records every graph of one capacity up front, so that
-no timed step pays for a recording: an adaptive decoder, whose catch-ups come in any length up
-to GRAPH_MAX_T, would otherwise record in the middle of a run and count it as the cost of
-drafting.
+no timed step pays for a recording: an adaptive decoder, whose catch-ups come in any length,
+would otherwise record in the middle of a run and count it as the cost of drafting.
 """
 import contextlib
 import ctypes
@@ -43,7 +45,8 @@ from gpt2_numpy import model as model_module
 from gpt2_numpy.model import GPT2, KVCache
 from gpt2_numpy.static import static_forward
 
-GRAPH_MAX_T = 16  # longer forwards run eagerly (a verify step over K + 1 <= 16 tokens is graphed)
+GRAPH_MAX_T = 16  # one graph per T up to this (a verify step over K + 1 <= 16 tokens is one)
+CHUNKED_MAX_T = 8 * GRAPH_MAX_T  # up to this, forwards with logits run as chunks of graphs
 SPARE_CACHES = 4  # dropped caches kept per model for reuse, with their graphs
 
 
@@ -200,11 +203,31 @@ class GraphedGPT2(GPT2):
             self([0] * T, cache, n_logits=T)  # any ids: the rows it writes count as stale
 
     def __call__(self, ids, cache, n_logits=1):
-        T, n_past = len(ids), cache.length
+        T = len(ids)
         n_logits = T if n_logits is None else n_logits
-        if (not self.use_graphs or cache not in self.handed_out or not 0 < T <= GRAPH_MAX_T
-                or not 0 < n_logits <= T or n_past + T > cache.capacity):
+        if (not self.use_graphs or cache not in self.handed_out or not 0 < T <= CHUNKED_MAX_T
+                or not 0 < n_logits <= T or cache.length + T > cache.capacity):
             return super().__call__(ids, cache, n_logits)  # eagerly (and its errors)
+        if T <= GRAPH_MAX_T:
+            return self.replay(ids, cache, n_logits)
+        # Longer, with logits (a draft catching up after a long plain stretch): chunks of
+        # GRAPH_MAX_T, each a graph launch. The cache makes it exact (each chunk attends to the
+        # ones before), and the last n_logits rows of the whole are the last rows of the chunks.
+        out = []
+        for start in range(0, T, GRAPH_MAX_T):
+            chunk = ids[start : start + GRAPH_MAX_T]
+            wanted = max(0, min(len(chunk), start + len(chunk) - (T - n_logits)))
+            logits = self.replay(chunk, cache, wanted)
+            if wanted:
+                out.append(logits)
+        return cp.concatenate(out) if len(out) > 1 else out[0]
+
+    def replay(self, ids, cache, n_logits: int):
+        """Feed T <= GRAPH_MAX_T tokens through the graph of (cache, T), recorded on first use;
+        the logits of the last n_logits rows (None for 0)."""
+        T, n_past = len(ids), cache.length
+        if not self.use_graphs:  # a recording failed during this forward's earlier chunks
+            return super().__call__(ids, cache, n_logits)
         key = (cache.k.data.ptr, T)
         if key not in self.graphs:
             self.graphs[key] = Graph(self, cache, T)
@@ -215,4 +238,4 @@ class GraphedGPT2(GPT2):
             self.use_graphs = False
             return super().__call__(ids, cache, n_logits)
         cache.length = n_past + T
-        return logits
+        return logits if n_logits else None

@@ -106,11 +106,16 @@ class AdaptiveK:
     that is in fact good. So once the plain tokens since the last look back outnumber `doubt`
     (4) times the drafts judged so far, if a plus two standard errors could pay, the policy
     looks back without waiting for the probe (`in_doubt`).
+    Catch-ups grow with the lag: one feeds every token the draft missed and judges each, so
+    after a long plain stretch it costs more than the last one did (on a GPU steeply: the
+    host's work on a judged row is a tenth of a plain step there). Beyond the longest lag
+    caught up so far, its time is extrapolated along the line through the shortest and the
+    longest (`catch_up_estimate`), and a probe also waits for that growth.
     Guard (a conservative bandit: Wu et al. 2016): a run of n_new tokens may lose at most
     `guard` (4%) of the time n_new plain steps take. The policy counts what drafting has lost
     so far (each drafting round's and catch-up's time beyond plain steps for the same tokens;
     gains count negative) and clips K to the largest K whose worst case (every draft
-    rejected) still fits. So a run is never more than ~4% slower than plain decoding, whatever
+    rejected, after a catch-up as estimated) still fits. So a run is never more than ~4% slower than plain decoding, whatever
     the prompt; the price is that in short runs on a CPU, where one failed round costs a few
     percent of the run, drafting stops after early failures or (on the Xeon of the README,
     below ~40 tokens) never starts. Unmeasured costs are the estimates above (optimistic), so
@@ -132,6 +137,7 @@ class AdaptiveK:
         self.accepted, self.rejected = prior, prior  # pseudo-counts: a = 0.5 at first
         self.t_draft = RunningMean(decay)
         self.catch_up_seconds = None  # the last catch-up's time: t_draft until one is timed
+        self.catch_ups = {}  # lag (plain tokens fed and judged) -> seconds, of the last such
         self.r = {}  # T -> RunningMean of the seconds of a target forward over T positions
         self.idle = 0.0  # seconds spent in plain steps since the last probe
         self.unjudged = 0  # plain tokens since the last look back
@@ -201,7 +207,9 @@ class AdaptiveK:
         # again), how many drafts with the estimate itself (optimism would overshoot K).
         best = self.best_K() if self.pays(self.optimistic_acceptance) else 0
         if self.look_seconds is None:  # before the round; asked again after a look back, it decides
-            due = self.explore > 0 and self.idle * self.explore >= self.probe_loss
+            growth = 0.0 if not self.catch_ups else (  # a longer catch-up than the last probe's
+                self.catch_up_estimate(self.unjudged) - self.catch_up_seconds)
+            due = self.explore > 0 and self.idle * self.explore >= self.probe_loss + growth
             self.probing = best == 0 and (due or self.in_doubt())
             if self.probing:
                 best = self.best_K()
@@ -231,10 +239,20 @@ class AdaptiveK:
         return (self.unjudged >= self.doubt * n
                 and self.pays(min(1.0, a + 2 * (a * (1 - a) / (n + 1)) ** 0.5)))
 
+    def catch_up_estimate(self, lag: int) -> float:
+        """Seconds of a catch-up over `lag` plain tokens: as the last one, or past the longest
+        lag seen, on the line through the shortest and the longest (a catch-up's cost grows
+        with its lag: one more token to feed and one more row to judge)."""
+        short, long = min(self.catch_ups), max(self.catch_ups)
+        if lag <= long or short == long:
+            return self.catch_up_seconds
+        slope = max(0.0, (self.catch_ups[long] - self.catch_ups[short]) / (long - short))
+        return self.catch_ups[long] + slope * (lag - long)
+
     def worst_loss(self, K: int) -> float:
         """The most a round with K drafts can lose against a plain step: every draft rejected,
         one token for K draft steps and a verify over K + 1, and before that a catch-up if the
-        draft lags (taken to cost what the last one did)."""
+        draft lags (catch_up_estimate)."""
         if K == 0:
             return 0.0
         catch_up = 0.0
@@ -244,8 +262,9 @@ class AdaptiveK:
                 # again after that: until then, the catch-up alone is at stake (a draft smaller
                 # than the target catches up on a token in less than a plain step).
                 return self.target_seconds(1)
-            catch_up = self.catch_up_seconds
-            if catch_up is None:  # a draft step was timed, no catch-up yet: one of a token
+            if self.catch_ups:
+                catch_up = self.catch_up_estimate(self.unjudged)
+            else:  # a draft step was timed, no catch-up yet: one of a token
                 catch_up = self.draft_seconds()
         return catch_up + self.cost(K) - self.target_seconds(1)
 
@@ -266,6 +285,7 @@ class AdaptiveK:
         expectation, the rest rejections. next_K is asked again after this."""
         passed = float(sum(acceptance))
         self.accepted, self.rejected = self.accepted + passed, self.rejected + len(acceptance) - passed
+        self.catch_ups[max(1, len(acceptance))] = seconds
         self.unjudged = 0
         self.look_seconds = self.catch_up_seconds = seconds
 

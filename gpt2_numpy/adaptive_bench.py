@@ -71,6 +71,15 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def device_name(backend: str) -> str:
+    """The GPU's name for cupy, else the CPU's."""
+    if backend == "cupy":
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceProperties(0)["name"].decode() + " (CuPy)"
+    return cpu_name()
+
+
 def decode(target, make_drafter, prompt, n, K, K_max, seed=0):
     """One timed run. K: None (autoregressive), an int, or "adaptive"; make_drafter(seed)."""
     if K is None:
@@ -129,14 +138,11 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     start = time.perf_counter()
-    model_class, params, where = GPT2, random_params, cpu_name()
+    model_class, params, where = GPT2, random_params, device_name(args.backend)
     if args.backend == "cupy":  # the GPU twin: CUDA-graphed forwards, weights on the device
-        import cupy
-
         import gpt2_cupy
 
         model_class, params = gpt2_cupy.GPT2, gpt2_cupy.random_params
-        where = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode() + " (CuPy)"
     target = model_class(official_hparams(args.target), params(official_hparams(args.target), seed=0))
     draft = model_class(official_hparams(args.draft), params(official_hparams(args.draft), seed=1))
     prompt = np.random.default_rng(0).integers(0, target.n_vocab, 20).tolist()

@@ -9,7 +9,10 @@ every cost once, then replays the decoders over 50 scripted prompts per situatio
 
   1. Measure, on the real 355M target and 124M draft (official shapes, random weights), the
      seconds of a target forward over T = 1..K_max + 1 positions, of a draft forward over 1 and 2,
-     of a draft catch-up over N positions, and of turning one row of logits into a distribution.
+     of a draft catch-up over N positions, of turning one row of logits into a distribution, and
+     of judging one row in a look back (`--backend cupy`: the forwards on the GPU, CUDA graphs
+     recorded first). Or take them from a JSON file (`--costs FILE`, written by `--save_costs`),
+     or use `--costs h100`: the forwards the README's H100 tables report (`h100_costs`).
   2. Replay `autoregressive_sample` and `speculative_sample` (the real functions, AdaptiveK and
      FixedK unchanged) with `CostModel`s: stand-ins that return one-hot logits for a script and
      advance a virtual clock by the measured cost of each forward instead of computing it. The
@@ -23,17 +26,19 @@ that the two can be compared (the README does).
 """
 import argparse
 import contextlib
+import json
 import time
 
 import numpy as np
 
+from . import backend as backend_module
 from . import decoding
 from .adaptive import AdaptiveK, FixedK
-from .adaptive_bench import cpu_name
+from .adaptive_bench import cpu_name, device_name
 from .decoding import autoregressive_sample, speculative_sample
-from .load import official_hparams, random_params
-from .model import GPT2, KVCache
-from .sampling import Warp, probabilities
+from .load import official_hparams
+from .model import KVCache
+from .sampling import Warp, probabilities, probability_of
 
 
 class VirtualClock:
@@ -79,37 +84,80 @@ class CostModel:
         return logits
 
 
-def measure_costs(K_max: int, reps: int = 3):
+def host_costs():
+    """The host's work on each row of logits a decoder samples from (greedy: an argmax into a
+    float64 one-hot), and on each row a look back judges (greedy: an argmax test)."""
+    rows = np.random.default_rng(0).standard_normal((16, 50257)).astype(np.float32)
+
+    def per_row(work):
+        start = time.perf_counter()
+        for _ in range(20):
+            work()
+        return (time.perf_counter() - start) / 20 / len(rows)
+
+    return dict(per_row=per_row(lambda: [probabilities(row, Warp(0.0)) for row in rows]),
+                look_back_row=per_row(lambda: probability_of(rows, range(16), Warp(0.0))))
+
+
+def measure_costs(K_max: int, reps: int = 3, backend: str = "numpy"):
     """Best-of-reps seconds of every kind of forward the decoders make, on the official shapes."""
+    if backend == "cupy":
+        import gpt2_cupy as gpt2
+    else:
+        import gpt2_numpy as gpt2
+    n_past, Ns = 64, [1, 2, 4, 8, 9, 16, 32, 64]
+
     def model(size, seed):
         h = official_hparams(size)
-        return GPT2(h, random_params(h, seed=seed))
+        m = gpt2.GPT2(h, gpt2.random_params(h, seed=seed))
+        m.warm_up(n_past + max(Ns))  # on a GPU: record the graphs outside the timings
+        return m
 
-    def seconds(m, T, n_logits, n_past=64):
+    def seconds(m, T, n_logits):
         ids = list(range(n_past + T))
-        cache = m.new_cache(n_past + T)
+        cache = m.new_cache(n_past + max(Ns))
         m(ids[:n_past], cache, n_logits=0)
         best = float("inf")
         for _ in range(reps):
             cache.rollback(n_past)
             start = time.perf_counter()
-            m(ids[n_past:], cache, n_logits=n_logits)
+            backend_module.to_numpy(m(ids[n_past:], cache, n_logits=n_logits))  # waits for a GPU
             best = min(best, time.perf_counter() - start)
         return best
 
     target, draft = model("355M", 0), model("124M", 1)
-    # The host's work on each row of logits a decoder reads (greedy: an argmax into a one-hot).
-    row = np.random.default_rng(0).standard_normal(target.n_vocab).astype(np.float32)
-    start = time.perf_counter()
-    for _ in range(20):
-        probabilities(row, Warp(0.0))
-    per_row = (time.perf_counter() - start) / 20
-    Ns = [1, 2, 4, 8, 9, 16, 32, 64]
     return dict(
         target={T: seconds(target, T, T) for T in range(1, K_max + 2)},
         draft={T: seconds(draft, T, 1) for T in (1, 2)},
         catch_up=(Ns, [seconds(draft, N, N) for N in Ns]),
-        per_row=per_row)
+        **host_costs())
+
+
+def h100_costs(K_max: int):
+    """The forwards of the H100 run in the README (`python bench.py --backend cupy`, CUDA graphs):
+    T = 1 ms and r(T) at T = 2, 5, 9, 16 of 355M and 124M, linear in between. A catch-up over
+    N > 16 tokens runs as ceil(N / 16) graphed chunks (gpt2_cupy/graphs.py; not yet timed on a
+    GPU: the H100 run predates it, and ran such forwards eagerly, in 14-22 ms). The host's work
+    per row is measured on this machine."""
+    ms = {"355M": 2.98, "124M": 1.40}
+    r = {"355M": ([1, 2, 5, 9, 16], [1, 1.24, 1.28, 1.32, 1.40]),
+         "124M": ([1, 2, 5, 9, 16], [1, 1.28, 1.29, 1.31, 1.38])}
+
+    def seconds(size, T):
+        return 1e-3 * ms[size] * float(np.interp(T, *r[size]))
+
+    Ns = [1, 2, 4, 8, 9, 16, 32, 64]
+    return dict(target={T: seconds("355M", T) for T in range(1, K_max + 2)},
+                draft={T: seconds("124M", T) for T in (1, 2)},
+                catch_up=(Ns, [seconds("124M", min(N, 16)) * -(-N // 16) for N in Ns]),
+                **host_costs())
+
+
+def load_costs(path: str) -> dict:
+    costs = json.loads(open(path).read())
+    for kind in ("target", "draft"):  # JSON keys are strings
+        costs[kind] = {int(T): s for T, s in costs[kind].items()}
+    return costs
 
 
 def cost_functions(costs):
@@ -124,8 +172,10 @@ def cost_functions(costs):
             return 0.0  # the prefill: not part of the decoding time
         if n_logits == 1 and T in costs["draft"]:  # a draft step
             return costs["draft"][T] + costs["per_row"]
-        # A catch-up (logits for its plain tokens; timed with logits for all N).
-        return float(np.interp(T, Ns, catch)) + n_logits * costs["per_row"]
+        # A catch-up (logits for its plain tokens; timed with logits for all N), whose rows
+        # are judged, not turned into distributions.
+        return float(np.interp(T, Ns, catch)) + n_logits * costs.get("look_back_row",
+                                                                     costs["per_row"])
 
     return target, draft
 
@@ -179,6 +229,11 @@ def main(argv=None):
     p.add_argument("--errors", type=float, nargs="+",
                    default=[0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0])
     p.add_argument("--K_max", type=int, default=8)
+    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
+                   help="where the costs are measured")
+    p.add_argument("--costs", help="replay with these costs instead: a JSON file from "
+                   "--save_costs, or h100 (the README's H100 tables, see h100_costs)")
+    p.add_argument("--save_costs", help="write the measured costs to this JSON file")
     args = p.parse_args(argv)
     if args.prompts < 1 or args.K_max < 1 or min(args.n_tokens) < 2:
         p.error("--prompts and --K_max must be >= 1, --n_tokens >= 2")
@@ -186,15 +241,25 @@ def main(argv=None):
         p.error("--errors are fractions of wrong drafts, in [0, 1]")
 
     start = time.perf_counter()
-    costs = measure_costs(args.K_max)
-    print(f"# replayed: 355M target / 124M draft costs measured on {cpu_name()} (random weights), "
+    if args.costs == "h100":
+        costs, where = h100_costs(args.K_max), (f"the README's H100 tables (host work per row "
+                                                f"measured on {cpu_name()})")
+    elif args.costs:
+        costs, where = load_costs(args.costs), args.costs
+    else:
+        costs, where = measure_costs(args.K_max, backend=args.backend), f"{device_name(args.backend)}"
+        where = f"measured on {where} (random weights)"
+    if args.save_costs:
+        open(args.save_costs, "w").write(json.dumps(costs, indent=1))
+    print(f"# replayed: 355M target / 124M draft costs from {where}, "
           f"greedy, {args.prompts} scripted prompts per row")
     print("# ms: target T=1.." + str(args.K_max + 1) + ": "
           + " ".join(f"{1e3 * s:.1f}" for s in costs["target"].values())
           + f"; draft T=1,2: {1e3 * costs['draft'][1]:.1f} {1e3 * costs['draft'][2]:.1f}"
           + "; catch-up N=" + ",".join(map(str, costs["catch_up"][0])) + ": "
           + " ".join(f"{1e3 * s:.1f}" for s in costs["catch_up"][1])
-          + f"; one row of logits to a distribution {1e3 * costs['per_row']:.2f}")
+          + f"; one row of logits to a distribution {1e3 * costs['per_row']:.3f}"
+          + f", judged in a look back {1e3 * costs.get('look_back_row', costs['per_row']):.3f}")
     print("\n| tokens | wrong drafts | best fixed decoder (by median) | adaptive vs autoregressive: "
           "median / p10 / min | adaptive vs best fixed: median / p10 / min | "
           "best fixed vs autoregressive: median / p10 / min |")

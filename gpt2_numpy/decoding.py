@@ -25,7 +25,7 @@ import numpy as np
 from .adaptive import FixedK
 from .backend import synchronize, to_numpy
 from .errors import GPT2Error
-from .sampling import Warp, accept_or_resample, probabilities, sample
+from .sampling import Warp, accept_or_resample, probabilities, probability_of, sample
 
 
 @dataclass
@@ -200,8 +200,8 @@ class ModelDrafter:
         # last n rows of the forward predict tokens[first:], which include them all.
         first = min(plain)
         logits = self.model(missed, self.cache, n_logits=len(tokens) - first)  # [n, V]
-        return {i: min(1.0, probabilities(logits[i - first], warp)[tokens[i]] / p)
-                for i, p in plain.items()}
+        q = probability_of(logits[[i - first for i in plain]], [tokens[i] for i in plain], warp)
+        return {i: min(1.0, q_i / p) for (i, p), q_i in zip(plain.items(), q)}
 
     @property
     def seconds(self) -> float:

@@ -63,6 +63,19 @@ def probabilities(logits: np.ndarray, warp: Warp) -> np.ndarray:
     return p
 
 
+def probability_of(logits: np.ndarray, tokens, warp: Warp) -> np.ndarray:
+    """probabilities(row, warp)[token] for each row of logits and its token.  [n, V], [n] -> [n]
+
+    A look back judges many rows at once (decoding.ModelDrafter.catch_up). Greedy needs no
+    distribution: a token has probability 1 where it is its row's argmax, else 0, and one
+    argmax costs a fraction of building the float64 one-hot.
+    """
+    logits = np.asarray(logits)
+    if warp.greedy:
+        return (np.argmax(logits, axis=-1) == np.asarray(tokens)).astype(np.float64)
+    return np.array([probabilities(row, warp)[t] for row, t in zip(logits, tokens)])
+
+
 def sample(p: np.ndarray, rng: np.random.Generator) -> int:
     """Draw one token from the distribution p [V] by inverting its CDF with u ~ U[0, 1)."""
     cdf = np.cumsum(p)

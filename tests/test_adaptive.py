@@ -470,3 +470,42 @@ def test_a_bad_start_is_looked_back_on_soon():
     soon, judged = first_drafting_round(doubt=4.0)
     assert soon == math.ceil(4 * judged)
     assert first_drafting_round(doubt=float("inf"))[0] > 10 * soon  # the explore probe's wait
+
+
+def test_a_catch_up_is_projected_to_the_current_lag():
+    """Past the longest lag caught up so far, a catch-up is extrapolated along the line through
+    the shortest and the longest; the guard's worst case uses that projection."""
+    policy = AdaptiveK(8)
+    policy.update(0, 0, 0.0, 0.003)  # r(1) = 3 ms
+    policy.look_back([1.0], 0.002)  # a catch-up over 1 token: 2 ms
+    policy.update(0, 0, 0.0, 0.003)
+    assert policy.catch_up_estimate(40) == 0.002  # one lag seen: no slope yet
+    policy.look_back([0.0] * 6, 0.004)  # over 6: 4 ms, i.e. 0.4 ms per token more
+    assert policy.catch_up_estimate(3) == 0.004  # within what was seen: the last one
+    assert policy.catch_up_estimate(26) == pytest.approx(0.004 + 20 * 0.0004)
+    policy.update(0, 0, 0.0, 0.003)
+    policy.begin(100)
+    for _ in range(26):
+        policy.update(0, 0, 0.0, 0.003)
+    assert policy.worst_loss(1) == pytest.approx(policy.catch_up_estimate(26) + policy.cost(1)
+                                                 - 0.003)
+
+
+# Costs shaped like the H100's of the README (CUDA graphs; seconds): r(T) nearly flat, a draft
+# step half a target step, catch-ups past 16 tokens in chunks of 16, and host work per judged
+# row as for a sampling warp (a full distribution per row): on a GPU a look back over many
+# plain tokens costs many plain steps.
+H100_LIKE = dict(target={1: 0.003, **{T: 0.0037 + 0.00003 * T for T in range(2, 10)}},
+                 draft={1: 0.0014, 2: 0.0018},
+                 catch_up=([1, 2, 16, 32, 64], [0.0014, 0.0018, 0.0019, 0.0039, 0.0077]),
+                 per_row=0.00018)
+
+
+def test_the_guard_holds_where_long_catch_ups_are_dear():
+    """With a useless draft the probes' look backs grow with the plain stretch before them;
+    the guard, projecting each catch-up to its lag, keeps every prompt within 5%."""
+    from gpt2_numpy.adaptive_sim import replay
+
+    for error in (0.5, 1.0):
+        ratios = [replay(H100_LIKE, error=error, n=256, seed=s, K_max=8) for s in range(6)]
+        assert min(r["adaptive"] / r["autoregressive"] for r in ratios) >= 1 / 1.05

@@ -112,6 +112,29 @@ def test_cuda_graphs_replay_the_eager_forward(gpu):
     assert other.length == 1 and len(graphed.graphs) == n_graphs
 
 
+@pytest.mark.parametrize("n_logits", [1, 3, 8, 9, 24, 25, 40])
+def test_a_long_forward_with_logits_runs_as_chunks_of_graphs(gpu, n_logits):
+    """A catch-up over 40 tokens: chunks of 16, 16 and 8 through the graphs give the eager
+    forward's logits, whichever chunks the rows asked for fall in."""
+    import cupy
+
+    from gpt2_cupy.graphs import GRAPH_MAX_T
+
+    path = str(FIXTURES / "tiny-4h")
+    graphed = gpu.load_model(path, download=False)
+    eager = gpu.load_model(path, download=False, graphs=False)
+    ids = np.random.default_rng(7).integers(0, graphed.n_vocab, 45).tolist()
+    g_cache, e_cache = graphed.new_cache(45), eager.new_cache(45)
+    for model, cache in ((graphed, g_cache), (eager, e_cache)):
+        model(ids[:5], cache, n_logits=0)
+    got = graphed(ids[5:], g_cache, n_logits=n_logits)
+    want = eager(ids[5:], e_cache, n_logits=n_logits)
+    assert g_cache.length == e_cache.length == 45 and got.shape == (n_logits, graphed.n_vocab)
+    np.testing.assert_allclose(cupy.asnumpy(got), cupy.asnumpy(want), atol=1e-4, rtol=1e-4)
+    Ts = {key[1] for key in graphed.graphs if key[0] == g_cache.k.data.ptr}
+    assert Ts == {GRAPH_MAX_T, 40 % GRAPH_MAX_T}
+
+
 def test_warm_up_records_every_graph_an_adaptive_run_replays(gpu):
     """After warm_up(capacity) no decoding step records a graph (a recording costs about two
     eager forwards, which adaptive K would count as the cost of drafting): AR, fixed K and

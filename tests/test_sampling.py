@@ -113,3 +113,20 @@ def test_temperature_top_k_top_p():
 def test_bad_warps_are_rejected(bad):
     with pytest.raises(GPT2Error):
         Warp(**{"temperature": 1.0, **bad})
+
+
+@pytest.mark.parametrize("warp", [Warp(0.0), Warp(0.7), Warp(1.0, top_k=3), Warp(1.3, top_p=0.6)])
+def test_probability_of_reads_each_rows_distribution_at_its_token(warp):
+    """The look back's shortcut (greedy: an argmax test, no distribution) gives what the full
+    distribution says, ties included (both pick the lowest id)."""
+    from gpt2_numpy.sampling import probability_of
+
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((40, 9)).astype(np.float32)
+    logits[0, [2, 5]] = logits[0].max() + 1  # an exact tie at the top
+    tokens = rng.integers(0, 9, 40)
+    tokens[:3] = [2, 5, np.argmax(logits[2])]
+    want = [probabilities(row, warp)[t] for row, t in zip(logits, tokens)]
+    np.testing.assert_array_equal(probability_of(logits, tokens, warp), want)
+    if warp.greedy:
+        assert 0 < sum(want) < len(want)  # both outcomes occur
