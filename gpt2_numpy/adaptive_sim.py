@@ -242,16 +242,16 @@ def main(argv=None):
 
     start = time.perf_counter()
     if args.costs == "h100":
-        costs, where = h100_costs(args.K_max), (f"the README's H100 tables (host work per row "
-                                                f"measured on {cpu_name()})")
+        costs, where = h100_costs(args.K_max), (f"from the README's H100 tables (host work per "
+                                                f"row measured on {cpu_name()})")
     elif args.costs:
-        costs, where = load_costs(args.costs), args.costs
+        costs, where = load_costs(args.costs), f"from {args.costs}"
     else:
-        costs, where = measure_costs(args.K_max, backend=args.backend), f"{device_name(args.backend)}"
-        where = f"measured on {where} (random weights)"
+        costs = measure_costs(args.K_max, backend=args.backend)
+        where = f"measured on {device_name(args.backend)} (random weights)"
     if args.save_costs:
         open(args.save_costs, "w").write(json.dumps(costs, indent=1))
-    print(f"# replayed: 355M target / 124M draft costs from {where}, "
+    print(f"# replayed: 355M target / 124M draft costs {where}, "
           f"greedy, {args.prompts} scripted prompts per row")
     print("# ms: target T=1.." + str(args.K_max + 1) + ": "
           + " ".join(f"{1e3 * s:.1f}" for s in costs["target"].values())
