@@ -107,19 +107,21 @@ class AdaptiveK:
     (4) times the drafts judged so far, if a plus two standard errors could pay, the policy
     looks back without waiting for the probe (`in_doubt`).
     Catch-ups grow with the lag: one feeds every token the draft missed and judges each, so
-    after a long plain stretch it costs more than the last one did (on a GPU steeply: the
-    host's work on a judged row is a tenth of a plain step there). Beyond the longest lag
+    after a long plain stretch it costs more than the last one did (on a GPU steeply, where a
+    plain step takes ~3 ms: more chunks to feed, and for a sampling warp a full distribution
+    per judged row, 0.05-0.2 ms on the host). Beyond the longest lag
     caught up so far, its time is extrapolated along the line through the shortest and the
     longest (`catch_up_estimate`), and a probe also waits for that growth.
     Guard (a conservative bandit: Wu et al. 2016): a run of n_new tokens may lose at most
     `guard` (4%) of the time n_new plain steps take. The policy counts what drafting has lost
     so far (each drafting round's and catch-up's time beyond plain steps for the same tokens;
     gains count negative) and clips K to the largest K whose worst case (every draft
-    rejected, after a catch-up as estimated) still fits. So a run is never more than ~4% slower than plain decoding, whatever
-    the prompt; the price is that in short runs on a CPU, where one failed round costs a few
-    percent of the run, drafting stops after early failures or (on the Xeon of the README,
-    below ~40 tokens) never starts. Unmeasured costs are the estimates above (optimistic), so
-    the first round of a new size can overshoot its worst case. guard = inf: no guard.
+    rejected, after a catch-up as estimated) still fits. So a run is never more than ~4%
+    slower than plain decoding, whatever the prompt; the price is that in short runs on a CPU,
+    where one failed round costs a few percent of the run, drafting stops after early failures
+    or (on the Xeon of the README, below ~40 tokens) never starts. Unmeasured costs are the
+    estimates above (optimistic), so the first round of a new size, or a catch-up while only
+    one lag is known, can overshoot its worst case. guard = inf: no guard.
 
     Round 1 is a plain step, which measures r(1). A policy carries its estimates from one call
     of speculative_sample to the next; make a new one for a cold start.
