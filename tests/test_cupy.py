@@ -1,9 +1,13 @@
-"""The CuPy twin on a real GPU. Skipped, with the reason, on machines without CuPy and a GPU;
-the CPU-side proof that the shared code has no NumPy-only path is in test_model.py
-(test_no_hidden_numpy_only_path)."""
+"""The CuPy twin: on a real GPU when there is one, and always on tests/fake_cupy.py, CuPy's API
+over NumPy with CUDA graphs that re-run what they recorded. The fake checks graphs.py's
+bookkeeping (which forward replays which graph, chunks, reuse, warm_up, no host transfer in a
+capture) on every machine; numbers, capture rules and cuBLAS need the GPU. The CPU-side proof
+that the shared code has no NumPy-only path is in test_model.py (test_no_hidden_numpy_only_path).
+"""
 import numpy as np
 import pytest
 
+import fake_cupy
 import gpt2_numpy
 from conftest import FIXTURES
 
@@ -17,15 +21,24 @@ def usable_gpu():
         return False
 
 
-pytestmark = pytest.mark.skipif(not usable_gpu(), reason="needs CuPy and a visible NVIDIA GPU")
 NAMES = ["tiny-3h", "tiny-4h"]
+# A graph that cannot be recorded falls back to eager forwards with a RuntimeWarning: here that
+# is a failure (on the fake, a host transfer inside a capture raises as CUDA would)
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 
 
-@pytest.fixture(scope="module")
-def gpu():
-    import gpt2_cupy
+@pytest.fixture(scope="module", params=["fake", "gpu"])
+def gpu(request):
+    """gpt2_cupy on the fake CuPy, or on the real one (skipped without CuPy and a GPU)."""
+    if request.param == "gpu":
+        if not usable_gpu():
+            pytest.skip("needs CuPy and a visible NVIDIA GPU")
+        import gpt2_cupy
 
-    return gpt2_cupy
+        yield gpt2_cupy
+        return
+    with fake_cupy.installed() as fake:
+        yield fake
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -170,3 +183,25 @@ class PlainStretches:
 
     def update(self, K, accepted, draft_seconds, target_seconds):
         self.round += 1
+
+
+@pytest.mark.parametrize("flags", [["--K", "4"], ["--K", "8", "--adaptive"], ["--draft", "ngram"],
+                                   ["--temperature", "0.8", "--seed", "3"]])
+def test_main_with_backend_cupy_prints_the_numpy_backends_tokens(gpu, capsys, flags):
+    """python main.py --backend cupy, end to end (warm_up, graphs, both decoders): the same
+    tokens as --backend numpy. Sampled ones too: one host random stream, and logits that differ
+    by float32 rounding at most."""
+    import json
+
+    import main
+
+    argv = ["--draft_model_size", str(FIXTURES / "tiny-3h"), "--target_model_size",
+            str(FIXTURES / "tiny-4h"), "--prompt", "the cat sat", "--n_tokens_to_generate", "40",
+            "--no_progress", "--json", *flags]
+    runs = {}
+    for backend in ("numpy", "cupy"):
+        assert main.main(argv + ["--backend", backend]) == 0
+        runs[backend] = json.loads(capsys.readouterr().out)
+    for mode in ("autoregressive", "speculative"):
+        assert runs["cupy"][mode]["token_ids"] == runs["numpy"][mode]["token_ids"]
+    assert runs["cupy"]["backend"] == "cupy" and runs["cupy"]["same_tokens"] == runs["numpy"]["same_tokens"]
