@@ -205,3 +205,38 @@ def test_main_with_backend_cupy_prints_the_numpy_backends_tokens(gpu, capsys, fl
     for mode in ("autoregressive", "speculative"):
         assert runs["cupy"][mode]["token_ids"] == runs["numpy"][mode]["token_ids"]
     assert runs["cupy"]["backend"] == "cupy" and runs["cupy"]["same_tokens"] == runs["numpy"]["same_tokens"]
+
+
+@pytest.mark.filterwarnings("default::RuntimeWarning")
+def test_a_graph_that_cannot_be_recorded_leaves_eager_forwards_with_the_same_logits():
+    """If a capture fails (here: the forward reads a device value on the host, which CUDA
+    refuses while recording), graphs.py warns once and runs eagerly from then on: the failed
+    step, the chunks after it in a long forward and every later step. Fake CuPy only: a failed
+    capture on a real device is not something to provoke in a test."""
+    with fake_cupy.installed() as gpu:
+        from gpt2_cupy import graphs
+
+        path = str(FIXTURES / "tiny-4h")
+        graphed = gpu.load_model(path, download=False)
+        eager = gpu.load_model(path, download=False, graphs=False)
+        ids = np.random.default_rng(8).integers(0, graphed.n_vocab, 45).tolist()
+        g_cache, e_cache = graphed.new_cache(45), eager.new_cache(45)
+        graphed(ids[:3], g_cache, n_logits=None)  # T = 3 is recorded while that still works
+        eager(ids[:3], e_cache, n_logits=None)
+        record = graphs.static_forward
+
+        def reads_the_device(params, ids, *args):
+            int(ids[0])  # a host transfer: fine eagerly, refused inside a capture
+            return record(params, ids, *args)
+
+        graphs.static_forward = reads_the_device
+        with pytest.warns(RuntimeWarning, match="CUDA graphs unavailable"):
+            got = graphed(ids[3:40], g_cache, n_logits=30)  # chunks 16 (fails), 16, 5
+        want = eager(ids[3:40], e_cache, n_logits=30)
+        assert not graphed.use_graphs and g_cache.length == e_cache.length == 40
+        np.testing.assert_allclose(fake_cupy.asnumpy(got), fake_cupy.asnumpy(want), atol=1e-4, rtol=1e-4)
+        n_graphs = len(graphed.graphs)
+        for step in (ids[40:43], ids[43:45]):  # later steps, even of a T with a graph: eagerly
+            got, want = graphed(step, g_cache), eager(step, e_cache)
+            np.testing.assert_allclose(fake_cupy.asnumpy(got), fake_cupy.asnumpy(want), atol=1e-4, rtol=1e-4)
+        assert len(graphed.graphs) == n_graphs and g_cache.length == e_cache.length == 45
