@@ -21,8 +21,8 @@ recorded (cuBLAS itself allows it), so while a graph is made, model.matmul is sw
 GRAPH_MAX_T new tokens with logits (a catch-up after a long plain stretch) runs as chunks of
 GRAPH_MAX_T, each a graph launch (~2 ms for 124M on the H100 of the README, where the eager
 forward took 14-22 ms), up to CHUNKED_MAX_T, beyond which the eager forward's bigger kernels
-should win. Longer forwards, and prefills over more than GRAPH_MAX_T tokens (no logits), run
-eagerly: they happen once per call.
+should win. Longer forwards, and prefills (no logits, whatever their length), run eagerly:
+they happen once per call.
 
 Recording costs about two eager forwards (for 355M, as long as 16-27 graphed steps), and the
 decoders make a new cache per call. So `new_cache` hands out the arrays of a dropped cache of
