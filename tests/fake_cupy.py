@@ -10,8 +10,8 @@ replay writes into the same addresses. See `installed`.
 What it checks of CUDA: a host transfer inside a capture raises, as CUDA refuses it. What it
 cannot check: anything else CUDA does (what else a capture refuses, streams, memory pools,
 cuBLAS, float32 rounding on the device), nor a device array used as a host one (NumPy accepts
-these arrays, which are NumPy's; CuPy refuses np.asarray of its own). tests/test_cupy.py runs the same tests on a real GPU
-when there is one.
+these arrays, which are NumPy's; CuPy refuses np.asarray of its own). tests/test_cupy.py runs
+the same tests on a real GPU when there is one.
 """
 import contextlib
 import sys
