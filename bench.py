@@ -2,7 +2,7 @@
 
     python bench.py                     # the full run: ~5 min on a 2-core machine
     python bench.py --quick             # fewer tokens, K and repetitions: ~1 min
-    python bench.py --plot bench_out    # the figures in img/ from bench_out/bench.json (matplotlib)
+    python bench.py --plot bench_out    # the figures in img/ from bench_out/*.json (matplotlib)
 
 It writes bench_out/bench.json (everything, with the machine and BLAS it ran on), one CSV per
 table, and summary.md (the tables as Markdown), and prints the tables as it goes. Sections:
@@ -958,10 +958,14 @@ def plot(out_dir: Path, img_dir: Path):
         import matplotlib.ticker
     except ImportError:
         sys.exit("--plot needs matplotlib (an optional extra): pip install matplotlib")
-    res = json.loads((out_dir / "bench.json").read_text())
     img_dir.mkdir(parents=True, exist_ok=True)
-    cpu = res["machine"].get("cpu", "?")
     written = []
+    if (out_dir / "adaptive.json").exists():  # python bench.py --adaptive
+        plot_adaptive(json.loads((out_dir / "adaptive.json").read_text()), plt)
+        plt.savefig(img_dir / "adaptive.png", dpi=110)
+        written.append("adaptive.png")
+    res = json.loads((out_dir / "bench.json").read_text()) if (out_dir / "bench.json").exists() else {}
+    cpu = res.get("machine", {}).get("cpu", "?")
 
     if res.get("speculative"):
         fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5.2), gridspec_kw={"width_ratios": [2, 1]})
@@ -1024,6 +1028,32 @@ def plot(out_dir: Path, img_dir: Path):
         written.append("no_cache.png")
     for name in written:
         print(f"wrote {img_dir / name}")
+    if not written:
+        sys.exit(f"nothing to plot: neither {out_dir / 'bench.json'} nor {out_dir / 'adaptive.json'}")
+
+
+def plot_adaptive(res: dict, plt):
+    """One panel per situation: every fixed decoder's speed (bars; K = 0 is autoregressive),
+    adaptive K's (a line), and the 5% bound below the best bar that adaptive K must clear."""
+    fig, axes = plt.subplots(1, len(res["situations"]), figsize=(3.3 * len(res["situations"]), 3.8),
+                             sharey=True, squeeze=False)
+    for ax, situation in zip(axes[0], res["situations"]):
+        rows = situation["rows"]
+        ar = rows[0]["tps"]
+        fixed, adaptive = rows[:-1], rows[-1]
+        speed = [r["tps"] / ar for r in fixed]
+        ax.bar(range(len(fixed)), speed, color=["gray"] + ["C0"] * (len(fixed) - 1))
+        ax.axhline(0.95 * max(speed), color="black", ls=":", lw=1, label="5% below the best bar")
+        ax.axhline(adaptive["tps"] / ar, color="C3", lw=2,
+                   label=f"adaptive: {adaptive['tps'] / ar:.2f}x")
+        ax.set_xticks(range(len(fixed)), ["AR"] + [str(r["K"]) for r in fixed[1:]])
+        ax.set_title(situation["title"].replace(" (", "\n("), fontsize=8)
+        ax.set_xlabel("fixed K (AR: autoregressive)", fontsize=8)
+        ax.legend(fontsize=7, loc="upper left")
+    axes[0][0].set_ylabel("tokens/s vs autoregressive")
+    fig.suptitle(f"Adaptive K vs every fixed K: {res['target']} target, {res['draft']} draft, "
+                 f"{res['weights']} weights, greedy; {res['machine']}", fontsize=8)
+    fig.tight_layout()
 
 
 # --- GPU: python bench.py --backend cupy ---------------------------------------------------------
@@ -1191,7 +1221,8 @@ def parse_args(argv=None):
     p.add_argument("--adaptive", nargs=argparse.REMAINDER, metavar="ARGS",
                    help="run the adaptive-K vs fixed-K benchmark instead (gpt2_numpy/adaptive_bench.py; "
                         "ARGS go to it, e.g. --adaptive --help)")
-    p.add_argument("--plot", metavar="OUT_DIR", help="only draw the figures from OUT_DIR/bench.json")
+    p.add_argument("--plot", metavar="OUT_DIR",
+                   help="only draw the figures from OUT_DIR/bench.json and OUT_DIR/adaptive.json")
     p.add_argument("--img", default=str(Path(__file__).resolve().parent / "img"), help="where --plot writes")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
                    help="cupy: the GPU run instead (decoding with and without CUDA graphs, r(T), "

@@ -15,10 +15,12 @@ wrong one with probability `error`. Situations:
 Everything is greedy (temperature 0), so every run must print the autoregressive tokens.
 """
 import argparse
+import json
 import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -88,13 +90,15 @@ def decode(target, make_drafter, prompt, n, K, K_max, seed=0):
     return speculative_sample(target, make_drafter(seed), prompt, n, policy, Warp(0.0))
 
 
-def row(name, n, runs, reference):
-    """A table row from repeated runs: the median tokens/s, the first run's other numbers."""
+def row(name, K, n, runs, reference):
+    """A table row from repeated runs: the median tokens/s, the first run's other numbers.
+    K: 0 (autoregressive), the fixed K, or "adaptive"."""
     ids, stats = runs[0]
     Ks = np.bincount(stats.K_per_round) if stats.K_per_round else [stats.rounds]  # AR: all K=0
-    return dict(name=name, n=n, repeats=len(runs),
+    acceptance = stats.acceptance_rate
+    return dict(name=name, K=K, n=n, repeats=len(runs),
                 tps=float(np.median([s.tokens_per_second for _, s in runs])),
-                acceptance=stats.acceptance_rate, same=ids == reference[:n],
+                acceptance=None if np.isnan(acceptance) else acceptance, same=ids == reference[:n],
                 Ks=" ".join(f"{K}:{count}" for K, count in enumerate(Ks) if count))
 
 
@@ -111,10 +115,10 @@ def run_situation(target, make_drafter, prompt, n, n_fixed, K_max, reference, re
         for K in finals:
             finals[K].append(decode(target, make_drafter, prompt, n_fixed if K == best else n,
                                     K, K_max, seed))
-    rows = [row("autoregressive", n, finals[None], reference)]
-    rows += [row(f"K={K} (best K >= 1)", n_fixed, finals[K], reference) if K == best else
-             row(f"K={K}", n_fixed, fixed[K], reference) for K in fixed]
-    rows.append(row(f"adaptive, K_max={K_max}", n, finals["adaptive"], reference))
+    rows = [row("autoregressive", 0, n, finals[None], reference)]
+    rows += [row(f"K={K} (best K >= 1)", K, n_fixed, finals[K], reference) if K == best else
+             row(f"K={K}", K, n_fixed, fixed[K], reference) for K in fixed]
+    rows.append(row(f"adaptive, K_max={K_max}", "adaptive", n, finals["adaptive"], reference))
     return rows
 
 
@@ -135,6 +139,8 @@ def main(argv=None):
     p.add_argument("--target", default="355M")
     p.add_argument("--draft", default="124M")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
+    p.add_argument("--out", default="bench_out", help="where adaptive.json goes (the table, "
+                   "for bench.py --plot)")
     args = p.parse_args(argv)
 
     start = time.perf_counter()
@@ -159,7 +165,8 @@ def main(argv=None):
          lambda seed: ScriptedDrafter(draft, reference, len(prompt), error=0.1, seed=seed)),
         ("perturbed target (scripted, 30% of drafts wrong)", n,
          lambda seed: ScriptedDrafter(draft, reference, len(prompt), error=0.3, seed=seed)),
-        ("unrelated random 124M draft", args.n_tokens_unrelated, lambda seed: ModelDrafter(draft)),
+        (f"unrelated random {args.draft} draft", args.n_tokens_unrelated,
+         lambda seed: ModelDrafter(draft)),
     ]
     print("| situation | decoder | tokens | runs | tokens/s | vs autoregressive | "
           "vs best fixed K | acceptance | K:rounds |")
@@ -171,6 +178,8 @@ def main(argv=None):
         for length in {n, args.n_tokens_unrelated}:
             for model in (target, draft):
                 model.warm_up(len(prompt) + length - 1)
+    results = {"command": "python bench.py --adaptive " + " ".join(argv), "machine": where,
+               "target": args.target, "draft": args.draft, "weights": "random", "situations": []}
     for title, n_fixed, make_drafter in situations:
         rows = run_situation(target, make_drafter, prompt, n, n_fixed, args.K_max, reference,
                              args.repeats)
@@ -178,11 +187,16 @@ def main(argv=None):
         best = max(r["tps"] for r in rows[:-1])  # autoregressive (K = 0) included
         for r in rows:
             flag = "" if r["same"] else " (tokens differ!)"
-            acc = "-" if np.isnan(r["acceptance"]) else f"{r['acceptance']:.2f}"
+            acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}"
             print(f"| {title} | {r['name']}{flag} | {r['n']} | {r['repeats']} | {r['tps']:.2f} | "
                   f"{r['tps'] / ar:.2f}x | {r['tps'] / best:.2f} | {acc} | {r['Ks']} |", flush=True)
+        results["situations"].append({"title": title, "rows": rows})
+        out = Path(args.out)  # rewritten after every situation: an interrupted run keeps some
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "adaptive.json").write_text(json.dumps(results, indent=1))
     print(f"\ntotal {time.perf_counter() - start:.0f} s; load average now "
-          f"{os.getloadavg()[0]:.2f} (other processes share these cores)")
+          f"{os.getloadavg()[0]:.2f} (other processes share these cores); "
+          f"table in {Path(args.out) / 'adaptive.json'}")
 
 
 if __name__ == "__main__":

@@ -509,3 +509,27 @@ def test_the_guard_holds_where_long_catch_ups_are_dear():
     for error in (0.5, 1.0):
         ratios = [replay(H100_LIKE, error=error, n=256, seed=s, K_max=8) for s in range(6)]
         assert min(r["adaptive"] / r["autoregressive"] for r in ratios) >= 1 / 1.05
+
+
+def test_the_adaptive_benchmark_records_every_decoder_and_each_reproduces_the_target(tmp_path,
+                                                                                      capsys):
+    """bench.py --adaptive, shrunk (124M as both models, a few tokens): its JSON, which the README
+    figure is drawn from, holds autoregressive, every fixed K and adaptive for each situation,
+    each run gave the target's greedy tokens, and no round left [0, K_max]."""
+    import json
+
+    from gpt2_numpy import adaptive_bench
+
+    adaptive_bench.main(["--target", "124M", "--draft", "124M", "--n_tokens", "6",
+                         "--n_tokens_unrelated", "3", "--repeats", "1", "--K_max", "2",
+                         "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "adaptive.json").read_text())
+    assert len(res["situations"]) == 4
+    for situation in res["situations"]:
+        rows = situation["rows"]
+        assert [r["K"] for r in rows] == [0, 1, 2, "adaptive"]
+        for r in rows:
+            assert r["same"] and r["tps"] > 0
+            Ks = {int(K): int(n) for K, n in (pair.split(":") for pair in r["Ks"].split())}
+            assert set(Ks) <= {0, 1, 2} and sum(Ks.values()) >= 1
+    assert "| autoregressive | 6 | 1 |" in capsys.readouterr().out
