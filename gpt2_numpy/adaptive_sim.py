@@ -1,6 +1,7 @@
 """Many prompts in seconds: the real decoders replayed against models that only cost time.
 
     python bench.py --adaptive --simulate           # about a minute on 2 CPU cores
+    python bench.py --adaptive --simulate --ngram weights/124M   # prompt lookup, on real text
 
 `python bench.py --adaptive` times real forwards, so it can afford three prompts per situation;
 whether adaptive K is "never more than 5% slower on any prompt" is a question about the spread
@@ -23,6 +24,10 @@ What it leaves out: the decoders' own Python time between forwards, and
 drafts that are wrong in bursts rather than independently. It is a model of the timings, so its
 tables say "replayed". Its last lines replay the prompts adaptive_bench.py times for real, so
 that the two can be compared (the README does).
+
+`--ngram TOKENIZER_DIR` replays prompt-lookup drafting instead (`ngram_replay`). Its acceptance
+depends on the text, so there the text is real: the drafter reads GPT-2 tokens of texts built
+from this package's source (`ngram_texts`), and the stand-in target emits a given continuation.
 """
 import argparse
 import contextlib
@@ -218,6 +223,66 @@ def replay(costs, error: float, n: int, seed: int, K_max: int, n_prompt: int = 2
     return rates
 
 
+def ngram_texts() -> list:
+    """(name, prompt, continuation): texts for the n-gram replay, built from this package's own
+    source so that anyone can rebuild them. The continuation plays the target's greedy output."""
+    import inspect
+
+    from . import adaptive, decoding as decoding_module, drafters
+
+    code = inspect.getsource(drafters.lookup)
+    doc = decoding_module.__doc__.strip()
+    steps = doc[doc.index("    1. the draft"):doc.index("Each round therefore")]
+    other = "\n\n".join(adaptive.__doc__.strip().split("\n\n")[1:6])  # new, same subject
+    return [
+        ("code: the prompt's function, one name changed",
+         f"{code}\n# The same function with `tokens` renamed to `context`:\n\n",
+         code.replace("tokens", "context")),
+        ("quoting: the prompt's algorithm restated", f"{doc}\n\nThe four steps again:\n", steps),
+        ("new prose on the prompt's subject", f"{doc}\n\nHow many drafts?\n", other),
+    ]
+
+
+def ngram_replay(costs, tokenizer, K_max: int, n_max: int = 3):
+    """Prompt-lookup drafting (drafters.NGramDrafter, the real one) on texts that repeat their
+    prompt to different degrees, against a stand-in 355M target that emits the text (one-hot
+    logits) and costs what the measured forwards cost. The lookup's own time is real: it runs,
+    and its wall time is added to the virtual clock. Returns rows for a table."""
+    from .drafters import NGramDrafter
+
+    clock = VirtualClock()
+    target_cost = cost_functions(costs)[0]
+
+    class TimedLookup(NGramDrafter):
+        def propose(self, tokens, K, warp, rng):
+            start = time.perf_counter()
+            out = super().propose(tokens, K, warp, rng)
+            clock.now += time.perf_counter() - start
+            return out
+
+    rows = []
+    for name, prompt_text, text in ngram_texts():
+        prompt, script = tokenizer.encode(prompt_text), tokenizer.encode(text)
+        n = len(script)
+        target = CostModel(clock, target_cost, script + [0], len(prompt), n_vocab=tokenizer.n_vocab)
+        rates, accepted = {}, {}
+        with virtual_time(clock):
+            ids, stats = autoregressive_sample(target, prompt, n, Warp(0.0))
+            assert ids == script, "the stand-in target did not emit its text"
+            rates["autoregressive"] = stats.tokens_per_second
+            decoders = {f"K={K}": FixedK(K) for K in range(1, K_max + 1)}
+            decoders[f"adaptive, K_max={K_max}"] = AdaptiveK(K_max)
+            for label, policy in decoders.items():
+                ids, stats = speculative_sample(target, TimedLookup(target.n_vocab, n_max), prompt,
+                                                n, policy, Warp(0.0))
+                assert ids == script, "a replayed decoder changed the output"
+                rates[label], accepted[label] = stats.tokens_per_second, stats
+        best = max((k for k in rates if k.startswith("K=")), key=rates.get)
+        rows.append(dict(text=name, n_prompt=len(prompt), n=n, rates=rates, best=best,
+                         stats=accepted))
+    return rows
+
+
 def spread(x):
     return f"{np.median(x):.2f} / {np.percentile(x, 10):.2f} / {np.min(x):.2f}"
 
@@ -234,11 +299,22 @@ def main(argv=None):
     p.add_argument("--costs", help="replay with these costs instead: a JSON file from "
                    "--save_costs, or h100 (the README's H100 tables, see h100_costs)")
     p.add_argument("--save_costs", help="write the measured costs to this JSON file")
+    p.add_argument("--ngram", metavar="TOKENIZER_DIR", help="replay n-gram (prompt-lookup) "
+                   "drafting instead, on texts tokenized with GPT-2's tokenizer from this folder "
+                   "(encoder.json and vocab.bpe, e.g. weights/124M)")
     args = p.parse_args(argv)
     if args.prompts < 1 or args.K_max < 1 or min(args.n_tokens) < 2:
         p.error("--prompts and --K_max must be >= 1, --n_tokens >= 2")
     if not all(0 <= e <= 1 for e in args.errors):
         p.error("--errors are fractions of wrong drafts, in [0, 1]")
+    if args.ngram:  # before the costs are measured: a wrong folder fails at once
+        from .errors import GPT2Error
+        from .tokenizer import load_tokenizer
+
+        try:
+            tokenizer = load_tokenizer(args.ngram)
+        except GPT2Error as e:
+            p.error(f"--ngram: {e}")
 
     start = time.perf_counter()
     if args.costs == "h100":
@@ -251,8 +327,12 @@ def main(argv=None):
         where = f"measured on {device_name(args.backend)} (random weights)"
     if args.save_costs:
         open(args.save_costs, "w").write(json.dumps(costs, indent=1))
-    print(f"# replayed: 355M target / 124M draft costs {where}, "
-          f"greedy, {args.prompts} scripted prompts per row")
+    if args.ngram:
+        print(f"# replayed: 355M target costs {where}, greedy; prompt-lookup drafting "
+              f"(drafters.NGramDrafter, its lookups timed) on GPT-2 tokens")
+    else:
+        print(f"# replayed: 355M target / 124M draft costs {where}, "
+              f"greedy, {args.prompts} scripted prompts per row")
     print("# ms: target T=1.." + str(args.K_max + 1) + ": "
           + " ".join(f"{1e3 * s:.1f}" for s in costs["target"].values())
           + f"; draft T=1,2: {1e3 * costs['draft'][1]:.1f} {1e3 * costs['draft'][2]:.1f}"
@@ -260,6 +340,8 @@ def main(argv=None):
           + " ".join(f"{1e3 * s:.1f}" for s in costs["catch_up"][1])
           + f"; one row of logits to a distribution {1e3 * costs['per_row']:.3f}"
           + f", judged in a look back {1e3 * costs.get('look_back_row', costs['per_row']):.3f}")
+    if args.ngram:
+        return print_ngram(costs, tokenizer, args, start)
     print("\n| tokens | wrong drafts | best fixed decoder (by median) | adaptive vs autoregressive: "
           "median / p10 / min | adaptive vs best fixed: median / p10 / min | "
           "best fixed vs autoregressive: median / p10 / min |")
@@ -280,6 +362,24 @@ def main(argv=None):
         ratios = [replay(costs, error, args.n_tokens[0], seed, args.K_max) for seed in range(3)]
         print(f"  {error:.0%} wrong: " + ", ".join(f"seed {i} {r['adaptive'] / r['autoregressive']:.2f}x"
                                                  for i, r in enumerate(ratios)))
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+
+
+def print_ngram(costs, tokenizer, args, start):
+    rows = ngram_replay(costs, tokenizer, args.K_max)
+    adaptive = f"adaptive, K_max={args.K_max}"
+    print("\n| text (prompt + continuation tokens) | best fixed K: vs autoregressive | drafts "
+          "accepted / proposed | tokens per target forward | K=4 | adaptive: vs autoregressive "
+          "| adaptive: accepted / proposed | adaptive: K:rounds |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        ar, best, s, a = r["rates"]["autoregressive"], r["best"], r["stats"][r["best"]], r["stats"][adaptive]
+        Ks = np.bincount(a.K_per_round)
+        print(f"| {r['text']} ({r['n_prompt']} + {r['n']}) | {best}: {r['rates'][best] / ar:.2f}x | "
+              f"{s.accepted} / {s.drafted} | {s.tokens_per_round:.2f} | "
+              f"{r['rates'].get('K=4', float('nan')) / ar:.2f}x | {r['rates'][adaptive] / ar:.2f}x | "
+              f"{a.accepted} / {a.drafted} | "
+              + " ".join(f"{K}:{c}" for K, c in enumerate(Ks) if c) + " |", flush=True)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 

@@ -5,7 +5,7 @@ import pytest
 import gpt2_numpy as gpt2
 from gpt2_numpy import AdaptiveK, NGramDrafter, Warp, autoregressive_sample, speculative_sample
 from gpt2_numpy.drafters import lookup
-from conftest import FIXTURES, tiny_model
+from conftest import FIXTURES, SHARED_TOKENIZER, tiny_model
 from test_decoding import exact_distribution, goodness_of_fit
 
 
@@ -86,3 +86,29 @@ def test_ngram_samples_follow_the_exact_target_distribution():
     assert chi2 < critical and tv < tv_bound, (chi2, critical, tv, tv_bound)
     chi2_w, critical_w, tv_w, _ = goodness_of_fit(samples, wrong, N)
     assert chi2_w > critical_w and tv_w > tv_bound
+
+
+@pytest.mark.skipif(not SHARED_TOKENIZER.is_dir(), reason="needs ../shared/gpt2-tokenizer")
+def test_replayed_prompt_lookup_pays_where_text_repeats_and_adaptive_k_guards_new_text():
+    """bench.py --adaptive --simulate --ngram, on the Xeon's costs: the real drafter over real
+    GPT-2 tokens (the replay asserts every decoder emitted the text). Text that repeats its
+    prompt gets most drafts accepted and pays; new prose gets few, fixed K loses to plain
+    decoding on this CPU, and adaptive K stays within its guard."""
+    from gpt2_numpy.adaptive_sim import ngram_replay
+    from gpt2_numpy.tokenizer import load_tokenizer
+    from test_adaptive import XEON
+
+    code, quote, prose = ngram_replay(XEON, load_tokenizer(SHARED_TOKENIZER), K_max=8)
+
+    def acceptance(row, decoder):
+        return row["stats"][decoder].acceptance_rate
+
+    def speedup(row, decoder):
+        return row["rates"][decoder] / row["rates"]["autoregressive"]
+
+    for repeats in (code, quote):
+        assert acceptance(repeats, repeats["best"]) > 0.5 > acceptance(prose, prose["best"])
+        assert speedup(repeats, repeats["best"]) > 1.5
+        assert speedup(repeats, "adaptive, K_max=8") > 1.5
+    assert speedup(prose, prose["best"]) < 1
+    assert speedup(prose, "adaptive, K_max=8") >= 1 / 1.05
