@@ -264,8 +264,9 @@ def ngram_replay(costs, tokenizer, K_max: int, n_max: int = 3):
     for name, prompt_text, text in ngram_texts():
         prompt, script = tokenizer.encode(prompt_text), tokenizer.encode(text)
         n = len(script)
-        target = CostModel(clock, target_cost, script + [0], len(prompt), n_vocab=tokenizer.n_vocab)
-        rates, accepted = {}, {}
+        target = CostModel(clock, target_cost, script + [0], len(prompt),
+                           n_vocab=tokenizer.n_vocab)
+        rates, runs = {}, {}
         with virtual_time(clock):
             ids, stats = autoregressive_sample(target, prompt, n, Warp(0.0))
             assert ids == script, "the stand-in target did not emit its text"
@@ -276,10 +277,10 @@ def ngram_replay(costs, tokenizer, K_max: int, n_max: int = 3):
                 ids, stats = speculative_sample(target, TimedLookup(target.n_vocab, n_max), prompt,
                                                 n, policy, Warp(0.0))
                 assert ids == script, "a replayed decoder changed the output"
-                rates[label], accepted[label] = stats.tokens_per_second, stats
+                rates[label], runs[label] = stats.tokens_per_second, stats
         best = max((k for k in rates if k.startswith("K=")), key=rates.get)
         rows.append(dict(text=name, n_prompt=len(prompt), n=n, rates=rates, best=best,
-                         stats=accepted))
+                         stats=runs))
     return rows
 
 
@@ -373,13 +374,13 @@ def print_ngram(costs, tokenizer, args, start):
           "| adaptive: accepted / proposed | adaptive: K:rounds |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        ar, best, s, a = r["rates"]["autoregressive"], r["best"], r["stats"][r["best"]], r["stats"][adaptive]
-        Ks = np.bincount(a.K_per_round)
-        print(f"| {r['text']} ({r['n_prompt']} + {r['n']}) | {best}: {r['rates'][best] / ar:.2f}x | "
-              f"{s.accepted} / {s.drafted} | {s.tokens_per_round:.2f} | "
-              f"{r['rates'].get('K=4', float('nan')) / ar:.2f}x | {r['rates'][adaptive] / ar:.2f}x | "
-              f"{a.accepted} / {a.drafted} | "
-              + " ".join(f"{K}:{c}" for K, c in enumerate(Ks) if c) + " |", flush=True)
+        speed = {k: v / r["rates"]["autoregressive"] for k, v in r["rates"].items()}
+        best, a = r["stats"][r["best"]], r["stats"][adaptive]
+        Ks = " ".join(f"{K}:{c}" for K, c in enumerate(np.bincount(a.K_per_round)) if c)
+        print(f"| {r['text']} ({r['n_prompt']} + {r['n']}) | "
+              f"{r['best']}: {speed[r['best']]:.2f}x | {best.accepted} / {best.drafted} | {best.tokens_per_round:.2f} | "
+              f"{speed.get('K=4', float('nan')):.2f}x | {speed[adaptive]:.2f}x | "
+              f"{a.accepted} / {a.drafted} | {Ks} |", flush=True)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 
