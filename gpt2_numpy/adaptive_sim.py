@@ -378,7 +378,8 @@ def print_ngram(costs, tokenizer, args, start):
         best, a = r["stats"][r["best"]], r["stats"][adaptive]
         Ks = " ".join(f"{K}:{c}" for K, c in enumerate(np.bincount(a.K_per_round)) if c)
         print(f"| {r['text']} ({r['n_prompt']} + {r['n']}) | "
-              f"{r['best']}: {speed[r['best']]:.2f}x | {best.accepted} / {best.drafted} | {best.tokens_per_round:.2f} | "
+              f"{r['best']}: {speed[r['best']]:.2f}x | {best.accepted} / {best.drafted} | "
+              f"{best.tokens_per_round:.2f} | "
               f"{speed.get('K=4', float('nan')):.2f}x | {speed[adaptive]:.2f}x | "
               f"{a.accepted} / {a.drafted} | {Ks} |", flush=True)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
