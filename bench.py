@@ -964,7 +964,8 @@ def plot(out_dir: Path, img_dir: Path):
         plot_adaptive(json.loads((out_dir / "adaptive.json").read_text()), plt)
         plt.savefig(img_dir / "adaptive.png", dpi=110)
         written.append("adaptive.png")
-    res = json.loads((out_dir / "bench.json").read_text()) if (out_dir / "bench.json").exists() else {}
+    bench_json = out_dir / "bench.json"
+    res = json.loads(bench_json.read_text()) if bench_json.exists() else {}
     cpu = res.get("machine", {}).get("cpu", "?")
 
     if res.get("speculative"):
@@ -1029,7 +1030,7 @@ def plot(out_dir: Path, img_dir: Path):
     for name in written:
         print(f"wrote {img_dir / name}")
     if not written:
-        sys.exit(f"nothing to plot: neither {out_dir / 'bench.json'} nor {out_dir / 'adaptive.json'}")
+        sys.exit(f"nothing to plot: neither {bench_json} nor {out_dir / 'adaptive.json'}")
 
 
 def plot_adaptive(res: dict, plt):
