@@ -949,6 +949,12 @@ def save(res, out_dir: Path):
 
 # --- figures -------------------------------------------------------------------------------------
 
+def bad_input(message: str):
+    """A one-line error and exit status 2, as for any bad input."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def plot(out_dir: Path, img_dir: Path):
     try:
         import matplotlib
@@ -957,7 +963,7 @@ def plot(out_dir: Path, img_dir: Path):
         import matplotlib.pyplot as plt
         import matplotlib.ticker
     except ImportError:
-        sys.exit("--plot needs matplotlib (an optional extra): pip install matplotlib")
+        bad_input("--plot needs matplotlib (an optional extra): pip install matplotlib")
     img_dir.mkdir(parents=True, exist_ok=True)
     written = []
     if (out_dir / "adaptive.json").exists():  # python bench.py --adaptive
@@ -1030,7 +1036,7 @@ def plot(out_dir: Path, img_dir: Path):
     for name in written:
         print(f"wrote {img_dir / name}")
     if not written:
-        sys.exit(f"nothing to plot: neither {bench_json} nor {out_dir / 'adaptive.json'}")
+        bad_input(f"nothing to plot: neither {bench_json} nor {out_dir / 'adaptive.json'}")
 
 
 def plot_adaptive(res: dict, plt):
