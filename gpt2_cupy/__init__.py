@@ -7,8 +7,10 @@ kernel, and the caches are allocated on the device (`model.xp.zeros`). The decod
 host only the logits rows they sample from (backend.to_numpy); sampling and the accept/resample
 rule run in NumPy with one host random generator, so a seed gives the same draws on CPU and GPU.
 
-The one GPU-specific piece is graphs.py: `GPT2` here is `GraphedGPT2`, which replays short
-forwards (decoding steps, verify steps) as CUDA graphs, one launch instead of ~50 per layer.
+What is GPU-specific: graphs.py, where `GPT2` is `GraphedGPT2`, which replays short forwards
+(decoding steps, verify steps) as CUDA graphs, one launch instead of one per kernel; fused.py and
+kernels.cu, the same forward in seven kernels per layer, with weights stored in float32, float16
+or bfloat16; and static.py, the unfused forward in the form a graph can record.
 """
 from gpt2_numpy import (OFFICIAL_HPARAMS, AdaptiveK, FixedK, GPT2Error, KVCache,
                         ModelDrafter, NGramDrafter, Stats, Warp, accept_or_resample,
@@ -19,8 +21,9 @@ from gpt2_numpy import load as _load
 try:
     import cupy as xp
 except ImportError:
-    raise GPT2Error("--backend cupy needs CuPy: pip install cupy-cuda12x (CUDA 12) or "
-                    "cupy-cuda11x (CUDA 11), matching your driver's CUDA version") from None
+    raise GPT2Error("--backend cupy needs CuPy: pip install cupy-cuda13x (CUDA 13), "
+                    "cupy-cuda12x (CUDA 12) or cupy-cuda11x (CUDA 11), matching your driver's "
+                    "CUDA version") from None
 
 try:
     _n_gpus = xp.cuda.runtime.getDeviceCount()
@@ -35,13 +38,14 @@ from .graphs import GraphedGPT2  # noqa: E402  (needs CuPy, checked above)
 GPT2 = GraphedGPT2
 
 
-def load_model(model="124M", models_dir=None, dtype=None, download=True, progress=True,
-               graphs=True):
-    """Load GPT-2 by size or folder, with its weights copied once to the GPU (float32 default).
-    graphs=False: every forward runs eagerly, kernel by kernel (as gpt2_numpy.GPT2 on CuPy)."""
-    loaded = _load.load_model(model, models_dir, xp=xp, dtype=dtype, download=download,
-                              progress=progress)
-    return GraphedGPT2(loaded.hparams, loaded.params, loaded.tokenizer, loaded.name, graphs)
+def load_model(model="124M", models_dir=None, dtype="float32", download=True, progress=True,
+               graphs=True, fused=None):
+    """Load GPT-2 by size or folder, with its weights copied once to the GPU and stored as
+    `dtype` (float32, float16 or bfloat16; see GraphedGPT2). graphs=False: every forward runs
+    eagerly. fused: the fused kernels (None: the default, see graphs.FUSED_BY_DEFAULT)."""
+    loaded = _load.load_model(model, models_dir, xp=xp, download=download, progress=progress)
+    return GraphedGPT2(loaded.hparams, loaded.params, loaded.tokenizer, loaded.name, graphs,
+                       fused, dtype)
 
 
 def random_params(hparams, seed=0, scale=0.02):

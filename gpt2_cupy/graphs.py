@@ -6,8 +6,9 @@ Python, CuPy and driver time while the kernel itself runs for a few: eagerly, 35
 25-40 ms per token launching ~1,300 kernels whose work takes a few ms. A CUDA graph records those launches
 once and replays them with one call (bench.py --backend cupy times both).
 
-How. A graph replays fixed work on fixed addresses, so it is recorded from
-gpt2_numpy/static.py's forward, whose positions are an array (read that file first). One graph
+How. A graph replays fixed work on fixed addresses, so it is recorded from a forward whose
+positions are an array: fused.py's (seven kernels per layer) or, without the fused kernels,
+static.py's (model.py's functions; read that file first). One graph
 per (cache, T), since a cache's arrays are baked in; it computes logits for all T rows and a
 caller asking for fewer gets the last n_logits (the LM head streams wte once however few rows
 it has, so one graph serves a verify step, a draft step and a catch-up of the same T):
@@ -16,8 +17,8 @@ it has, so one graph serves a verify step, a draft step and a catch-up of the sa
     - later ones copy the token ids and positions into the graph's input array and launch it.
 A graph's scratch memory comes from a pool of its own, so nothing else can be handed memory the
 graph will write into on its next replay. CuPy refuses to call cuBLAS while a stream is being
-recorded (cuBLAS itself allows it), so while a graph is made, model.matmul is swapped for
-`CuBLAS.matmul`, the same product through cuBLAS called directly. A forward over more than
+recorded (cuBLAS itself allows it), so static.py's products go through `CuBLAS.matmul`, the
+same product through cuBLAS called directly. A forward over more than
 GRAPH_MAX_T new tokens with logits (a catch-up after a long plain stretch) runs as chunks of
 GRAPH_MAX_T, each a graph launch (~2 ms for 124M on the H100 of the README, where the eager
 forward took 14-22 ms), up to CHUNKED_MAX_T, beyond which the eager forward's bigger kernels
@@ -33,7 +34,6 @@ other runs eagerly. `warm_up(capacity)` records every graph of one capacity up f
 no timed step pays for a recording: an adaptive decoder, whose catch-ups come in any length,
 would otherwise record in the middle of a run and count it as the cost of drafting.
 """
-import contextlib
 import ctypes
 import warnings
 import weakref
@@ -41,13 +41,18 @@ import weakref
 import cupy as cp
 import numpy as np
 
-from gpt2_numpy import model as model_module
+from gpt2_numpy.errors import GPT2Error
 from gpt2_numpy.model import GPT2, KVCache
-from gpt2_numpy.static import static_forward
+
+from .fused import FusedForward, convert_weights
+from .static import static_forward
 
 GRAPH_MAX_T = 16  # one graph per T up to this (a verify step over K + 1 <= 16 tokens is one)
 CHUNKED_MAX_T = 8 * GRAPH_MAX_T  # up to this, forwards with logits run as chunks of graphs
 SPARE_CACHES = 4  # dropped caches kept per model for reuse, with their graphs
+# The fused kernels are used unless a model is made with fused=False (they fall back to the
+# unfused forward, with a warning, where they do not compile).
+FUSED_BY_DEFAULT = False
 
 
 class CuBLAS:
@@ -112,16 +117,11 @@ class CuBLAS:
 _cublas = None
 
 
-@contextlib.contextmanager
-def products_through_cublas():
-    """model.matmul, the model's one product function, replaced by CuBLAS.matmul meanwhile."""
+def cublas_matmul(x, w):
+    """x @ w through cuBLAS called directly (CuBLAS, made on first use)."""
     global _cublas
     _cublas = _cublas or CuBLAS()
-    original, model_module.matmul = model_module.matmul, _cublas.matmul
-    try:
-        yield
-    finally:
-        model_module.matmul = original
+    return _cublas.matmul(x, w)
 
 
 class Graph:
@@ -133,8 +133,8 @@ class Graph:
         self.stream = cp.cuda.Stream(non_blocking=False)
         self.pool = cp.cuda.MemoryPool()  # the graph's scratch memory, for it alone
         self.inputs = cp.zeros((2, T), dtype=cp.int64)  # [ids; positions], rewritten per launch
-        self.args = (model.params, self.inputs[0], self.inputs[1], cache.k, cache.v,
-                     model.hparams["n_head"], T)
+        self.forward = model.positional_forward
+        self.args = (self.inputs[0], self.inputs[1], cache.k, cache.v, T)
         self.graph = self.logits = None
 
     def __call__(self, ids, n_past: int, n_logits: int):
@@ -148,11 +148,11 @@ class Graph:
             return self.logits[T - n_logits :].copy()  # the next launch rewrites self.logits
 
     def record(self):
-        with cp.cuda.using_allocator(self.pool.malloc), products_through_cublas():
-            logits = static_forward(*self.args)  # run: this call's result
+        with cp.cuda.using_allocator(self.pool.malloc):
+            logits = self.forward(*self.args)  # run: this call's result
             self.stream.begin_capture()
             try:
-                self.logits = static_forward(*self.args)  # recorded, not run
+                self.logits = self.forward(*self.args)  # recorded, not run
             finally:
                 self.graph = self.stream.end_capture()
         return logits
@@ -160,22 +160,69 @@ class Graph:
 
 class GraphedGPT2(GPT2):
     """A GPT2 whose forwards over up to GRAPH_MAX_T new tokens replay CUDA graphs. Used exactly
-    like GPT2 (`model(ids, cache, n_logits)`), with the same logits up to float rounding."""
+    like GPT2 (`model(ids, cache, n_logits)`), with the same logits up to float rounding.
+
+    params: float32, as loaded. dtype: how the weight matrices are stored on the device
+    ("float32", "float16", "bfloat16"; half precision needs the fused kernels). fused: run the
+    fused kernels (fused.py; None: FUSED_BY_DEFAULT, or yes for half precision).
+    """
 
     def __init__(self, hparams: dict, params: dict, tokenizer=None, name: str = "gpt2",
-                 graphs: bool = True):
+                 graphs: bool = True, fused: bool = None, dtype: str = "float32"):
+        if dtype not in ("float32", "float16", "bfloat16"):
+            raise GPT2Error(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+        fused = (FUSED_BY_DEFAULT or dtype != "float32") if fused is None else fused
+        if dtype != "float32" and not fused:
+            raise GPT2Error(f"{dtype} weights need the fused kernels (fused=True)")
+        params = convert_weights(params, dtype)
         super().__init__(hparams, params, tokenizer, name)
-        self.use_graphs = graphs  # False: every forward eagerly, kernel by kernel
+        self.dtype = dtype
+        self.fused = None
+        if fused:
+            try:
+                self.fused = FusedForward(params, hparams, dtype)
+            except Exception as e:  # no compiler, an unsupported GPU, a shape it does not cover
+                if dtype != "float32":
+                    raise GPT2Error(f"{dtype} weights need the fused kernels, which are "
+                                    f"unavailable here ({type(e).__name__}: {e})") from None
+                warnings.warn(f"fused kernels unavailable ({type(e).__name__}: {e}); running "
+                              "the unfused forward", RuntimeWarning)
+        self.use_graphs = graphs  # False: every forward eagerly
         self.graphs = {}  # (address of cache.k, T) -> Graph
         self.spare = []  # (k, v) of dropped caches, oldest first
         self.handed_out = weakref.WeakSet()  # live caches made by new_cache: the graphed ones
+
+    def positional_forward(self, ids, positions, k, v, n_logits: int):
+        """The forward a graph records: ids, positions [T] device arrays, k, v a cache's arrays;
+        logits [n_logits, V]. The fused kernels, else static.py's forward through cuBLAS."""
+        if self.fused:
+            return self.fused(ids, positions, k, v, n_logits)
+        return static_forward(self.params, ids, positions, k, v, self.hparams["n_head"], n_logits,
+                              cublas_matmul)
+
+    def eager(self, ids, cache, n_logits):
+        """A forward without a graph: model.forward, or the fused kernels launched one by one."""
+        if not self.fused:
+            return GPT2.__call__(self, ids, cache, n_logits)
+        n_past, T = cache.length, len(ids)
+        if T == 0:
+            raise ValueError("forward needs at least one new token")
+        if n_past + T > cache.capacity:
+            raise GPT2Error(f"sequence of {n_past + T} tokens does not fit the KV cache "
+                            f"({cache.capacity} positions; GPT-2's context is {self.n_ctx})")
+        n_logits = T if n_logits is None else n_logits
+        ids = cp.asarray(np.asarray(ids, dtype=np.int64))
+        positions = cp.arange(n_past, n_past + T, dtype=cp.int64)
+        logits = self.fused(ids, positions, cache.k, cache.v, n_logits)
+        cache.length = n_past + T
+        return logits
 
     def new_cache(self, capacity: int = None) -> KVCache:
         """An empty cache; the arrays of a dropped one of the same capacity if there is one."""
         capacity = capacity or self.n_ctx
         reusable = [i for i, (k, _) in enumerate(self.spare) if k.shape[2] == capacity]
-        if not reusable:
-            cache = super().new_cache(capacity)
+        if not reusable:  # float32 whatever the weights' dtype
+            cache = KVCache(self.hparams, capacity, cp, cp.float32)
         else:
             cache = KVCache.__new__(KVCache)  # the same arrays, length 0: as good as new
             cache.k, cache.v = self.spare.pop(reusable[-1])
@@ -207,7 +254,7 @@ class GraphedGPT2(GPT2):
         n_logits = T if n_logits is None else n_logits
         if (not self.use_graphs or cache not in self.handed_out or not 0 < T <= CHUNKED_MAX_T
                 or not 0 < n_logits <= T or cache.length + T > cache.capacity):
-            return super().__call__(ids, cache, n_logits)  # eagerly (and its errors)
+            return self.eager(ids, cache, n_logits)  # (and its errors)
         if T <= GRAPH_MAX_T:
             return self.replay(ids, cache, n_logits)
         # Longer, with logits (a draft catching up after a long plain stretch): chunks of
@@ -227,7 +274,7 @@ class GraphedGPT2(GPT2):
         the logits of the last n_logits rows (None for 0)."""
         T, n_past = len(ids), cache.length
         if not self.use_graphs:  # a recording failed during this forward's earlier chunks
-            return super().__call__(ids, cache, n_logits)
+            return self.eager(ids, cache, n_logits)
         key = (cache.k.data.ptr, T)
         if key not in self.graphs:
             self.graphs[key] = Graph(self, cache, T)
@@ -236,6 +283,6 @@ class GraphedGPT2(GPT2):
         except (cp.cuda.runtime.CUDARuntimeError, OSError, RuntimeError) as e:  # no capture here
             warnings.warn(f"CUDA graphs unavailable ({e}); running eagerly", RuntimeWarning)
             self.use_graphs = False
-            return super().__call__(ids, cache, n_logits)
+            return self.eager(ids, cache, n_logits)
         cache.length = n_past + T
         return logits if n_logits else None

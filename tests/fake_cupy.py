@@ -132,12 +132,82 @@ class Stream:
 _streams = [Stream()]
 
 
+def _widen(w, weight_type):
+    """The float32 values of weights stored as kernels.cu's weight type (F32, F16, BF16)."""
+    w = np.asarray(w).view(np.ndarray)
+    if weight_type == "F16":
+        return w.view(np.float16).astype(np.float32)
+    if weight_type == "BF16":
+        return (w.astype(np.uint32) << 16).view(np.float32)
+    return w
+
+
+class RawModule:
+    """kernels.cu, "compiled" into NumPy stand-ins for its kernels, each written from the
+    gpt2_numpy/model.py function that specifies it. They take the real kernels' arguments in the
+    real order (device arrays, where the kernel gets a pointer: a view starting at that element)
+    and write their outputs in place, so gpt2_cupy/fused.py's host side (shapes, argument order,
+    chunking, epilogues) runs here as it does on a GPU. The CUDA code itself needs a GPU:
+    tests/test_cupy_kernels.py."""
+
+    def __init__(self, code, options=(), name_expressions=()):
+        self.names = set(name_expressions)
+
+    def get_function(self, name):
+        from gpt2_numpy import model as ref
+
+        base, _, targs = name.partition("<")
+        targs = [a.strip() for a in targs.rstrip(">").split(",")] if targs else []
+        if base != "layer_norm" and name not in self.names:
+            raise KeyError(name)
+
+        def embed(grid, block, args, shared_mem=0):
+            wte, wpe, ids, positions, x, d = args
+            W = targs[0]
+            x[...] = _widen(wte, W)[np.asarray(ids)] + _widen(wpe, W)[np.asarray(positions)]
+
+        def layer_norm(grid, block, args, shared_mem=0):
+            x, g, b, out, d, eps = args
+            T = grid[0]
+            out[:T] = ref.layer_norm(np.asarray(x[:T]), g, b, float(eps))
+
+        def gemv(grid, block, args, shared_mem=0):
+            x, w, bias, residual, y, partial, counters, n, m, kc, epilogue = args
+            T = int(targs[1])
+            z = np.asarray(x[:T]) @ _widen(w, targs[0]) + bias
+            if epilogue == 1:
+                z = ref.gelu(z)
+            elif epilogue == 2:
+                z = z + residual[:T]
+            y[:T] = z
+
+        def lm_head(grid, block, args, shared_mem=0):
+            x, wte, logits, d, V = args
+            T = int(targs[1])
+            logits[:T] = np.asarray(x[:T]) @ _widen(wte, targs[0]).T
+
+        def attention(grid, block, args, shared_mem=0):
+            qkv, k_cache, v_cache, positions, out, H, C, scale = args
+            T, d = grid[1], int(H) * int(targs[0])
+            n_past = int(np.asarray(positions)[0])
+            q, k, v = (ref.split_heads(np.asarray(qkv)[:, i * d : (i + 1) * d], int(H)) for i in range(3))
+            k_cache[:, n_past : n_past + T] = k
+            v_cache[:, n_past : n_past + T] = v
+            L = n_past + T
+            visible = ref.causal_mask(n_past, T, np) if T > 1 else None
+            out[...] = ref.merge_heads(ref.attention(q, k_cache[:, :L], v_cache[:, :L], visible))
+
+        return {"embed": embed, "layer_norm": layer_norm, "gemv": gemv, "lm_head": lm_head,
+                "attention": attention}[base]
+
+
 class MemoryPool:
     def malloc(self, nbytes):
         raise AssertionError("the fake never allocates through a pool")
 
 
 cuda = types.SimpleNamespace(
+    compiler=types.SimpleNamespace(CompileException=RuntimeError),
     Stream=Stream, MemoryPool=MemoryPool, get_current_stream=lambda: _streams[-1],
     using_allocator=lambda allocator=None: contextlib.nullcontext(),
     runtime=types.SimpleNamespace(CUDARuntimeError=CUDARuntimeError, getDeviceCount=lambda: 1,
@@ -153,26 +223,24 @@ def _ours(module_name):
 def installed():
     """Within this block `import cupy` gives this module and `import gpt2_cupy` a gpt2_cupy
     imported afresh on it (yielded); afterwards both are what they were (a real CuPy too)."""
-    from gpt2_numpy.static import static_forward
-
     saved = {name: sys.modules.pop(name) for name in list(sys.modules) if _ours(name)}
     sys.modules["cupy"] = sys.modules[__name__]
     try:
         import gpt2_cupy
         from gpt2_cupy import graphs
 
-        # products_through_cublas swaps in cuBLAS called through ctypes; here, NumPy's product
+        # static.py's products go through cuBLAS called with ctypes; here, through NumPy
         graphs._cublas = types.SimpleNamespace(matmul=lambda x, w: _device(np.matmul(x, w)))
         record = graphs.Graph.record
 
         def record_forward(graph):
-            """Graph.record, and the replay that the capture stands for: the same static_forward
-            on the same arrays (inputs, cache), its logits written into the recorded output."""
+            """Graph.record, and the replay that the capture stands for: the same forward on the
+            same arrays (inputs, cache), its logits written into the recorded output."""
             logits = record(graph)
-            out, args = graph.logits, graph.args
+            out, forward, args = graph.logits, graph.forward, graph.args
 
             def replay():
-                out[...] = static_forward(*args)
+                out[...] = forward(*args)
 
             graph.graph.replays = replay
             return logits

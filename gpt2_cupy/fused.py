@@ -1,0 +1,202 @@
+"""One GPT-2 forward in seven kernel launches per layer: the fused kernels of kernels.cu.
+
+gpt2_numpy/model.py on CuPy arrays launches ~50 small kernels per layer (a layer norm alone is
+about ten), and a decoding step is bound by launching them, not by reading the weights. Here a
+layer is exactly these launches, each the named model.py function:
+
+    h = layer_norm(x)                          layer_norm
+    qkv = h @ c_attn.w + c_attn.b              gemv
+    a = attention over the cache (writes k, v) qkv_heads .. merge_heads, causal_self_attention
+    x = x + a @ attn.c_proj.w + c_proj.b       gemv, with the residual add
+    h = layer_norm(x)                          layer_norm
+    f = gelu(h @ c_fc.w + c_fc.b)              gemv, with gelu
+    x = x + f @ mlp.c_proj.w + c_proj.b        gemv, with the residual add
+
+plus one embedding lookup before the layers and a layer norm and the tied LM head after them.
+Like gpt2_cupy/static.py, the forward takes the positions as a device array, so that one CUDA
+graph (graphs.py) replays it at every step.
+
+Weight matrices (and wte, wpe) can be stored as float16 or bfloat16 (`convert_weights`): they are
+widened to float32 as they are read, and everything else (activations, the residual stream, the
+KV cache, biases, layer-norm parameters, every sum) stays float32.
+"""
+import math
+from pathlib import Path
+
+import cupy as cp
+import numpy as np
+
+SOURCE = Path(__file__).with_name("kernels.cu")
+WEIGHT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+MAX_T = 16  # gemv and lm_head are compiled for 1..MAX_T rows; more rows run in chunks of MAX_T
+HEAD_SIZES = (8, 16, 32, 64)  # D, for which the attention kernel is compiled (official: 64)
+ADD_BIAS, GELU, ADD_RESIDUAL = 0, 1, 2  # gemv's epilogues (kernels.cu)
+MATRICES = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
+
+
+def split_k_rows(T: int) -> int:
+    """Rows of w one gemv block reads (kc): few rows for one token, so that even a [d, d] matrix
+    spreads over enough blocks to keep the memory busy; more for more tokens, so that the S
+    partial sums per output that the last block adds up stay few."""
+    return 64 if T <= 2 else 128 if T <= 8 else 256
+
+
+def convert_weights(params: dict, dtype: str) -> dict:
+    """The parameter tree with wte, wpe and the four weight matrices of each block stored as
+    `dtype` (float16 / bfloat16 as uint16 bit patterns, which the kernels widen; float32 as it
+    is). Biases and layer-norm parameters stay float32. bfloat16 rounds to nearest even."""
+    if dtype == "float32":
+        return params
+
+    def narrow(a):
+        if dtype == "float16":
+            return a.astype(cp.float16).view(cp.uint16)
+        bits = a.view(cp.uint32).astype(cp.uint64)  # round to nearest, ties to even
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(cp.uint16)
+
+    out = dict(params, wte=narrow(params["wte"]), wpe=narrow(params["wpe"]), blocks=[])
+    for block in params["blocks"]:
+        block = {**block, "attn": dict(block["attn"]), "mlp": dict(block["mlp"])}
+        for part, name in MATRICES:
+            block[part][name] = dict(block[part][name], w=narrow(block[part][name]["w"]))
+        out["blocks"].append(block)
+    return out
+
+
+def widen_weights(params: dict, dtype: str) -> dict:
+    """float32 copies of convert_weights' narrowed arrays (the values the kernels compute with)."""
+    if dtype == "float32":
+        return params
+
+    def widen(a):
+        if dtype == "float16":
+            return a.view(cp.float16).astype(cp.float32)
+        return (a.astype(cp.uint32) << 16).view(cp.float32)
+
+    out = dict(params, wte=widen(params["wte"]), wpe=widen(params["wpe"]), blocks=[])
+    for block in params["blocks"]:
+        block = {**block, "attn": dict(block["attn"]), "mlp": dict(block["mlp"])}
+        for part, name in MATRICES:
+            block[part][name] = dict(block[part][name], w=widen(block[part][name]["w"]))
+        out["blocks"].append(block)
+    return out
+
+
+class Kernels:
+    """kernels.cu compiled for one weight dtype, with a launcher per kernel."""
+
+    def __init__(self, dtype: str = "float32"):
+        self.W = WEIGHT_DTYPES[dtype]
+        self.per16 = 4 if dtype == "float32" else 8  # weights per 16-byte load
+        names = ([f"embed<{self.W}>", "layer_norm"] + [f"attention<{D}>" for D in HEAD_SIZES]
+                 + [f"gemv<{self.W}, {T}>" for T in range(1, MAX_T + 1)]
+                 + [f"lm_head<{self.W}, {T}>" for T in range(1, MAX_T + 1)])
+        self.module = cp.RawModule(code=SOURCE.read_text(), options=("-std=c++17",),
+                                   name_expressions=names)
+        self.functions = {name: self.module.get_function(name) for name in names}
+
+    def embed(self, wte, wpe, ids, positions, x):
+        """x [T, d] = wte[ids] + wpe[positions]"""
+        T, d = x.shape
+        self.functions[f"embed<{self.W}>"]((T,), (256,), (wte, wpe, ids, positions, x, np.int32(d)))
+
+    def layer_norm(self, x, g, b, out, eps=1e-5):
+        """out [T, d] = layer_norm(x [T, d])"""
+        T, d = x.shape
+        self.functions["layer_norm"]((T,), (256,), (x, g, b, out, np.int32(d), np.float32(eps)))
+
+    def gemv(self, x, w, b, out, workspace, epilogue=ADD_BIAS):
+        """out [T, m] = x [T, n] @ w [n, m] + b, then gelu (GELU) or + out (ADD_RESIDUAL)."""
+        T, n = x.shape
+        m = w.shape[1]
+        cols = 32 * self.per16
+        for start in range(0, T, MAX_T):
+            rows = min(MAX_T, T - start)
+            kc = split_k_rows(rows)
+            grid = (-(-m // cols), -(-n // kc))
+            workspace.check(grid[1] * rows * m, grid[0])
+            self.functions[f"gemv<{self.W}, {rows}>"](
+                grid, (256,), (x[start:], w, b, out[start:], out[start:], workspace.partial,
+                               workspace.counters, np.int32(n), np.int32(m), np.int32(kc),
+                               np.int32(epilogue)))
+
+    def attention(self, qkv, k_cache, v_cache, positions, out):
+        """out [T, d] = attention of T new queries over the cache (this call's keys included),
+        after writing this call's keys and values to rows `positions` of k_cache, v_cache [H, C, D]"""
+        T = qkv.shape[0]
+        H, C, D = k_cache.shape
+        self.functions[f"attention<{D}>"](
+            (H, T), (128,), (qkv, k_cache, v_cache, positions, out, np.int32(H), np.int32(C),
+                             np.float32(1.0 / math.sqrt(D))),
+            shared_mem=4 * (D + C))
+
+    def lm_head(self, x, wte, logits):
+        """logits [T, V] = x [T, d] @ wte.T"""
+        T, d = x.shape
+        V = wte.shape[0]
+        for start in range(0, T, MAX_T):
+            rows = min(MAX_T, T - start)
+            self.functions[f"lm_head<{self.W}, {rows}>"](
+                (-(-V // 8),), (256,), (x[start:], wte, logits[start:], np.int32(d), np.int32(V)))
+
+
+class Workspace:
+    """gemv's scratch: partial sums [S, T, m] and one arrival counter per column tile (zero
+    between launches: the last block resets it). One per model; its forwards never overlap."""
+
+    def __init__(self, hparams: dict, per16: int):
+        d = hparams["n_embd"]
+        shapes = [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)]
+        floats = max(-(-n // split_k_rows(T)) * T * m for n, m in shapes for T in range(1, MAX_T + 1))
+        self.partial = cp.empty(floats, dtype=cp.float32)
+        self.counters = cp.zeros(-(-4 * d // (32 * per16)), dtype=cp.uint32)
+
+    def check(self, floats: int, tiles: int) -> None:
+        if floats > self.partial.size or tiles > self.counters.size:
+            raise ValueError(f"gemv workspace too small ({floats} > {self.partial.size} or "
+                             f"{tiles} > {self.counters.size})")
+
+
+class FusedForward:
+    """forward(ids, positions, k, v, n_logits) for one model, in the fused kernels.
+
+    params: the parameter tree, its matrices as `dtype` (convert_weights).
+    """
+
+    def __init__(self, params: dict, hparams: dict, dtype: str = "float32"):
+        d, H = hparams["n_embd"], hparams["n_head"]
+        if d % H or d // H not in HEAD_SIZES or d % 8:
+            raise ValueError(f"the fused kernels need a head size in {HEAD_SIZES} and n_embd % 8 "
+                             f"== 0 (got n_embd={d}, n_head={H})")
+        self.params, self.hparams = params, hparams
+        self.kernels = Kernels(dtype)
+        self.workspace = Workspace(hparams, self.kernels.per16)
+
+    def __call__(self, ids, positions, k, v, n_logits: int):
+        """Feed tokens `ids` at `positions` (consecutive; [T] int64 device arrays) into the
+        cache k, v [n_layer, H, C, D]; return logits [n_logits, V] of the last n_logits rows
+        (None for n_logits = 0, a prefill)."""
+        kern, ws, p = self.kernels, self.workspace, self.params
+        T, d = ids.shape[0], self.hparams["n_embd"]
+        x = cp.empty((T, d), dtype=cp.float32)  # the residual stream
+        h = cp.empty((T, d), dtype=cp.float32)
+        qkv = cp.empty((T, 3 * d), dtype=cp.float32)
+        a = cp.empty((T, d), dtype=cp.float32)
+        f = cp.empty((T, 4 * d), dtype=cp.float32)
+        kern.embed(p["wte"], p["wpe"], ids, positions, x)
+        for i, block in enumerate(p["blocks"]):
+            attn, mlp = block["attn"], block["mlp"]
+            kern.layer_norm(x, block["ln_1"]["g"], block["ln_1"]["b"], h)
+            kern.gemv(h, attn["c_attn"]["w"], attn["c_attn"]["b"], qkv, ws)
+            kern.attention(qkv, k[i], v[i], positions, a)
+            kern.gemv(a, attn["c_proj"]["w"], attn["c_proj"]["b"], x, ws, ADD_RESIDUAL)
+            kern.layer_norm(x, block["ln_2"]["g"], block["ln_2"]["b"], h)
+            kern.gemv(h, mlp["c_fc"]["w"], mlp["c_fc"]["b"], f, ws, GELU)
+            kern.gemv(f, mlp["c_proj"]["w"], mlp["c_proj"]["b"], x, ws, ADD_RESIDUAL)
+        if n_logits == 0:
+            return None
+        last = cp.empty((n_logits, d), dtype=cp.float32)
+        kern.layer_norm(x[T - n_logits :], p["ln_f"]["g"], p["ln_f"]["b"], last)
+        logits = cp.empty((n_logits, p["wte"].shape[0]), dtype=cp.float32)
+        kern.lm_head(last, p["wte"], logits)
+        return logits
