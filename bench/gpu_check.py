@@ -345,6 +345,97 @@ def section_adaptive(res, out_dir):
         res["adaptive"] = json.loads(path.read_text())
 
 
+def graph_us(fn, n=100):
+    """Microseconds per call of fn, n calls recorded in one CUDA graph and replayed (what a
+    kernel costs inside a graphed step, launch gaps included)."""
+    import cupy as cp
+
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        fn()
+        stream.begin_capture()
+        for _ in range(n):
+            fn()
+        graph = stream.end_capture()
+        graph.launch()
+        stream.synchronize()
+        best = float("inf")
+        for _ in range(5):
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            start.record(stream)
+            graph.launch()
+            end.record(stream)
+            end.synchronize()
+            best = min(best, cp.cuda.get_elapsed_time(start, end) * 1e3 / n)
+    return best
+
+
+def section_kernels(res, out_dir):
+    """Where a fused step's time goes: each kernel of a 355M step timed alone (in a graph),
+    with the bytes it must read and the rate that makes; the cuBLAS product for contrast."""
+    import cupy as cp
+
+    from gpt2_cupy import fused
+    from gpt2_cupy.graphs import cublas_matmul
+
+    rows = []
+    for size in (SIZES[-1],):
+        h = gpt2.official_hparams(size)
+        d, H, V, L = h["n_embd"], h["n_head"], h["n_vocab"], h["n_layer"]
+        for dtype in ("float32", "bfloat16"):
+            kern = fused.Kernels(dtype)
+            ws = fused.Workspace(h, kern.per16)
+            wbytes = 4 if dtype == "float32" else 2
+            rng = cp.random.default_rng(0)
+
+            def weights(n, m):
+                return fused.convert_weights({"wte": rng.standard_normal((n, m), dtype=cp.float32) * 0.02,
+                                              "wpe": cp.zeros((1, m), cp.float32), "blocks": []}, dtype)["wte"]
+            for T in (1, 4):
+                x = rng.standard_normal((T, d), dtype=cp.float32)
+                x4 = rng.standard_normal((T, 4 * d), dtype=cp.float32)
+                ln = {"g": cp.ones(d, cp.float32), "b": cp.zeros(d, cp.float32)}
+                qkv = rng.standard_normal((T, 3 * d), dtype=cp.float32)
+                out_d, out_3d, out_4d = (cp.empty((T, k * d), cp.float32) for k in (1, 3, 4))
+                w_qkv, w_proj, w_fc, w_fc2 = weights(d, 3 * d), weights(d, d), weights(d, 4 * d), weights(4 * d, d)
+                wte = weights(V, d)
+                kc = cp.zeros((H, 1024, d // H), cp.float32)
+                vc = cp.zeros((H, 1024, d // H), cp.float32)
+                pos = cp.arange(95, 95 + T, dtype=cp.int64)
+                logits = cp.empty((T, V), cp.float32)
+                b3, b1, b4 = (cp.zeros(k * d, cp.float32) for k in (3, 1, 4))
+                per_layer = [
+                    ("gemv qkv + LN", d * 3 * d, lambda: kern.gemv(x, w_qkv, b3, out_3d, ws, ln=ln)),
+                    ("attention L=96", 0, lambda: kern.attention(qkv, kc, vc, pos, out_d)),
+                    ("gemv attn proj + residual", d * d, lambda: kern.gemv(x, w_proj, b1, out_d, ws, fused.ADD_RESIDUAL)),
+                    ("gemv fc + LN + gelu", d * 4 * d, lambda: kern.gemv(x, w_fc, b4, out_4d, ws, fused.GELU, ln=ln)),
+                    ("gemv mlp proj + residual", 4 * d * d, lambda: kern.gemv(x4, w_fc2, b1, out_d, ws, fused.ADD_RESIDUAL))]
+                once = [("layer_norm (ln_f)", 0, lambda: kern.layer_norm(x, ln["g"], ln["b"], out_d)),
+                        ("lm_head", V * d, lambda: kern.lm_head(x, wte, logits)),
+                        ("embed", 0, lambda: kern.embed(wte, wte, pos, pos, out_d))]
+                step = 0.0
+                for name, n_weights, fn in per_layer + once:
+                    us = graph_us(fn)
+                    count = L if (name, n_weights, fn) in per_layer else 1
+                    step += us * count
+                    row = {"size": size, "dtype": dtype, "T": T, "kernel": name, "us": us,
+                           "per_step": count, "GB_per_s": n_weights * wbytes / us / 1e3 if n_weights else None}
+                    rows.append(row)
+                    log(f"kernel {size} {dtype} T={T} {name}: {us:.2f} us x{count}"
+                        + (f", {row['GB_per_s']:.0f} GB/s" if n_weights else ""))
+                rows.append({"size": size, "dtype": dtype, "T": T, "kernel": "sum of the above per step",
+                             "us": step, "per_step": 1, "GB_per_s": None})
+                log(f"kernel {size} {dtype} T={T} sum per step: {step / 1e3:.3f} ms")
+                if dtype == "float32":
+                    wf = [w_qkv, w_proj, w_fc, w_fc2]
+                    for w, xin in zip(wf, [x, x, x, x4]):
+                        us = graph_us(lambda: cublas_matmul(xin, w))
+                        rows.append({"size": size, "dtype": dtype, "T": T, "kernel": f"cuBLAS {w.shape}",
+                                     "us": us, "per_step": L, "GB_per_s": w.nbytes / us / 1e3})
+                        log(f"kernel {size} cuBLAS T={T} {w.shape}: {us:.2f} us, {w.nbytes / us / 1e3:.0f} GB/s")
+    res["kernels"] = rows
+
+
 def section_anchor(res, out_dir):
     for path in (ROOT.parent / "shared/tools/torch_graph_anchor.py", ROOT / ".gpu_carry/torch_graph_anchor.py"):
         if path.exists():
@@ -386,7 +477,7 @@ def write(res, out_dir):
     for key in ("tests", "bandwidth", "overhead"):
         if key in res:
             md += [f"## {key}", "```", json.dumps(res[key], indent=1, default=str), "```", ""]
-    for key in ("decode", "peer", "r_of_T", "speculative"):
+    for key in ("decode", "peer", "r_of_T", "speculative", "kernels"):
         rows = res.get(key, {}).get("rows") if key == "peer" else res.get(key)
         if rows:
             cols = list(rows[0])
@@ -447,6 +538,7 @@ def main(argv=None):
                 ("r_of_T", lambda: section_r_of_T(res, out_dir, {k: v for k, v in get_models().items()})),
                 ("speculative", lambda: section_speculative(res, out_dir, get_models())),
                 ("overhead", lambda: section_overhead(res, out_dir, get_models())),
+                ("kernels", lambda: section_kernels(res, out_dir)),
                 ("adaptive", lambda: section_adaptive(res, out_dir)),
                 ("anchor", lambda: section_anchor(res, out_dir))]
     for name, fn in sections:

@@ -1,16 +1,14 @@
-"""One GPT-2 forward in seven kernel launches per layer: the fused kernels of kernels.cu.
+"""One GPT-2 forward in five kernel launches per layer: the fused kernels of kernels.cu.
 
 gpt2_numpy/model.py on CuPy arrays launches ~50 small kernels per layer (a layer norm alone is
 about ten), and a decoding step is bound by launching them, not by reading the weights. Here a
-layer is exactly these launches, each the named model.py function:
+layer is exactly these launches, each the named model.py functions:
 
-    h = layer_norm(x)                          layer_norm
-    qkv = h @ c_attn.w + c_attn.b              gemv
-    a = attention over the cache (writes k, v) qkv_heads .. merge_heads, causal_self_attention
-    x = x + a @ attn.c_proj.w + c_proj.b       gemv, with the residual add
-    h = layer_norm(x)                          layer_norm
-    f = gelu(h @ c_fc.w + c_fc.b)              gemv, with gelu
-    x = x + f @ mlp.c_proj.w + c_proj.b        gemv, with the residual add
+    qkv = layer_norm(x) @ c_attn.w + c_attn.b          gemv (layer norm on the way in)
+    a = attention over the cache (writes k, v)         attention (qkv_heads .. merge_heads)
+    x = x + a @ attn.c_proj.w + c_proj.b               gemv (residual add on the way out)
+    f = gelu(layer_norm(x) @ c_fc.w + c_fc.b)          gemv (layer norm in, gelu out)
+    x = x + f @ mlp.c_proj.w + c_proj.b                gemv (residual add out)
 
 plus one embedding lookup before the layers and a layer norm and the tied LM head after them.
 Like gpt2_cupy/static.py, the forward takes the positions as a device array, so that one CUDA
@@ -30,15 +28,17 @@ SOURCE = Path(__file__).with_name("kernels.cu")
 WEIGHT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 MAX_T = 16  # gemv and lm_head are compiled for 1..MAX_T rows; more rows run in chunks of MAX_T
 HEAD_SIZES = (8, 16, 32, 64)  # D, for which the attention kernel is compiled (official: 64)
-ADD_BIAS, GELU, ADD_RESIDUAL = 0, 1, 2  # gemv's epilogues (kernels.cu)
+ADD_BIAS, GELU, ADD_RESIDUAL, LN_INPUT = 0, 1, 2, 4  # gemv's flags (kernels.cu)
 MATRICES = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
 
 
-def split_k_rows(T: int) -> int:
-    """Rows of w one gemv block reads (kc): few rows for one token, so that even a [d, d] matrix
-    spreads over enough blocks to keep the memory busy; more for more tokens, so that the S
-    partial sums per output that the last block adds up stay few."""
-    return 64 if T <= 2 else 128 if T <= 8 else 256
+def split_k_rows(n: int, T: int) -> int:
+    """Rows of w one gemv block reads (kc, a multiple of 8, at most 256): few rows for one token,
+    so that even a [d, d] matrix spreads over enough blocks to keep the memory busy; more for
+    more tokens, or for a tall matrix, so that the S = n / kc partial sums that the last block
+    of a column tile adds up stay at most 16."""
+    least = 64 if T <= 2 else 128 if T <= 8 else 256
+    return min(256, max(least, -(-n // 16 // 8) * 8))
 
 
 def convert_weights(params: dict, dtype: str) -> dict:
@@ -105,20 +105,24 @@ class Kernels:
         T, d = x.shape
         self.functions["layer_norm"]((T,), (256,), (x, g, b, out, np.int32(d), np.float32(eps)))
 
-    def gemv(self, x, w, b, out, workspace, epilogue=ADD_BIAS):
-        """out [T, m] = x [T, n] @ w [n, m] + b, then gelu (GELU) or + out (ADD_RESIDUAL)."""
+    def gemv(self, x, w, b, out, workspace, epilogue=ADD_BIAS, ln=None):
+        """out [T, m] = x [T, n] @ w [n, m] + b, then gelu (GELU) or + out (ADD_RESIDUAL);
+        ln = {g, b}: layer_norm(x) @ w instead of x @ w."""
         T, n = x.shape
         m = w.shape[1]
         cols = 32 * self.per16
+        if ln is not None:
+            epilogue |= LN_INPUT
+        g, beta = (ln["g"], ln["b"]) if ln is not None else (b, b)  # unread without LN_INPUT
         for start in range(0, T, MAX_T):
             rows = min(MAX_T, T - start)
-            kc = split_k_rows(rows)
+            kc = split_k_rows(n, rows)
             grid = (-(-m // cols), -(-n // kc))
             workspace.check(grid[1] * rows * m, grid[0])
             self.functions[f"gemv<{self.W}, {rows}>"](
                 grid, (256,), (x[start:], w, b, out[start:], out[start:], workspace.partial,
-                               workspace.counters, np.int32(n), np.int32(m), np.int32(kc),
-                               np.int32(epilogue)))
+                               workspace.counters, g, beta, np.int32(n), np.int32(m),
+                               np.int32(kc), np.int32(epilogue)))
 
     def attention(self, qkv, k_cache, v_cache, positions, out):
         """out [T, d] = attention of T new queries over the cache (this call's keys included),
@@ -147,7 +151,8 @@ class Workspace:
     def __init__(self, hparams: dict, per16: int):
         d = hparams["n_embd"]
         shapes = [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)]
-        floats = max(-(-n // split_k_rows(T)) * T * m for n, m in shapes for T in range(1, MAX_T + 1))
+        floats = max(-(-n // split_k_rows(n, T)) * T * m for n, m in shapes
+                     for T in range(1, MAX_T + 1))
         self.partial = cp.empty(floats, dtype=cp.float32)
         self.counters = cp.zeros(-(-4 * d // (32 * per16)), dtype=cp.uint32)
 
@@ -179,19 +184,16 @@ class FusedForward:
         kern, ws, p = self.kernels, self.workspace, self.params
         T, d = ids.shape[0], self.hparams["n_embd"]
         x = cp.empty((T, d), dtype=cp.float32)  # the residual stream
-        h = cp.empty((T, d), dtype=cp.float32)
         qkv = cp.empty((T, 3 * d), dtype=cp.float32)
         a = cp.empty((T, d), dtype=cp.float32)
         f = cp.empty((T, 4 * d), dtype=cp.float32)
         kern.embed(p["wte"], p["wpe"], ids, positions, x)
         for i, block in enumerate(p["blocks"]):
             attn, mlp = block["attn"], block["mlp"]
-            kern.layer_norm(x, block["ln_1"]["g"], block["ln_1"]["b"], h)
-            kern.gemv(h, attn["c_attn"]["w"], attn["c_attn"]["b"], qkv, ws)
+            kern.gemv(x, attn["c_attn"]["w"], attn["c_attn"]["b"], qkv, ws, ln=block["ln_1"])
             kern.attention(qkv, k[i], v[i], positions, a)
             kern.gemv(a, attn["c_proj"]["w"], attn["c_proj"]["b"], x, ws, ADD_RESIDUAL)
-            kern.layer_norm(x, block["ln_2"]["g"], block["ln_2"]["b"], h)
-            kern.gemv(h, mlp["c_fc"]["w"], mlp["c_fc"]["b"], f, ws, GELU)
+            kern.gemv(x, mlp["c_fc"]["w"], mlp["c_fc"]["b"], f, ws, GELU, ln=block["ln_2"])
             kern.gemv(f, mlp["c_proj"]["w"], mlp["c_proj"]["b"], x, ws, ADD_RESIDUAL)
         if n_logits == 0:
             return None

@@ -52,7 +52,7 @@ CHUNKED_MAX_T = 8 * GRAPH_MAX_T  # up to this, forwards with logits run as chunk
 SPARE_CACHES = 4  # dropped caches kept per model for reuse, with their graphs
 # The fused kernels are used unless a model is made with fused=False (they fall back to the
 # unfused forward, with a warning, where they do not compile).
-FUSED_BY_DEFAULT = False
+FUSED_BY_DEFAULT = True
 
 
 class CuBLAS:

@@ -110,7 +110,9 @@ __device__ __forceinline__ float gelu(float x) {
     return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
 
-enum { ADD_BIAS = 0, GELU = 1, ADD_RESIDUAL = 2 };
+// gemv's epilogue flags; LN_INPUT: x is the residual stream and the product's input is
+// layer_norm(x) with (ln_g, ln_b), computed on the way in (model.layer_norm, then model.linear).
+enum { ADD_BIAS = 0, GELU = 1, ADD_RESIDUAL = 2, LN_INPUT = 4 };
 
 // model.linear (then gelu, or plus a residual): y[t, j] = sum_i x[t, i] w[i, j] + b[j] for T
 // rows of x [T, n] and w [n, m] as the checkpoint stores it.
@@ -126,16 +128,41 @@ enum { ADD_BIAS = 0, GELU = 1, ADD_RESIDUAL = 2 };
 template <class W, int T>
 __global__ void __launch_bounds__(256) gemv(const float* x, const void* w, const float* bias,
                                             const float* residual, float* y, float* partial,
-                                            unsigned* counters, int n, int m, int kc, int epilogue) {
-    constexpr int P = W::PER16, COLS = 32 * P;
-    __shared__ float xs[T][256];  // this slice of x: x[:, k0:k1]
+                                            unsigned* counters, const float* ln_g,
+                                            const float* ln_b, int n, int m, int kc, int epilogue) {
+    constexpr int P = W::PER16, COLS = 32 * P, UNROLL = T <= 2 ? 8 : T <= 8 ? 4 : 2;
+    __shared__ float xs[T][256];  // this slice of the input: x[:, k0:k1], or its layer norm
     __shared__ float sums[8][COLS];  // one row t of the 8 warps' sums
+    __shared__ float stats[T][2];  // LN_INPUT: each row's mean and 1 / std
     __shared__ bool last;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int k0 = blockIdx.y * kc, k1 = min(n, k0 + kc), rows = k1 - k0;
     const int col = blockIdx.x * COLS + lane * P;  // this lane's first column; m % P == 0
-    for (int i = threadIdx.x; i < T * rows; i += blockDim.x)
-        xs[i / rows][i % rows] = x[(long long)(i / rows) * n + k0 + i % rows];
+    if (epilogue & LN_INPUT) {  // one warp per row of x: mean, then variance about it
+        for (int t = warp; t < T; t += 8) {
+            const float* row = x + (long long)t * n;
+            float s = 0.0f;
+            for (int i = lane; i < n; i += 32) s += row[i];
+            const float mean = warp_sum(s) / n;
+            float ss = 0.0f;
+            for (int i = lane; i < n; i += 32) {
+                const float c = row[i] - mean;
+                ss += c * c;
+            }
+            ss = warp_sum(ss);
+            if (lane == 0) {
+                stats[t][0] = mean;
+                stats[t][1] = 1.0f / sqrtf(ss / n + 1e-5f);
+            }
+        }
+        __syncthreads();
+    }
+    for (int i = threadIdx.x; i < T * rows; i += blockDim.x) {
+        const int t = i / rows, k = k0 + i % rows;
+        const float v = x[(long long)t * n + k];
+        xs[t][i % rows] = (epilogue & LN_INPUT)
+            ? ln_g[k] * ((v - stats[t][0]) * stats[t][1]) + ln_b[k] : v;
+    }
     __syncthreads();
 
     float acc[T][P];
@@ -145,7 +172,7 @@ __global__ void __launch_bounds__(256) gemv(const float* x, const void* w, const
         for (int p = 0; p < P; ++p) acc[t][p] = 0.0f;
     if (col < m) {
         const char* base = (const char*)w + ((long long)k0 * m + col) * (16 / P);
-#pragma unroll 4
+#pragma unroll UNROLL
         for (int k = warp; k < rows; k += 8) {
             float wk[P];
             W::widen(__ldg((const uint4*)(base + (long long)k * m * (16 / P))), wk);
@@ -178,15 +205,24 @@ __global__ void __launch_bounds__(256) gemv(const float* x, const void* w, const
     __syncthreads();
     if (!last) return;
     __threadfence();
+    const int S = gridDim.y;
     for (int i = threadIdx.x; i < T * COLS; i += blockDim.x) {
         const int t = i / COLS, j = tiles_col + i % COLS;
         if (j >= m) continue;
-        float s = 0.0f;
-        for (int slice = 0; slice < gridDim.y; ++slice)
-            s += __ldcg(&partial[((long long)slice * T + t) * m + j]);  // from L2, not a stale L1
-        s += bias[j];
-        if (epilogue == GELU) s = gelu(s);
-        if (epilogue == ADD_RESIDUAL) s += residual[(long long)t * m + j];
+        const float* p = partial + (long long)t * m + j;
+        const long long stride = (long long)T * m;
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;  // four loads in flight at a time
+        int slice = 0;
+        for (; slice + 4 <= S; slice += 4) {  // __ldcg: from L2, never a stale L1 line
+            s0 += __ldcg(p + slice * stride);
+            s1 += __ldcg(p + (slice + 1) * stride);
+            s2 += __ldcg(p + (slice + 2) * stride);
+            s3 += __ldcg(p + (slice + 3) * stride);
+        }
+        for (; slice < S; ++slice) s0 += __ldcg(p + slice * stride);
+        float s = (s0 + s1) + (s2 + s3) + bias[j];
+        if (epilogue & GELU) s = gelu(s);
+        if (epilogue & ADD_RESIDUAL) s += residual[(long long)t * m + j];
         y[(long long)t * m + j] = s;
     }
     if (threadIdx.x == 0) counters[blockIdx.x] = 0;
@@ -206,6 +242,7 @@ __global__ void __launch_bounds__(256) lm_head(const float* x, const void* wte, 
     float acc[T];
 #pragma unroll
     for (int t = 0; t < T; ++t) acc[t] = 0.0f;
+#pragma unroll 4
     for (int c = lane; c < d / P; c += 32) {
         float wc[P];
         W::widen(__ldg((const uint4*)(row + (long long)c * 16)), wc);
@@ -277,6 +314,7 @@ __global__ void __launch_bounds__(128) attention(const float* qkv, float* k_cach
     // out[i] = sum_j scores[j] v_j[i] / total: thread (half, i) sums every other key
     const int i = tid % D, half = tid / D, n_halves = blockDim.x / D;
     float acc = 0.0f;
+#pragma unroll 8
     for (int j = half; j < L; j += n_halves) {
         const float* v = j < p0 ? v_cache + ((long long)h * C + j) * D
                                 : qkv + (long long)(j - p0) * 3 * d + 2 * d + h * D;

@@ -78,9 +78,13 @@ def probability_of(logits: np.ndarray, tokens, warp: Warp) -> np.ndarray:
 
 def sample(p: np.ndarray, rng: np.random.Generator) -> int:
     """Draw one token from the distribution p [V] by inverting its CDF with u ~ U[0, 1)."""
+    u = rng.random()  # drawn in every case, so that a seed gives one stream of draws
+    token = int(np.argmax(p))
+    if p[token] == 1.0:  # a one-hot (greedy): the CDF would find this token; skip building it
+        return token
     cdf = np.cumsum(p)
     # side="right" skips zero-probability tokens: their CDF value equals their predecessor's.
-    token = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+    token = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
     return min(token, len(p) - 1)
 
 

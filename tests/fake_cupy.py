@@ -172,12 +172,15 @@ class RawModule:
             out[:T] = ref.layer_norm(np.asarray(x[:T]), g, b, float(eps))
 
         def gemv(grid, block, args, shared_mem=0):
-            x, w, bias, residual, y, partial, counters, n, m, kc, epilogue = args
+            x, w, bias, residual, y, partial, counters, ln_g, ln_b, n, m, kc, epilogue = args
             T = int(targs[1])
-            z = np.asarray(x[:T]) @ _widen(w, targs[0]) + bias
-            if epilogue == 1:
+            x = np.asarray(x[:T])
+            if epilogue & 4:
+                x = ref.layer_norm(x, ln_g, ln_b)
+            z = x @ _widen(w, targs[0]) + bias
+            if epilogue & 1:
                 z = ref.gelu(z)
-            elif epilogue == 2:
+            if epilogue & 2:
                 z = z + residual[:T]
             y[:T] = z
 

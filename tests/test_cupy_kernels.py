@@ -78,14 +78,23 @@ def test_gemv_is_linear_then_gelu_or_plus_the_residual(kernels, T, n, m):
     workspace = fused.Workspace(hparams, kern.per16)
     linear = x64 @ w + b64
     bound = dot_bound(x64, w) + U * np.abs(linear)
+    g = (1 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+    beta = (0.1 * rng.standard_normal(n)).astype(np.float32)
+    normed = ref.layer_norm(x64, g.astype(np.float64), beta.astype(np.float64))
+    ln_linear = normed @ w + b64
+    # the layer norm's own float32 error (a few units of roundoff per element) goes through w
+    ln_bound = dot_bound(normed, w) + 32 * U * (np.abs(normed) @ np.abs(w)) + U * np.abs(ln_linear)
     for epilogue, want, tol in [
+            (fused.LN_INPUT, ln_linear, ln_bound),
             (fused.ADD_BIAS, linear, bound),
             (fused.GELU, ref.gelu(linear), 1.2 * bound + 4 * U * np.abs(ref.gelu(linear)) + 1e-7),
             (fused.ADD_RESIDUAL, linear + res, bound + 2 * U * np.abs(linear + res))]:
         outs = []
         for _ in range(2):  # a second launch: the arrival counters were reset by the first
             out = cp.asarray(res) if epilogue == fused.ADD_RESIDUAL else cp.full((T, m), np.nan, np.float32)
-            kern.gemv(cp.asarray(x), w_dev, cp.asarray(b), out, workspace, epilogue)
+            ln = {"g": cp.asarray(g), "b": cp.asarray(beta)} if epilogue == fused.LN_INPUT else None
+            kern.gemv(cp.asarray(x), w_dev, cp.asarray(b), out, workspace,
+                      fused.ADD_BIAS if ln else epilogue, ln=ln)
             outs.append(cp.asnumpy(out))
         assert np.isfinite(outs[0]).all()  # every element written
         assert np.array_equal(outs[0], outs[1])  # a fixed order of sums: the same bits each time
