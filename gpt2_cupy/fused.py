@@ -130,9 +130,8 @@ class Kernels:
         T = qkv.shape[0]
         H, C, D = k_cache.shape
         self.functions[f"attention<{D}>"](
-            (H, T), (128,), (qkv, k_cache, v_cache, positions, out, np.int32(H), np.int32(C),
-                             np.float32(1.0 / math.sqrt(D))),
-            shared_mem=4 * (D + C))
+            (H, T), (256,), (qkv, k_cache, v_cache, positions, out, np.int32(H), np.int32(C),
+                             np.float32(1.0 / math.sqrt(D))))
 
     def lm_head(self, x, wte, logits):
         """logits [T, V] = x [T, d] @ wte.T"""

@@ -138,6 +138,14 @@ __global__ void __launch_bounds__(256) gemv(const float* x, const void* w, const
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int k0 = blockIdx.y * kc, k1 = min(n, k0 + kc), rows = k1 - k0;
     const int col = blockIdx.x * COLS + lane * P;  // this lane's first column; m % P == 0
+    // This warp's rows of w are k = warp, warp + 8, ...; the first UNROLL of them are requested
+    // now, so that they arrive while the block prepares its slice of x.
+    const char* base = (const char*)w + ((long long)k0 * m + col) * (16 / P);
+    const long long row_bytes = (long long)8 * m * (16 / P);  // from one of this warp's rows to the next
+    uint4 next[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)
+        if (col < m && warp + 8 * u < rows) next[u] = __ldg((const uint4*)(base + (warp + 8 * u) * (row_bytes / 8)));
     if (epilogue & LN_INPUT) {  // one warp per row of x: mean, then variance about it
         for (int t = warp; t < T; t += 8) {
             const float* row = x + (long long)t * n;
@@ -171,16 +179,26 @@ __global__ void __launch_bounds__(256) gemv(const float* x, const void* w, const
 #pragma unroll
         for (int p = 0; p < P; ++p) acc[t][p] = 0.0f;
     if (col < m) {
-        const char* base = (const char*)w + ((long long)k0 * m + col) * (16 / P);
-#pragma unroll UNROLL
-        for (int k = warp; k < rows; k += 8) {
-            float wk[P];
-            W::widen(__ldg((const uint4*)(base + (long long)k * m * (16 / P))), wk);
+        // UNROLL rows at a time: use the loads in hand while the next UNROLL are requested
+        for (int k = warp; k < rows; k += 8 * UNROLL) {
+            uint4 here[UNROLL];
 #pragma unroll
-            for (int t = 0; t < T; ++t) {
-                const float xk = xs[t][k];
+            for (int u = 0; u < UNROLL; ++u) {
+                here[u] = next[u];
+                const int ahead = k + 8 * (UNROLL + u);
+                if (ahead < rows) next[u] = __ldg((const uint4*)(base + ahead * (row_bytes / 8)));
+            }
 #pragma unroll
-                for (int p = 0; p < P; ++p) acc[t][p] = fmaf(xk, wk[p], acc[t][p]);
+            for (int u = 0; u < UNROLL; ++u) {
+                if (k + 8 * u >= rows) break;
+                float wk[P];
+                W::widen(here[u], wk);
+#pragma unroll
+                for (int t = 0; t < T; ++t) {
+                    const float xk = xs[t][k + 8 * u];
+#pragma unroll
+                    for (int p = 0; p < P; ++p) acc[t][p] = fmaf(xk, wk[p], acc[t][p]);
+                }
             }
         }
     }
@@ -269,61 +287,69 @@ __global__ void __launch_bounds__(256) lm_head(const float* x, const void* wte, 
 //   qkv [T, 3d]: q | k | v, head h in columns h*D..h*D+D of each third (model.qkv_heads);
 //   k_cache, v_cache [H, C, D]; positions [T], consecutive (the new tokens follow the cache);
 //   out [T, d], heads merged (model.merge_heads).
-// One block per (head, query), 128 threads; D divides 128. Keys before positions[0] come from the cache; this
-// call's own keys are read from qkv, since other blocks are writing them to the cache meanwhile.
+// One block per (head, query), 8 warps; warp w takes keys w, w + 8, ..., its lanes E = D / 32
+// dimensions each (one, on the first D lanes, when D < 32). Each warp keeps a running softmax
+// (max, sum, weighted sum of values), and the 8 are merged at the end: the same sums as
+// softmax(scores) @ v, in another order. Keys before positions[0] come from the cache; this
+// call's own keys come from qkv, since other blocks are writing them to the cache meanwhile.
 template <int D>
-__global__ void __launch_bounds__(128) attention(const float* qkv, float* k_cache, float* v_cache,
+__global__ void __launch_bounds__(256) attention(const float* qkv, float* k_cache, float* v_cache,
                                                  const long long* positions, float* out, int H,
                                                  int C, float scale) {
-    extern __shared__ float shared[];  // q [D], then scores [C]
-    __shared__ float scratch[32];
-    __shared__ float halves[128];
-    float* q = shared;
-    float* scores = shared + D;
-    const int h = blockIdx.x, t = blockIdx.y, d = H * D, tid = threadIdx.x;
+    constexpr int E = D >= 32 ? D / 32 : 1;
+    __shared__ float warp_max_[8], warp_sum_[8], warp_acc[8][D];
+    const int h = blockIdx.x, t = blockIdx.y, d = H * D, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const long long p0 = positions[0], pos = positions[t];
-    const int L = (int)pos + 1;  // keys 0..pos are visible (the causal mask)
     const float* row = qkv + (long long)t * 3 * d;
-    for (int i = tid; i < D; i += blockDim.x) {
-        q[i] = row[h * D + i] * scale;  // scaling q, not the scores (as model.attention)
+    const bool active = lane * E < D;  // lanes past D hold nothing (D < 32)
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
         k_cache[((long long)h * C + pos) * D + i] = row[d + h * D + i];
         v_cache[((long long)h * C + pos) * D + i] = row[2 * d + h * D + i];
     }
-    __syncthreads();
-    float best = -3.0e38f;
-    for (int j = tid; j < L; j += blockDim.x) {  // one key per thread
-        const float* k = j < p0 ? k_cache + ((long long)h * C + j) * D
-                                : qkv + (long long)(j - p0) * 3 * d + d + h * D;
-        float s = 0.0f;
+    float q[E], acc[E];
 #pragma unroll
-        for (int i = 0; i < D; i += 4) {
-            const float4 kv = *(const float4*)(k + i);
-            s += q[i] * kv.x + q[i + 1] * kv.y + q[i + 2] * kv.z + q[i + 3] * kv.w;
-        }
-        scores[j] = s;
-        best = fmaxf(best, s);
+    for (int e = 0; e < E; ++e) {
+        q[e] = active ? row[h * D + lane * E + e] * scale : 0.0f;  // scaling q, as model.attention
+        acc[e] = 0.0f;
     }
-    best = block_reduce<true>(best, scratch);  // softmax, with the max subtracted (model.softmax)
-    float total = 0.0f;
-    for (int j = tid; j < L; j += blockDim.x) {
-        const float e = expf(scores[j] - best);
-        scores[j] = e;
-        total += e;
-    }
-    total = block_reduce<false>(total, scratch);  // its barriers also publish scores[]
-    // out[i] = sum_j scores[j] v_j[i] / total: thread (half, i) sums every other key
-    const int i = tid % D, half = tid / D, n_halves = blockDim.x / D;
-    float acc = 0.0f;
-#pragma unroll 8
-    for (int j = half; j < L; j += n_halves) {
+    float best = -3.0e38f, total = 0.0f;
+#pragma unroll 4
+    for (long long j = warp; j <= pos; j += 8) {  // keys 0..pos: the causal mask
+        const float* k = j < p0 ? k_cache + ((long long)h * C + j) * D
+                                : qkv + (j - p0) * 3 * d + d + h * D;
         const float* v = j < p0 ? v_cache + ((long long)h * C + j) * D
-                                : qkv + (long long)(j - p0) * 3 * d + 2 * d + h * D;
-        acc += scores[j] * v[i];
+                                : qkv + (j - p0) * 3 * d + 2 * d + h * D;
+        float s = 0.0f, vj[E];
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+            s += active ? q[e] * k[lane * E + e] : 0.0f;
+            vj[e] = active ? v[lane * E + e] : 0.0f;
+        }
+        s = warp_sum(s);
+        const float grown = fmaxf(best, s);
+        const float shrink = expf(best - grown), weight = expf(s - grown);
+        total = total * shrink + weight;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[e] = acc[e] * shrink + weight * vj[e];
+        best = grown;
     }
-    halves[tid] = acc;
+    if (lane == 0) {
+        warp_max_[warp] = best;
+        warp_sum_[warp] = total;
+    }
+#pragma unroll
+    for (int e = 0; e < E; ++e)
+        if (active) warp_acc[warp][lane * E + e] = acc[e];
     __syncthreads();
-    if (half == 0) {
-        for (int other = 1; other < n_halves; ++other) acc += halves[other * D + i];
-        out[(long long)t * d + h * D + i] = acc / total;
+    if (threadIdx.x < D) {  // merge the 8 running softmaxes (a warp with no keys has total 0)
+        float m = -3.0e38f;
+        for (int w = 0; w < 8; ++w) m = fmaxf(m, warp_max_[w]);
+        float sum = 0.0f, value = 0.0f;
+        for (int w = 0; w < 8; ++w) {
+            const float f = warp_sum_[w] > 0.0f ? expf(warp_max_[w] - m) : 0.0f;
+            sum += warp_sum_[w] * f;
+            value += warp_acc[w][threadIdx.x] * f;
+        }
+        out[(long long)t * d + h * D + threadIdx.x] = value / sum;
     }
 }
