@@ -1,9 +1,9 @@
 """Many prompts in seconds: the real decoders replayed against models that only cost time.
 
-    python bench.py --adaptive --simulate           # about a minute on 2 CPU cores
-    python bench.py --adaptive --simulate --ngram weights/124M   # prompt lookup, on real text
+    python -m bench replay                          # about a minute on 2 CPU cores
+    python -m bench replay --ngram weights/124M     # prompt lookup, on real text
 
-`python bench.py --adaptive` times real forwards, so it can afford three prompts per situation;
+`python -m bench adaptive` times real forwards, so it can afford three prompts per situation;
 whether adaptive K is "never more than 5% slower on any prompt" is a question about the spread
 over many prompts. Speed depends on the prompt only through which drafts pass, so this measures
 every cost once, then replays the decoders over 50 scripted prompts per situation:
@@ -13,7 +13,7 @@ every cost once, then replays the decoders over 50 scripted prompts per situatio
      of a draft catch-up over N positions, of turning one row of logits into a distribution, and
      of judging one row in a look back (`--backend cupy`: the forwards on the GPU, CUDA graphs
      recorded first). Or take them from a JSON file (`--costs FILE`, written by `--save_costs`),
-     or use `--costs h100`: the forwards the README's H100 tables report (`h100_costs`).
+     or use `--costs h100`: the forwards docs/gpu.md's H100 tables report (`h100_costs`).
   2. Replay `autoregressive_sample` and `speculative_sample` (the real functions, AdaptiveK and
      FixedK unchanged) with `CostModel`s: stand-ins that return one-hot logits for a script and
      advance a virtual clock by the measured cost of each forward instead of computing it. The
@@ -22,12 +22,12 @@ every cost once, then replays the decoders over 50 scripted prompts per situatio
 
 What it leaves out: the decoders' own Python time between forwards, and
 drafts that are wrong in bursts rather than independently. It is a model of the timings, so its
-tables say "replayed". Its last lines replay the prompts adaptive_bench.py times for real, so
-that the two can be compared (the README does).
+tables say "replayed". Its last lines replay the prompts bench/adaptive.py times for real, so
+that the two can be compared (docs/adaptive.md does).
 
 `--ngram TOKENIZER_DIR` replays prompt-lookup drafting instead (`ngram_replay`). Its acceptance
 depends on the text, so there the text is real: the drafter reads GPT-2 tokens of texts built
-from this package's source (`ngram_texts`), and the stand-in target emits a given continuation.
+from gpt2_numpy's source (`ngram_texts`), and the stand-in target emits a given continuation.
 """
 import argparse
 import contextlib
@@ -35,15 +35,15 @@ import json
 import time
 
 import numpy as np
+from gpt2_numpy import backend as backend_module
+from gpt2_numpy import decoding
+from gpt2_numpy.adaptive import AdaptiveK, FixedK
+from gpt2_numpy.decoding import autoregressive_sample, speculative_sample
+from gpt2_numpy.load import official_hparams
+from gpt2_numpy.model import KVCache
+from gpt2_numpy.sampling import Warp, probabilities, probability_of
 
-from . import backend as backend_module
-from . import decoding
-from .adaptive import AdaptiveK, FixedK
-from .adaptive_bench import cpu_name, device_name
-from .decoding import autoregressive_sample, speculative_sample
-from .load import official_hparams
-from .model import KVCache
-from .sampling import Warp, probabilities, probability_of
+from .machine import cpu_name, device_name
 
 
 class VirtualClock:
@@ -139,7 +139,7 @@ def measure_costs(K_max: int, reps: int = 3, backend: str = "numpy"):
 
 
 def h100_costs(K_max: int):
-    """The forwards of the H100 run in the README (`python bench.py --backend cupy`, CUDA graphs):
+    """The forwards of the H100 run in docs/gpu.md (`python -m bench gpu`, CUDA graphs):
     T = 1 ms and r(T) at T = 2, 5, 9, 16 of 355M and 124M, linear in between. A catch-up over
     N > 16 tokens runs as ceil(N / 16) graphed chunks (gpt2_cupy/graphs.py; not yet timed on a
     GPU: the H100 run predates it, and ran such forwards eagerly, in 14-22 ms). The host's work
@@ -201,7 +201,7 @@ def replay(costs, error: float, n: int, seed: int, K_max: int, n_prompt: int = 2
     """tokens/s of autoregressive, of every fixed K and of adaptive K (the policy
     adaptive(K_max) makes) on one scripted prompt."""
     # Wrong positions drawn as ScriptedDrafter draws them: seed s replays the s-th repetition
-    # of `bench.py --adaptive` (another prompt, the same pattern of wrong drafts).
+    # of `python -m bench adaptive` (another prompt, the same pattern of wrong drafts).
     wrong = np.append(np.random.default_rng(seed).random(n) < error, False)
     rng = np.random.default_rng([seed, 1])
     script, prompt = rng.integers(0, 64, n + 1), rng.integers(0, 64, n_prompt).tolist()
@@ -224,11 +224,11 @@ def replay(costs, error: float, n: int, seed: int, K_max: int, n_prompt: int = 2
 
 
 def ngram_texts() -> list:
-    """(name, prompt, continuation): texts for the n-gram replay, built from this package's own
+    """(name, prompt, continuation): texts for the n-gram replay, built from gpt2_numpy's own
     source so that anyone can rebuild them. The continuation plays the target's greedy output."""
     import inspect
 
-    from . import adaptive, decoding as decoding_module, drafters
+    from gpt2_numpy import adaptive, decoding as decoding_module, drafters
 
     code = inspect.getsource(drafters.lookup)
     doc = decoding_module.__doc__.strip()
@@ -248,7 +248,7 @@ def ngram_replay(costs, tokenizer, K_max: int, n_max: int = 3):
     prompt to different degrees, against a stand-in 355M target that emits the text (one-hot
     logits) and costs what the measured forwards cost. The lookup's own time is real: it runs,
     and its wall time is added to the virtual clock. Returns rows for a table."""
-    from .drafters import NGramDrafter
+    from gpt2_numpy.drafters import NGramDrafter
 
     clock = VirtualClock()
     target_cost = cost_functions(costs)[0]
@@ -289,7 +289,8 @@ def spread(x):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="adaptive K over many replayed prompts")
+    p = argparse.ArgumentParser(prog="python -m bench replay",
+                                description="adaptive K over many replayed prompts")
     p.add_argument("--n_tokens", type=int, nargs="+", default=[96, 256])
     p.add_argument("--prompts", type=int, default=50, help="scripted prompts per situation")
     p.add_argument("--errors", type=float, nargs="+",
@@ -298,7 +299,7 @@ def main(argv=None):
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
                    help="where the costs are measured")
     p.add_argument("--costs", help="replay with these costs instead: a JSON file from "
-                   "--save_costs, or h100 (the README's H100 tables, see h100_costs)")
+                   "--save_costs, or h100 (docs/gpu.md's H100 tables, see h100_costs)")
     p.add_argument("--save_costs", help="write the measured costs to this JSON file")
     p.add_argument("--ngram", metavar="TOKENIZER_DIR", help="replay n-gram (prompt-lookup) "
                    "drafting instead, on texts tokenized with GPT-2's tokenizer from this folder "
@@ -309,8 +310,8 @@ def main(argv=None):
     if not all(0 <= e <= 1 for e in args.errors):
         p.error("--errors are fractions of wrong drafts, in [0, 1]")
     if args.ngram:  # before the costs are measured: a wrong folder fails at once
-        from .errors import GPT2Error
-        from .tokenizer import load_tokenizer
+        from gpt2_numpy.errors import GPT2Error
+        from gpt2_numpy.tokenizer import load_tokenizer
 
         try:
             tokenizer = load_tokenizer(args.ngram)
@@ -319,7 +320,7 @@ def main(argv=None):
 
     start = time.perf_counter()
     if args.costs == "h100":
-        costs, where = h100_costs(args.K_max), (f"from the README's H100 tables (host work per "
+        costs, where = h100_costs(args.K_max), (f"from docs/gpu.md's H100 tables (host work per "
                                                 f"row measured on {cpu_name()})")
     elif args.costs:
         costs, where = load_costs(args.costs), f"from {args.costs}"
@@ -357,7 +358,7 @@ def main(argv=None):
             print(f"| {n} | {error:.0%} | {best} | {spread(rates['adaptive'] / ar)} | "
                   f"{spread(rates['adaptive'] / rates[best])} | {spread(rates[best] / ar)} |",
                   flush=True)
-    print("\nThe prompts `bench.py --adaptive` runs (seeds 0, 1, 2; wrong drafts 0%, 10%, 30%, 100%), "
+    print("\nThe prompts `python -m bench adaptive` runs (seeds 0, 1, 2; wrong drafts 0%, 10%, 30%, 100%), "
           f"{args.n_tokens[0]} tokens: adaptive vs autoregressive, replayed")
     for error in (0.0, 0.1, 0.3, 1.0):
         ratios = [replay(costs, error, args.n_tokens[0], seed, args.K_max) for seed in range(3)]
