@@ -16,7 +16,8 @@ every cost once, then replays the decoders over 50 scripted prompts per situatio
      or use `--costs h100`: the forwards docs/gpu.md's H100 tables report (`h100_costs`).
   2. Replay `autoregressive_sample` and `speculative_sample` (the real functions, AdaptiveK and
      FixedK unchanged) with `CostModel`s: stand-ins that return one-hot logits for a script and
-     advance a virtual clock by the measured cost of each forward instead of computing it. The
+     advance a virtual clock, which the decoders read (their `clock` argument), by the measured
+     cost of each forward instead of computing it. The
      draft's argmax is wrong at a random fraction `error` of the positions (a new draw per
      prompt), its look back judges the same script.
 
@@ -30,13 +31,11 @@ depends on the text, so there the text is real: the drafter reads GPT-2 tokens o
 from gpt2_numpy's source (`ngram_texts`), and the stand-in target emits a given continuation.
 """
 import argparse
-import contextlib
 import json
 import time
 
 import numpy as np
 from gpt2_numpy import backend as backend_module
-from gpt2_numpy import decoding
 from gpt2_numpy.adaptive import AdaptiveK, FixedK
 from gpt2_numpy.decoding import autoregressive_sample, speculative_sample
 from gpt2_numpy.load import official_hparams
@@ -44,17 +43,7 @@ from gpt2_numpy.model import KVCache
 from gpt2_numpy.sampling import Warp, probabilities, probability_of
 
 from .machine import cpu_name, device_name
-
-
-class VirtualClock:
-    """Stands in for the `time` module inside decoding.py: perf_counter() reads a counter that
-    only CostModel calls advance."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def perf_counter(self) -> float:
-        return self.now
+from .timing import VirtualClock
 
 
 class CostModel:
@@ -185,17 +174,6 @@ def cost_functions(costs):
     return target, draft
 
 
-@contextlib.contextmanager
-def virtual_time(clock):
-    """Within this block decoding.py reads `clock` instead of the wall clock."""
-    saved = decoding.time
-    decoding.time = clock
-    try:
-        yield
-    finally:
-        decoding.time = saved
-
-
 def replay(costs, error: float, n: int, seed: int, K_max: int, n_prompt: int = 20,
            adaptive=AdaptiveK):
     """tokens/s of autoregressive, of every fixed K and of adaptive K (the policy
@@ -210,16 +188,15 @@ def replay(costs, error: float, n: int, seed: int, K_max: int, n_prompt: int = 2
     target = CostModel(clock, target_cost, script, n_prompt)
     draft = CostModel(clock, draft_cost, script, n_prompt, wrong)
     rates = {}
-    with virtual_time(clock):
-        ids, stats = autoregressive_sample(target, prompt, n, Warp(0.0))
-        rates["autoregressive"] = stats.tokens_per_second
-        reference = ids
-        policies = {f"K={K}": FixedK(K) for K in range(1, K_max + 1)}
-        policies["adaptive"] = adaptive(K_max)
-        for name, policy in policies.items():
-            ids, stats = speculative_sample(target, draft, prompt, n, policy, Warp(0.0))
-            assert ids == reference, "a replayed decoder changed the output"
-            rates[name] = stats.tokens_per_second
+    ids, stats = autoregressive_sample(target, prompt, n, Warp(0.0), clock=clock)
+    rates["autoregressive"] = stats.tokens_per_second
+    reference = ids
+    policies = {f"K={K}": FixedK(K) for K in range(1, K_max + 1)}
+    policies["adaptive"] = adaptive(K_max)
+    for name, policy in policies.items():
+        ids, stats = speculative_sample(target, draft, prompt, n, policy, Warp(0.0), clock=clock)
+        assert ids == reference, "a replayed decoder changed the output"
+        rates[name] = stats.tokens_per_second
     return rates
 
 
@@ -267,17 +244,16 @@ def ngram_replay(costs, tokenizer, K_max: int, n_max: int = 3):
         target = CostModel(clock, target_cost, script + [0], len(prompt),
                            n_vocab=tokenizer.n_vocab)
         rates, runs = {}, {}
-        with virtual_time(clock):
-            ids, stats = autoregressive_sample(target, prompt, n, Warp(0.0))
-            assert ids == script, "the stand-in target did not emit its text"
-            rates["autoregressive"] = stats.tokens_per_second
-            decoders = {f"K={K}": FixedK(K) for K in range(1, K_max + 1)}
-            decoders[f"adaptive, K_max={K_max}"] = AdaptiveK(K_max)
-            for label, policy in decoders.items():
-                ids, stats = speculative_sample(target, TimedLookup(target.n_vocab, n_max), prompt,
-                                                n, policy, Warp(0.0))
-                assert ids == script, "a replayed decoder changed the output"
-                rates[label], runs[label] = stats.tokens_per_second, stats
+        ids, stats = autoregressive_sample(target, prompt, n, Warp(0.0), clock=clock)
+        assert ids == script, "the stand-in target did not emit its text"
+        rates["autoregressive"] = stats.tokens_per_second
+        decoders = {f"K={K}": FixedK(K) for K in range(1, K_max + 1)}
+        decoders[f"adaptive, K_max={K_max}"] = AdaptiveK(K_max)
+        for label, policy in decoders.items():
+            ids, stats = speculative_sample(target, TimedLookup(target.n_vocab, n_max), prompt,
+                                            n, policy, Warp(0.0), clock=clock)
+            assert ids == script, "a replayed decoder changed the output"
+            rates[label], runs[label] = stats.tokens_per_second, stats
         best = max((k for k in rates if k.startswith("K=")), key=rates.get)
         rows.append(dict(text=name, n_prompt=len(prompt), n=n, rates=rates, best=best,
                          stats=runs))
