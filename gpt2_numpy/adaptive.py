@@ -190,7 +190,7 @@ class AdaptiveK(KPolicy):
     def __init__(self, K_max: int, explore: float = 0.01, decay: float = 0.95,
                  prior: float = 0.25, guard: float = 0.04, doubt: float = 4.0):
         if K_max < 1:
-            raise GPT2Error(f"K_max must be >= 1, got {K_max}")
+            raise GPT2Error(f"K_max (the most drafts per round) must be >= 1, got {K_max}")
         if guard < 0:
             raise GPT2Error(f"guard (the share of a run drafting may lose) must be >= 0, "
                             f"got {guard}")
