@@ -130,9 +130,9 @@ def measure_costs(K_max: int, reps: int = 3, backend: str = "numpy"):
 def h100_costs(K_max: int):
     """The forwards of the H100 run in docs/gpu.md (`python -m bench gpu`, CUDA graphs):
     T = 1 ms and r(T) at T = 2, 5, 9, 16 of 355M and 124M, linear in between. A catch-up over
-    N > 16 tokens runs as ceil(N / 16) graphed chunks (gpt2_cupy/graphs.py; not yet timed on a
-    GPU: the H100 run predates it, and ran such forwards eagerly, in 14-22 ms). The host's work
-    per row is measured on this machine."""
+    N > 16 tokens runs as ceil(N / 16) graphed chunks (gpt2_cupy/graphs.py), each assumed to
+    cost a 16-token forward: an assumption, not a measurement (run eagerly, such forwards took
+    14-22 ms). The host's work per row is measured on this machine."""
     ms = {"355M": 2.98, "124M": 1.40}
     r = {"355M": ([1, 2, 5, 9, 16], [1, 1.24, 1.28, 1.32, 1.40]),
          "124M": ([1, 2, 5, 9, 16], [1, 1.28, 1.29, 1.31, 1.38])}
@@ -202,7 +202,9 @@ def replay(costs, error: float, n: int, seed: int, K_max: int, n_prompt: int = 2
 
 def ngram_texts() -> list:
     """(name, prompt, continuation): texts for the n-gram replay, built from gpt2_numpy's own
-    source so that anyone can rebuild them. The continuation plays the target's greedy output."""
+    source so that anyone can rebuild them. The continuation plays the target's greedy output.
+    (So editing decoding.py's or adaptive.py's module docstring, or drafters.lookup, changes
+    the texts and the table in docs/ngram.md.)"""
     import inspect
 
     from gpt2_numpy import adaptive, decoding as decoding_module, drafters

@@ -39,8 +39,7 @@ def r_of_T(model, label, n_past, Ts, reps):
 
 def column_major_c_proj(params, parts=("attn", "mlp")):
     """The tree with the c_proj matrices of `parts` in every block copied column by column (F
-    order): the layout an earlier version of model.py used for both. Same names, shapes and
-    values."""
+    order), the other layout a CPU could stream them in. Same names, shapes and values."""
     def proj(part):
         return {**part, "c_proj": {**part["c_proj"], "w": np.asfortranarray(part["c_proj"]["w"])}}
     blocks = [{**b, **{part: proj(b[part]) for part in parts}} for b in params["blocks"]]

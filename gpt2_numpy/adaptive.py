@@ -179,9 +179,9 @@ class AdaptiveK(KPolicy):
     rejected, after a catch-up as estimated) still fits. So a run is never more than ~4%
     slower than plain decoding, whatever the prompt; the price is that in short runs on a CPU,
     where one failed round costs a few percent of the run, drafting stops after early failures
-    or (on the Xeon of the README, below ~40 tokens) never starts. Unmeasured costs are the
-    estimates above (optimistic), so the first round of a new size, or a catch-up while only
-    one lag is known, can overshoot its worst case. guard = inf: no guard.
+    or (on the Xeon of docs/performance.md, below ~40 tokens) never starts. Unmeasured costs
+    are the estimates above (optimistic), so the first round of a new size, or a catch-up
+    while only one lag is known, can overshoot its worst case. guard = inf: no guard.
 
     Round 1 is a plain step, which measures r(1). A policy carries its estimates from one call
     of speculative_sample to the next; make a new one for a cold start.

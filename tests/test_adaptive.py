@@ -489,7 +489,7 @@ def test_a_catch_up_is_projected_to_the_current_lag():
                                                  - 0.003)
 
 
-# Costs shaped like the H100's of the README (CUDA graphs; seconds): r(T) nearly flat, a draft
+# Costs shaped like the H100's of docs/gpu.md (CUDA graphs; seconds): r(T) nearly flat, a draft
 # step half a target step, catch-ups past 16 tokens in chunks of 16, and host work per judged
 # row as for a sampling warp (a full distribution per row): on a GPU a look back over many
 # plain tokens costs many plain steps.
