@@ -46,17 +46,8 @@ def parse_args(argv=None):
 
 
 def check_args(args, GPT2Error):
-    """Reject bad flags before anything is downloaded or loaded."""
-    if args.K < 1:
-        raise GPT2Error(f"--K must be >= 1, got {args.K}")
-    if args.n_tokens_to_generate < 1:
-        raise GPT2Error(f"--n_tokens_to_generate must be >= 1, got {args.n_tokens_to_generate}")
-    if not args.temperature >= 0:
-        raise GPT2Error(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise GPT2Error(f"--top_k must be >= 1, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise GPT2Error(f"--top_p must be in (0, 1], got {args.top_p}")
+    """Reject flags that do not go together, before anything is downloaded or loaded. (Each
+    value on its own is checked by the library: see run.)"""
     if args.show and args.json:
         raise GPT2Error("--show streams text and --json prints nothing but one JSON object: "
                         "use one of them")
@@ -87,11 +78,16 @@ def progress_bar(total, desc, enabled):
 
 def run(args):
     import gpt2_numpy
-    from gpt2_numpy import AdaptiveK, NGramDrafter
+    from gpt2_numpy import AdaptiveK, FixedK, NGramDrafter
+    from gpt2_numpy.decoding import check_n_new
     from gpt2_numpy.errors import GPT2Error
     from gpt2_numpy.show import show_stream
 
     check_args(args, GPT2Error)
+    # The library's own objects check the values, before anything is downloaded or loaded.
+    warp = gpt2_numpy.Warp(args.temperature, args.top_k, args.top_p)
+    policy = (AdaptiveK if args.adaptive else FixedK)(args.K)
+    check_n_new(args.n_tokens_to_generate)
     gpt2 = backend_module(args.backend)
     progress = not args.no_progress
     modes = ["autoregressive", "speculative"] if args.mode == "both" else [args.mode]
@@ -103,18 +99,12 @@ def run(args):
         draft = NGramDrafter(target.n_vocab)
     elif "speculative" in modes:
         draft = gpt2.load_model(args.draft_model_size, args.models_dir, progress=progress)
-        if draft.n_vocab != target.n_vocab:
-            raise GPT2Error(f"draft and target vocabularies differ ({draft.n_vocab} vs "
-                            f"{target.n_vocab} tokens): speculative decoding needs one tokenizer")
     load_seconds = time.perf_counter() - start
 
     prompt = target.tokenizer.encode(args.prompt, allowed_special="all")
-    if not prompt:
-        raise GPT2Error("the prompt is empty")
     if len(prompt) + args.n_tokens_to_generate > target.n_ctx:
         raise GPT2Error(f"prompt ({len(prompt)} tokens) + --n_tokens_to_generate "
                         f"({args.n_tokens_to_generate}) exceeds the context of {target.n_ctx} tokens")
-    warp = gpt2_numpy.Warp(args.temperature, args.top_k, args.top_p)
 
     # Untimed: page every weight in (or, on a GPU, compile the kernels and record the CUDA graphs
     # the timed runs replay, for caches of the capacity the decoders ask for: gpt2_cupy/graphs.py).
@@ -133,9 +123,8 @@ def run(args):
             ids, stats = gpt2.autoregressive_sample(target, prompt, args.n_tokens_to_generate,
                                                     warp, rng, on_tokens)
         else:
-            K = AdaptiveK(args.K) if args.adaptive else args.K
             ids, stats = gpt2.speculative_sample(target, draft, prompt, args.n_tokens_to_generate,
-                                                 K, warp, rng, on_tokens)
+                                                 policy, warp, rng, on_tokens)
         bar.close()
         if showing:
             on_tokens.close()
@@ -158,8 +147,7 @@ def run(args):
         # and cost ratio c = draft / target forward time: (1 - a^(K+1)) / ((1 - a)(K c + 1)),
         # i.e. tokens per round / round cost. (With --adaptive or ngram, K varies by round.)
         c = (sp["draft_seconds"] / max(sp["draft_calls"], 1)) / (ar["target_seconds"] / ar["target_calls"])
-        a = sp["acceptance_rate"]
-        tokens = args.K + 1 if a == 1 else (1 - a ** (args.K + 1)) / (1 - a)
+        tokens = gpt2_numpy.expected_tokens(args.K, sp["acceptance_rate"])
         report["c"], report["predicted_speedup"] = c, tokens / (args.K * c + 1)
     return report
 

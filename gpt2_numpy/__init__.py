@@ -13,9 +13,9 @@ prefer_haswell_kernels()  # before anything imports NumPy: OpenBLAS reads it onc
 
 import numpy as _np  # noqa: E402
 
-from .adaptive import AdaptiveK, FixedK
+from .adaptive import AdaptiveK, FixedK, KPolicy, expected_tokens
 from .decoding import ModelDrafter, Stats, autoregressive_sample, speculative_sample
-from .drafters import NGramDrafter
+from .drafters import Drafter, NGramDrafter
 from .errors import GPT2Error
 from .load import OFFICIAL_HPARAMS, load_hparams, official_hparams, random_params
 from .load import load_model as _load_model
@@ -30,7 +30,8 @@ def load_model(model="124M", models_dir=None, dtype=None, download=True, progres
     return _load_model(model, models_dir, xp=xp, dtype=dtype, download=download, progress=progress)
 
 
-__all__ = ["AdaptiveK", "FixedK", "GPT2", "GPT2Error", "KVCache", "ModelDrafter", "NGramDrafter",
-           "OFFICIAL_HPARAMS", "Stats", "Warp", "accept_or_resample", "autoregressive_sample",
-           "forward", "load_hparams", "load_model", "official_hparams", "probabilities",
-           "random_params", "residual", "sample", "speculative_sample", "xp"]
+__all__ = ["AdaptiveK", "Drafter", "FixedK", "GPT2", "GPT2Error", "KPolicy", "KVCache",
+           "ModelDrafter", "NGramDrafter", "OFFICIAL_HPARAMS", "Stats", "Warp",
+           "accept_or_resample", "autoregressive_sample", "expected_tokens", "forward",
+           "load_hparams", "load_model", "official_hparams", "probabilities", "random_params",
+           "residual", "sample", "speculative_sample", "xp"]

@@ -3,9 +3,9 @@
 Why: a speculative verify step multiplies a few rows (K + 1) by every weight matrix. On an
 AVX-512 CPU, OpenBLAS (the BLAS inside NumPy's wheels) uses its SkylakeX kernels, with which a
 few-row product costs about 3 one-row products; its Haswell (AVX2) kernels do the same in about
-1.8 (bench.py, "blas"). One-row products, which only stream the weights, run at the same speed
-either way. What may be lost: AVX2 does half the arithmetic per instruction of AVX-512, so
-products bound by arithmetic (a prefill of hundreds of tokens) can be slower.
+1.8 (docs/performance.md, "OpenBLAS kernels and threads"). One-row products, which only stream
+the weights, run at the same speed either way. What may be lost: AVX2 does half the arithmetic
+per instruction of AVX-512, so products bound by arithmetic (a long prefill) can be slower.
 
 OpenBLAS reads OPENBLAS_CORETYPE once, when it is loaded, so this only works if it runs before
 the first `import numpy` of the process; `import gpt2_numpy` does it first thing. It does
@@ -21,16 +21,21 @@ import sys
 CORETYPE = "Haswell"
 
 
-def cpu_flags(path="/proc/cpuinfo") -> set:
-    """The CPU's feature flags as Linux lists them (empty if unknown)."""
+def cpuinfo_field(name: str, path="/proc/cpuinfo"):
+    """The first value of a /proc/cpuinfo field ("flags", "model name"), or None if unknown."""
     try:
         with open(path) as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.split(":", 1)[0].strip() == name:
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def cpu_flags(path="/proc/cpuinfo") -> set:
+    """The CPU's feature flags as Linux lists them (empty if unknown)."""
+    return set((cpuinfo_field("flags", path) or "").split())
 
 
 def coretype_to_set(environ, machine: str, flags: set, numpy_loaded: bool):

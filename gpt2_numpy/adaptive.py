@@ -21,6 +21,7 @@ drafting than the run can afford to lose (see AdaptiveK).
 Choosing K never changes what is sampled, only how fast: whatever K a round uses, its tokens
 follow the target's distribution, and K is decided from past rounds only.
 """
+import numbers
 
 from .errors import GPT2Error
 
@@ -31,10 +32,40 @@ def expected_tokens(K: int, a: float) -> float:
     return K + 1.0 if a >= 1 else (1 - a ** (K + 1)) / (1 - a)
 
 
-class FixedK:
+class KPolicy:
+    """How many drafts each round proposes. speculative_sample calls, in this order:
+
+        begin(n_new, lags)      once, before a run of n_new tokens; lags: the drafter falls
+                                behind in rounds without drafts and catches up (a draft model)
+        next_K()                before every round: K >= 0, where 0 is a plain target step
+        look_back(acceptance, seconds)   when a lagging drafter has caught up, before it drafts:
+                                for each token it missed, the chance a draft there would have
+                                been accepted, and the catch-up's time; next_K() is asked again
+        update(K, accepted, draft_seconds, target_seconds)   after every round
+
+    Subclasses need only next_K. (An object that is not a KPolicy can serve as one if it has
+    next_K, look_back and update; it is not told when a run begins.)
+    """
+
+    def begin(self, n_new: int, lags: bool = True) -> None:
+        pass
+
+    def next_K(self) -> int:
+        raise NotImplementedError
+
+    def look_back(self, acceptance, seconds: float) -> None:
+        pass
+
+    def update(self, K: int, accepted: int, draft_seconds: float, target_seconds: float) -> None:
+        pass
+
+
+class FixedK(KPolicy):
     """The classic policy: K drafts every round."""
 
     def __init__(self, K: int):
+        if not isinstance(K, numbers.Integral):
+            raise GPT2Error(f"K must be an int or a KPolicy, got {K!r}")
         if K < 1:
             raise GPT2Error(f"K (draft tokens per round) must be >= 1, got {K}")
         self.K = K
@@ -42,11 +73,40 @@ class FixedK:
     def next_K(self) -> int:
         return self.K
 
-    def look_back(self, acceptance, seconds) -> None:
-        pass
 
-    def update(self, K, accepted, draft_seconds, target_seconds) -> None:
-        pass
+class Lookahead:
+    """Each round's K, from the policy; and, for a drafter that lags, the look back.
+
+    Rounds without drafts leave a draft model behind: its cache has not seen their tokens.
+    Before it drafts again it feeds them in one forward, which also gives its q at each: with
+    the target's p(token) from that round, min(1, q / p) has mean sum_x min(p(x), q(x)), the
+    chance a draft proposed there would have been accepted (ModelDrafter.catch_up). The policy
+    hears it (look_back) and is asked for K again. With FixedK every round drafts, so none of
+    this happens.
+    """
+
+    def __init__(self, policy: KPolicy, drafter, warp, clock, n_new: int):
+        self.policy, self.drafter, self.warp, self.clock = policy, drafter, warp, clock
+        self.plain = {}  # index -> p(token), for tokens committed by rounds without drafts
+        if isinstance(policy, KPolicy):
+            policy.begin(n_new, lags=drafter.lags)
+
+    def next_K(self, tokens, most: int) -> int:
+        """The policy's K for the next round, at most `most`."""
+        K = min(self.policy.next_K(), most)
+        if K and self.plain:  # the draft lags: it catches up first, and the policy may reconsider
+            start = self.clock()
+            looked = self.drafter.catch_up(tokens, self.plain, self.warp)
+            self.plain.clear()
+            self.policy.look_back(list(looked.values()), self.clock() - start)
+            K = min(self.policy.next_K(), most)
+        return K
+
+    def update(self, tokens, round) -> None:
+        """After a round (decoding.Round) that appended its tokens to `tokens`."""
+        self.policy.update(round.K, round.accepted, round.draft_seconds, round.target_seconds)
+        if not round.K and self.drafter.lags:  # a token the draft has not seen: looked back on
+            self.plain[len(tokens) - 1] = round.p_t
 
 
 class RunningMean:
@@ -62,7 +122,7 @@ class RunningMean:
         self.value += max(1 / self.n, 1 - self.decay) * (x - self.value)
 
 
-class AdaptiveK:
+class AdaptiveK(KPolicy):
     """Picks K in [0, K_max] before each round from what the previous rounds measured.
 
     Estimates:
@@ -119,9 +179,9 @@ class AdaptiveK:
     rejected, after a catch-up as estimated) still fits. So a run is never more than ~4%
     slower than plain decoding, whatever the prompt; the price is that in short runs on a CPU,
     where one failed round costs a few percent of the run, drafting stops after early failures
-    or (on the Xeon of the README, below ~40 tokens) never starts. Unmeasured costs are the
-    estimates above (optimistic), so the first round of a new size, or a catch-up while only
-    one lag is known, can overshoot its worst case. guard = inf: no guard.
+    or (on the Xeon of docs/performance.md, below ~40 tokens) never starts. Unmeasured costs
+    are the estimates above (optimistic), so the first round of a new size, or a catch-up
+    while only one lag is known, can overshoot its worst case. guard = inf: no guard.
 
     Round 1 is a plain step, which measures r(1). A policy carries its estimates from one call
     of speculative_sample to the next; make a new one for a cold start.
@@ -130,7 +190,7 @@ class AdaptiveK:
     def __init__(self, K_max: int, explore: float = 0.01, decay: float = 0.95,
                  prior: float = 0.25, guard: float = 0.04, doubt: float = 4.0):
         if K_max < 1:
-            raise GPT2Error(f"K_max must be >= 1, got {K_max}")
+            raise GPT2Error(f"K_max (the most drafts per round) must be >= 1, got {K_max}")
         if guard < 0:
             raise GPT2Error(f"guard (the share of a run drafting may lose) must be >= 0, "
                             f"got {guard}")

@@ -16,14 +16,16 @@ Speculative sampling (Leviathan et al. 2023, Algorithm 1; Chen et al. 2023), p =
 Each round therefore emits between 1 and K + 1 tokens for one target forward, and every emitted
 token is distributed exactly as the (warped) target alone would have sampled it.
 """
+import numbers
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List, NamedTuple, Optional
 
 import numpy as np
 
-from .adaptive import FixedK
+from .adaptive import FixedK, Lookahead
 from .backend import synchronize, to_numpy
+from .drafters import Drafter
 from .errors import GPT2Error
 from .sampling import Warp, accept_or_resample, probabilities, probability_of, sample
 
@@ -67,6 +69,13 @@ class Stats:
         """tau: emitted tokens per target forward (1 for autoregressive decoding)."""
         return self.n_generated / self.rounds if self.rounds else float("nan")
 
+    def add_round(self, K: int, accepted: int) -> None:
+        self.rounds += 1
+        self.drafted += K
+        self.accepted += accepted
+        self.accepted_per_round.append(accepted)
+        self.K_per_round.append(K)
+
     def accepted_histogram(self) -> List[int]:
         """histogram[m] = number of rounds in which exactly m drafts were accepted."""
         most = max(self.K_per_round, default=0)
@@ -82,17 +91,18 @@ class Stats:
 
 
 class Timed:
-    """Calls a model and accumulates the wall time spent, logits copied to the host included
-    (the copy is also what waits for an asynchronous GPU to finish)."""
+    """Calls a model and accumulates the time spent, logits copied to the host included (the
+    copy is also what waits for an asynchronous GPU to finish). clock() reads seconds: the wall
+    clock, or a replay's virtual one (bench/replay.py)."""
 
-    def __init__(self, model):
-        self.model, self.seconds, self.calls = model, 0.0, 0
+    def __init__(self, model, clock: Callable[[], float] = time.perf_counter):
+        self.model, self.clock, self.seconds, self.calls = model, clock, 0.0, 0
 
     def __call__(self, ids, cache, n_logits=1) -> Optional[np.ndarray]:
-        start = time.perf_counter()
+        start = self.clock()
         logits = self.model(ids, cache, n_logits)
         logits = None if logits is None else to_numpy(logits)
-        self.seconds += time.perf_counter() - start
+        self.seconds += self.clock() - start
         self.calls += 1
         return logits
 
@@ -113,10 +123,14 @@ def prefill(model, cache, tokens) -> None:
         synchronize(cache.k)  # so that the prefill's time is counted as prefill
 
 
-def plan(model, prompt, n_new: int, mode: str):
-    """Validate a request; cap it at the context. Returns (tokens, n_new, stats)."""
+def check_n_new(n_new: int) -> None:
     if n_new < 1:
         raise GPT2Error(f"the number of tokens to generate must be >= 1, got {n_new}")
+
+
+def plan(model, prompt, n_new: int, mode: str):
+    """Validate a request; cap it at the context. Returns (tokens, n_new, stats)."""
+    check_n_new(n_new)
     tokens = [int(t) for t in prompt]
     check_room(model, len(tokens))
     room = model.n_ctx - len(tokens)  # generation stops when the context is full
@@ -125,40 +139,45 @@ def plan(model, prompt, n_new: int, mode: str):
 
 
 def autoregressive_sample(model, prompt: List[int], n_new: int, warp: Warp = Warp(),
-                          rng: np.random.Generator = None, on_tokens: Callable = None):
+                          rng: np.random.Generator = None, on_tokens: Callable = None, *,
+                          clock: Callable[[], float] = time.perf_counter):
     """Sample n_new tokens from `model`, one single-token forward per step.
 
     Stops early, with stats.stopped_at_context set, when the context (n_ctx) is full.
     on_tokens(ids, kinds) is called as tokens are committed (for streaming); kinds are "target".
+    clock() reads the seconds the stats report (default: the wall clock).
     Returns (new_token_ids, stats).
     """
     rng = rng if rng is not None else np.random.default_rng()
     tokens, n_new, stats = plan(model, prompt, n_new, "autoregressive")
     cache = model.new_cache(len(tokens) + n_new - 1)  # the last new token is never fed
 
-    start = time.perf_counter()
+    start = clock()
     prefill(model, cache, tokens)
-    stats.prefill_seconds = time.perf_counter() - start
+    stats.prefill_seconds = clock() - start
 
-    target = Timed(model)
-    start = time.perf_counter()
+    target = Timed(model, clock)
+    start = clock()
     for _ in range(n_new):
         logits = target(tokens[cache.length :], cache)  # [1, V]: feeds the newest token only
         tokens.append(sample(probabilities(logits[-1], warp), rng))
         assert cache.length == len(tokens) - 1
         if on_tokens:
             on_tokens(tokens[-1:], ["target"])
-    stats.decode_seconds = time.perf_counter() - start
+    stats.decode_seconds = clock() - start
     stats.target_seconds, stats.target_calls = target.seconds, target.calls
     stats.rounds = stats.n_generated = len(tokens) - stats.n_prompt
     return tokens[stats.n_prompt :], stats
 
 
-class ModelDrafter:
-    """Proposes tokens by sampling a small draft model, keeping its KV cache across rounds."""
+class ModelDrafter(Drafter):
+    """Proposes tokens by sampling a small draft model, keeping its KV cache across rounds.
+    Rounds without drafts leave its cache behind: it lags, and catches up before drafting."""
 
-    def __init__(self, model):
-        self.model = Timed(model)
+    lags = True
+
+    def __init__(self, model, clock: Callable[[], float] = time.perf_counter):
+        self.model = Timed(model, clock)
         self.n_vocab = model.n_vocab
         self.cache = None
 
@@ -216,82 +235,91 @@ class ModelDrafter:
         self.cache.rollback(min(self.cache.length, len(tokens) - 1))
 
 
+class Round(NamedTuple):
+    """What one round did: K drafts proposed, `accepted` of them kept, then one more token t."""
+
+    K: int
+    accepted: int
+    p_t: float  # p(t): the target's probability of t where it was drawn (for look backs)
+    draft_seconds: float  # proposing the drafts
+    target_seconds: float  # verifying them: the target's forward, p, accept or resample
+
+    def kinds(self) -> List[str]:
+        """How each emitted token came about (on_tokens' kinds)."""
+        last = "resampled" if self.accepted < self.K else "bonus" if self.K else "target"
+        return ["accepted"] * self.accepted + [last]
+
+
+def speculative_round(tokens: List[int], K: int, drafter: Drafter, verify: Timed, cache,
+                      warp: Warp, rng: np.random.Generator, clock=time.perf_counter) -> Round:
+    """One round of speculative sampling: append 1 to K + 1 tokens to `tokens`, each distributed
+    exactly as the target alone would sample it. p is the target's distribution, q the draft's.
+
+    verify: the target, whose KV `cache` holds every token but the newest. K = 0, or a drafter
+    that finds nothing to propose, makes the round a plain target step.
+    """
+    start = clock()
+    # 1. The draft proposes x_1..x_K, sampling x_i ~ q_i (a drafter may propose fewer).
+    x, q = drafter.propose(tokens, K, warp, rng) if K else ([], None)  # q: [K, V]
+    K, drafted = len(x), clock()
+    # 2. ONE target forward over the newest token and x_1..x_K: its K + 1 rows are p_1..p_{K+1},
+    #    where p_i is the target's distribution at the position of x_i.
+    logits = verify(tokens[cache.length :] + x, cache, n_logits=K + 1)  # [K + 1, V]
+    p = np.stack([probabilities(row, warp) for row in logits])  # [K + 1, V] float64
+    # 3. Keep x_i with probability min(1, p_i(x_i) / q_i(x_i)). At the first rejection draw t
+    #    from norm(max(0, p_i - q_i)) instead; if all K are kept, draw a bonus t from p_{K+1}.
+    m, t = accept_or_resample(x, q, p, rng)
+    verified = clock()
+    tokens += x[:m] + [t]
+    # 4. Both caches roll back to the committed tokens they have seen: a length change, no copy.
+    cache.rollback(len(tokens) - 1)
+    drafter.rollback(tokens)
+    assert cache.length == len(tokens) - 1  # never the newest token: the next round feeds it
+    return Round(K, m, float(p[m, t]), drafted - start, verified - drafted)
+
+
 def speculative_sample(target, draft, prompt: List[int], n_new: int, K=4,
                        warp: Warp = Warp(), rng: np.random.Generator = None,
-                       on_tokens: Callable = None):
-    """Sample n_new tokens from `target`, letting `draft` (a model, or a drafter object with
-    start/propose/rollback, e.g. drafters.NGramDrafter) propose K tokens per round.
+                       on_tokens: Callable = None, *,
+                       clock: Callable[[], float] = time.perf_counter):
+    """Sample n_new tokens from `target`, letting `draft` propose up to K tokens per round.
 
-    K: an int >= 1, or a policy choosing each round's K (next_K() -> K >= 0, then
-    update(K, accepted, draft_seconds, target_seconds); if it has look_back(acceptance,
-    seconds), a draft model that lags behind plain rounds catches up first and the policy is
-    told what that showed, then asked next_K() again; see adaptive.AdaptiveK). A round with
-    K = 0, or in which the drafter proposes nothing, is a plain target step.
+    draft: a model (it drafts through a ModelDrafter), or a Drafter (drafters.py), e.g. an
+    NGramDrafter. K: an int >= 1, or a KPolicy that chooses each round's K (adaptive.py, e.g.
+    AdaptiveK); a round with K = 0 is a plain target step.
     Exactly n_new tokens come out (a round never proposes more than are still needed), fewer
     only if the context fills up (stats.stopped_at_context). on_tokens(ids, kinds) streams each
     round's tokens with kinds "accepted" (a draft the target kept), "resampled" (drawn from the
     residual after a rejection), "bonus" (all drafts accepted, one more from p_{K+1}) or
-    "target" (a round without drafts). Returns (new_token_ids, stats).
+    "target" (a round without drafts). clock() reads the seconds the stats report (default: the
+    wall clock). Returns (new_token_ids, stats).
     """
-    policy = K if hasattr(K, "next_K") else FixedK(K)
-    rng = rng if rng is not None else np.random.default_rng()
-    drafter = draft if hasattr(draft, "propose") else ModelDrafter(draft)
+    policy = FixedK(K) if isinstance(K, numbers.Number) else K
+    drafter = draft if isinstance(draft, Drafter) else ModelDrafter(draft, clock)
     if drafter.n_vocab != target.n_vocab:
         raise GPT2Error(f"draft and target vocabularies differ ({drafter.n_vocab} vs "
                         f"{target.n_vocab} tokens): speculative decoding needs the same tokenizer")
+    rng = rng if rng is not None else np.random.default_rng()
     tokens, n_new, stats = plan(target, prompt, n_new, "speculative")
     n_stop = len(tokens) + n_new
     cache = target.new_cache(n_stop - 1)
 
-    start = time.perf_counter()
+    start = clock()
     prefill(target, cache, tokens)
     drafter.start(tokens, n_stop - 1)
-    stats.prefill_seconds = time.perf_counter() - start
+    stats.prefill_seconds = clock() - start
 
-    verify = Timed(target)
-    plain = {}  # index -> p(token), for tokens committed by rounds without drafts
-    # A draft model that lags can look back (NGramDrafter has nothing to feed), if it is heard.
-    looks_back = hasattr(drafter, "catch_up") and hasattr(policy, "look_back")
-    if hasattr(policy, "begin"):
-        policy.begin(n_stop - len(tokens), lags=looks_back)  # for AdaptiveK's guard
-    start = time.perf_counter()
+    verify = Timed(target, clock)
+    lookahead = Lookahead(policy, drafter, warp, clock, n_new)  # each round's K (adaptive.py)
+    start = clock()
     while len(tokens) < n_stop:
-        # 1. A round emits at most K + 1 tokens: never ask for more than are still wanted. The
-        #    drafter may propose fewer; K_round is what it did propose.
-        K_wanted = min(policy.next_K(), n_stop - len(tokens) - 1)
-        if K_wanted and plain:
-            # 0. After plain rounds the draft first feeds the tokens it missed, and that forward
-            #    shows how often its drafts would have passed there: the policy may reconsider.
-            look_start = time.perf_counter()
-            looked = drafter.catch_up(tokens, plain, warp)
-            plain.clear()
-            policy.look_back(list(looked.values()), time.perf_counter() - look_start)
-            K_wanted = min(policy.next_K(), n_stop - len(tokens) - 1)
-        round_start = time.perf_counter()
-        drafts, q = drafter.propose(tokens, K_wanted, warp, rng) if K_wanted else ([], None)
-        K_round, drafted_at = len(drafts), time.perf_counter()
-        # 2. One target forward over the unseen tail and all drafts; row i of the last K + 1
-        #    is p_{i+1}, the target's distribution for the position of draft i + 1.
-        logits = verify(tokens[cache.length :] + drafts, cache, n_logits=K_round + 1)
-        p = np.stack([probabilities(row, warp) for row in logits])  # [K + 1, V]
-        m, next_token = accept_or_resample(drafts, q, p, rng)  # 3.
-        policy.update(K_round, m, drafted_at - round_start, time.perf_counter() - drafted_at)
-        if not K_round and looks_back:  # the draft has not seen this token: looked back on later
-            plain[len(tokens)] = float(p[0, next_token])
-        tokens += drafts[:m] + [next_token]
-        cache.rollback(len(tokens) - 1)  # 4. drop rejected drafts: a length change
-        drafter.rollback(tokens)
-        assert cache.length == len(tokens) - 1
-
-        stats.rounds += 1
-        stats.drafted += K_round
-        stats.accepted += m
-        stats.accepted_per_round.append(m)
-        stats.K_per_round.append(K_round)
+        K = lookahead.next_K(tokens, most=n_stop - len(tokens) - 1)  # K + 1 tokens at most
+        r = speculative_round(tokens, K, drafter, verify, cache, warp, rng, clock)
+        lookahead.update(tokens, r)
+        stats.add_round(r.K, r.accepted)
         if on_tokens:
-            last = "resampled" if m < K_round else "bonus" if K_round else "target"
-            on_tokens(tokens[-(m + 1) :], ["accepted"] * m + [last])
-    stats.decode_seconds = time.perf_counter() - start
+            on_tokens(tokens[-(r.accepted + 1) :], r.kinds())
+    stats.decode_seconds = clock() - start
     stats.target_seconds, stats.target_calls = verify.seconds, verify.calls
     stats.draft_seconds, stats.draft_calls = drafter.seconds, drafter.calls
     stats.n_generated = len(tokens) - stats.n_prompt

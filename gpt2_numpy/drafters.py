@@ -1,12 +1,7 @@
-"""Drafting without a draft model: prompt-lookup (n-gram) decoding.
+"""What proposes drafts (`Drafter`), and drafting without a draft model: prompt lookup.
 
-A drafter is whatever speculative_sample asks for drafts (ModelDrafter in decoding.py is the
-other one):
-    start(tokens, capacity)        once, before the first round
-    propose(tokens, K, warp, rng)  -> (drafts, q): at most K token ids, and q [len(drafts), V],
-                                   the distributions they were drawn from
-    rollback(tokens)               after every round; `tokens` is the committed sequence
-    n_vocab, seconds, calls        vocabulary size; time spent and calls made proposing
+ModelDrafter (decoding.py) samples a small draft model; NGramDrafter, here, copies from the
+context itself.
 
 NGramDrafter looks up the most recent earlier occurrence of the context's last n tokens (the
 prompt and the output so far; n from n_max down to 1) and proposes the tokens that followed it.
@@ -40,7 +35,38 @@ def lookup(tokens: List[int], K: int, n_max: int = 3) -> List[int]:
     return []
 
 
-class NGramDrafter:
+class Drafter:
+    """What speculative_sample asks for drafts. It calls, in this order:
+
+        start(tokens, capacity)        once, before the first round
+        propose(tokens, K, warp, rng)  -> (drafts, q): at most K token ids, and q [len(drafts),
+                                       V], the distributions they were drawn from
+        rollback(tokens)               after every round; `tokens` is the committed sequence
+        catch_up(tokens, plain, warp)  only if `lags`: see ModelDrafter.catch_up
+
+    and reads n_vocab (the vocabulary size), seconds and calls (time spent and calls made
+    proposing). `lags`: rounds without drafts leave the drafter behind (a draft model's cache),
+    so before it drafts again it catches up on their tokens.
+    """
+
+    lags = False
+    n_vocab: int
+    seconds, calls = 0.0, 0
+
+    def start(self, tokens: List[int], capacity: int) -> None:
+        pass
+
+    def propose(self, tokens: List[int], K: int, warp, rng):
+        raise NotImplementedError
+
+    def rollback(self, tokens: List[int]) -> None:
+        pass
+
+    def catch_up(self, tokens: List[int], plain: dict, warp) -> dict:
+        return {}
+
+
+class NGramDrafter(Drafter):
     """Proposes continuations found in the context itself; no model, no cache."""
 
     def __init__(self, n_vocab: int, n_max: int = 3):

@@ -15,12 +15,8 @@ The parameter tree mirrors the checkpoint's names (see checkpoint.py):
     blocks[i] = {ln_1, attn {c_attn {w [d, 3d], b}, c_proj {w [d, d], b}}, ln_2,
                  mlp {c_fc {w [d, 4d], b}, c_proj {w [4d, d], b}}}
 
-Speed (measured by bench.py; see the README, "Performance"). Decoding one token is a chain of
-one-row products `x @ w` that read every weight once, so it is bound by memory bandwidth; the
-weights stay exactly as the checkpoint stores them (no copies, no re-layout). The one speed
-measure here is in `matmul`: on NumPy, products of 2..7 rows are padded to 8, the row count
-OpenBLAS multiplies cheapest. It changes no result: the padding rows are zeros and are dropped.
-(On a GPU the cost is elsewhere, in launching ~50 small kernels per layer: gpt2_cupy/graphs.py.)
+The weights are used exactly as the checkpoint stores them (no copies, no re-layout). How fast
+this runs, and why `matmul` pads a few rows, is in docs/performance.md.
 """
 import math
 
@@ -31,7 +27,6 @@ from .errors import GPT2Error
 def gelu(x):
     """GPT-2's GELU: the tanh approximation, not erf; the weights were trained with this one."""
     xp = namespace_of(x)
-    # x * x * x, not x**3: NumPy sends a float power to the general pow(), ~10x slower here.
     return 0.5 * x * (1.0 + xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))))
 
 
@@ -46,25 +41,17 @@ def layer_norm(x, g, b, eps: float = 1e-5):
     """Normalise each row to zero mean and unit (biased) variance, then scale and shift.  [T, d]"""
     xp = namespace_of(x)
     d = x.shape[-1]
-    # sum / d rather than xp.mean: the same float32 result, but NumPy's mean() spends several
-    # microseconds more per call in Python, which adds up over 2 x n_layer calls per token.
-    centred = x - xp.sum(x, axis=-1, keepdims=True) / d  # [T, d]
+    centred = x - xp.sum(x, axis=-1, keepdims=True) / d  # [T, d], each row minus its mean
     var = xp.sum(centred * centred, axis=-1, keepdims=True) / d  # [T, 1], biased (divide by d)
     return g * centred / xp.sqrt(var + eps) + b
 
 
-# How few rows meet a big matrix matters on a CPU. One row is a matrix-vector product that only
-# streams w from memory. For more rows OpenBLAS (the BLAS in NumPy's wheels) first copies
-# ("packs") w into cache-sized panels and then multiplies panel by panel, which costs about 1.8
-# one-row products with its Haswell kernels, and most for row counts that do not fill its
-# kernels: 5-7 rows cost ~25% more than 8. A speculative verify step multiplies K + 1 rows, so
-# 2..7 rows are padded with zero rows to 8 (bench.py "knobs" times it on and off). This is
-# OpenBLAS tuning: other backends (cuBLAS) get x @ w as it is.
-PAD_ROWS_TO = 8
+PAD_ROWS_TO = 8  # OpenBLAS multiplies 8 rows by a matrix cheaper than 5-7 (docs/performance.md)
 
 
 def matmul(x, w):
-    """x @ w, with 2..7 rows padded to 8 on NumPy (see above).  [T, n] @ [n, m] -> [T, m]
+    """x @ w; on NumPy 2..7 rows are padded with zero rows to 8, the same product, only cheaper
+    (a verify step multiplies K + 1 rows).  [T, n] @ [n, m] -> [T, m]
     (Batched [B, T, n] @ [B, n, m] products, as in attention, are passed straight through.)"""
     T = x.shape[0]
     xp = namespace_of(x)
@@ -114,8 +101,7 @@ def attention(q, k, v, visible=None):
     scores = matmul(q * (1.0 / math.sqrt(D)), xp.permute_dims(k, (0, 2, 1)))  # [H, T, L]
     if visible is not None:
         # -1e10 rather than -inf, so that a row can never become all -inf (NaN after softmax);
-        # full_like fills on the device, where a 0-d asarray would copy from the host (which a
-        # CUDA graph, gpt2_cupy/graphs.py, cannot record).
+        # full_like makes the fill on the scores' own device (no copy from the host).
         scores = xp.where(visible, scores, xp.full_like(scores, -1e10))
     return matmul(softmax(scores), v)  # [H, T, L] @ [H, L, D] -> [H, T, D]
 
@@ -244,9 +230,9 @@ class GPT2:
         return forward(self.params, ids, cache, self.hparams["n_head"], n_logits)
 
     def warm_up(self, capacity: int = None) -> None:
-        """One untimed forward, so that no timed one pays for first-time work: paging the
-        weights in from the checkpoint's memory map, or on a GPU compiling kernels.
-        gpt2_cupy's GPT2 also records here the CUDA graphs of caches of this capacity."""
+        """One untimed forward, so that no timed one pays for first-time work (paging the
+        weights in from the checkpoint's memory map). `capacity`, the cache size the decoders
+        will ask for, matters only to gpt2_cupy, which records its CUDA graphs for it."""
         self([0], self.new_cache(1))
 
     def __repr__(self):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # main.py and bench.py live at the top level
+sys.path.insert(0, str(ROOT))  # main.py and bench/ live at the top level
 
 import gpt2_numpy as gpt2  # noqa: E402
 from gpt2_numpy.load import tree_map  # noqa: E402

@@ -169,7 +169,7 @@ def test_plain_rounds_draw_exactly_what_autoregressive_sampling_draws(target, dr
     assert sp == ar and set(stats.K_per_round) == {0} and stats.draft_calls == 0
 
 
-class Scripted:
+class Scripted(gpt2.KPolicy):
     """A policy that plays a fixed list of K (then repeats it)."""
 
     def __init__(self, Ks):
@@ -178,9 +178,6 @@ class Scripted:
     def next_K(self):
         self.i += 1
         return self.Ks[(self.i - 1) % len(self.Ks)]
-
-    def update(self, *round):
-        pass
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -342,9 +339,10 @@ def test_the_catch_up_looks_back_with_min_1_q_over_p(target, drafts, temperature
     assert set(scores.values()) == {1.0}
 
 
-class Listening(AdaptiveK):
-    """AdaptiveK that checks what speculative_sample tells it: a look back covers exactly the
-    plain rounds since the previous one."""
+class Listening(Stubbed):
+    """AdaptiveK (on made-up costs, so that what it decides does not depend on the machine's
+    speed) that checks what speculative_sample tells it: a look back covers exactly the plain
+    rounds since the previous one."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
@@ -364,7 +362,7 @@ class Listening(AdaptiveK):
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_speculative_sample_looks_back_on_every_plain_token_once(target, drafts, temperature):
     # Probes often: many look backs (no guard: it would soon stop drafting so useless a draft)
-    policy = Listening(6, explore=1.0, guard=float("inf"))
+    policy = Listening(6, CPU, explore=1.0, guard=float("inf"))
     warp = Warp(temperature)
     ar, _ = autoregressive_sample(target, PROMPT, 40, warp, np.random.default_rng(3))
     sp, stats = speculative_sample(target, drafts["rarely"], PROMPT, 40, policy, warp,
@@ -374,7 +372,7 @@ def test_speculative_sample_looks_back_on_every_plain_token_once(target, drafts,
         assert sp == ar
 
 
-# The replay harness of `bench.py --adaptive --simulate` (adaptive_sim.py): the real decoders
+# The replay harness of `python -m bench replay` (bench/replay.py): the real decoders
 # against stand-in models that cost virtual seconds. Round costs in it must add up exactly.
 REPLAY_COSTS = dict(target={T: 0.05 if T == 1 else 0.1 + 0.001 * T for T in range(1, 6)},
                     draft={1: 0.02, 2: 0.03}, catch_up=([1, 2, 64], [0.02, 0.04, 0.1]),
@@ -382,14 +380,14 @@ REPLAY_COSTS = dict(target={T: 0.05 if T == 1 else 0.1 + 0.001 * T for T in rang
 
 
 def test_replayed_autoregressive_costs_one_target_step_per_token():
-    from gpt2_numpy.adaptive_sim import replay
+    from bench.replay import replay
 
     rates = replay(REPLAY_COSTS, error=0.0, n=12, seed=0, K_max=4)
     assert rates["autoregressive"] == pytest.approx(1 / (0.05 + 0.001))
 
 
 def test_replayed_rejections_cost_one_draft_step_and_one_verify_per_token():
-    from gpt2_numpy.adaptive_sim import replay
+    from bench.replay import replay
 
     # Every draft wrong: a K=1 round drafts once (feeding the one new token) and verifies 2
     # positions, and emits the one resampled token; the last token is a plain step (a round
@@ -404,7 +402,7 @@ def test_replayed_rejections_cost_one_draft_step_and_one_verify_per_token():
     assert rates["K=2"] == pytest.approx(15 / (first + 4 * later))
 
 
-# Costs as `bench.py --adaptive --simulate` measured them on the 2-core Xeon (seconds): 355M
+# Costs as `python -m bench replay` measured them on the 2-core Xeon (seconds): 355M
 # target over T positions, 124M draft steps over 1 and 2, catch-ups over N, a row of logits.
 XEON = dict(target={1: 0.055, **{T: 0.105 for T in range(2, 9)}, 9: 0.124},
             draft={1: 0.0196, 2: 0.0304},
@@ -416,7 +414,7 @@ XEON = dict(target={1: 0.055, **{T: 0.105 for T in range(2, 9)}, 9: 0.124},
 def test_the_guard_keeps_every_prompt_within_5_percent_of_autoregressive():
     """Near this CPU's break-even (a draft 70% right) some prompts lose >5% to plain decoding
     when drafting is unguarded; with the guard (4% of the run's plain time) none does."""
-    from gpt2_numpy.adaptive_sim import replay
+    from bench.replay import replay
 
     def ratios(**kw):
         runs = [replay(XEON, error=0.3, n=96, seed=s, K_max=8,
@@ -491,7 +489,7 @@ def test_a_catch_up_is_projected_to_the_current_lag():
                                                  - 0.003)
 
 
-# Costs shaped like the H100's of the README (CUDA graphs; seconds): r(T) nearly flat, a draft
+# Costs shaped like the H100's of docs/gpu.md (CUDA graphs; seconds): r(T) nearly flat, a draft
 # step half a target step, catch-ups past 16 tokens in chunks of 16, and host work per judged
 # row as for a sampling warp (a full distribution per row): on a GPU a look back over many
 # plain tokens costs many plain steps.
@@ -504,7 +502,7 @@ H100_LIKE = dict(target={1: 0.003, **{T: 0.0037 + 0.00003 * T for T in range(2, 
 def test_the_guard_holds_where_long_catch_ups_are_dear():
     """With a useless draft the probes' look backs grow with the plain stretch before them;
     the guard, projecting each catch-up to its lag, keeps every prompt within 5%."""
-    from gpt2_numpy.adaptive_sim import replay
+    from bench.replay import replay
 
     for error in (0.5, 1.0):
         ratios = [replay(H100_LIKE, error=error, n=256, seed=s, K_max=8) for s in range(6)]
@@ -513,12 +511,12 @@ def test_the_guard_holds_where_long_catch_ups_are_dear():
 
 def test_the_adaptive_benchmark_records_every_decoder_and_each_reproduces_the_target(tmp_path,
                                                                                       capsys):
-    """bench.py --adaptive, shrunk (124M as both models, a few tokens): its JSON, which the README
-    figure is drawn from, holds autoregressive, every fixed K and adaptive for each situation,
-    each run gave the target's greedy tokens, and no round left [0, K_max]."""
+    """python -m bench adaptive, shrunk (124M as both models, a few tokens): its JSON, which the
+    figure in docs/adaptive.md is drawn from, holds autoregressive, every fixed K and adaptive
+    for each situation, each run gave the target's greedy tokens, and no round left [0, K_max]."""
     import json
 
-    from gpt2_numpy import adaptive_bench
+    from bench import adaptive as adaptive_bench
 
     adaptive_bench.main(["--target", "124M", "--draft", "124M", "--n_tokens", "6",
                          "--n_tokens_unrelated", "3", "--repeats", "1", "--K_max", "2",

@@ -1,4 +1,5 @@
-"""Tests for gpt2_numpy/checkpoint.py: the TensorFlow checkpoint reader and writer, and CRC-32C.
+"""Tests for the TensorFlow checkpoint reader (gpt2_numpy/checkpoint.py), its writer
+(checkpoint_writer.py) and CRC-32C (crc32c.py).
 
 The fixtures in tests/fixtures/<name>/ were written by real TensorFlow (see make_fixtures.py);
 a few edge cases TensorFlow would not produce for us (more than 10 layers, several data blocks,
@@ -14,20 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpt2_numpy import checkpoint, random_params
-from gpt2_numpy.checkpoint import (
-    DATA_FILE,
-    INDEX_FILE,
-    crc32c,
-    crc32c_fast,
-    crc32c_simple,
-    expected_shapes,
-    load_checkpoint,
-    mask_crc,
-    read_index,
-    unmask_crc,
-    write_checkpoint,
-)
+from gpt2_numpy import checkpoint, checkpoint_writer, random_params
+from gpt2_numpy.checkpoint import DATA_FILE, INDEX_FILE, expected_shapes, load_checkpoint, read_index
+from gpt2_numpy.checkpoint_writer import write_checkpoint
+from gpt2_numpy.crc32c import crc32c, crc32c_fast, crc32c_simple, mask_crc, unmask_crc
 from gpt2_numpy.errors import GPT2Error
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -637,7 +628,7 @@ def test_float64_params_are_stored_as_float32(tmp_path):
 
 
 def test_small_blocks_split_the_index_into_many_data_blocks(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint, "TABLE_BLOCK_SIZE", 64)  # ~1 entry per block instead of 256 kB
+    monkeypatch.setattr(checkpoint_writer, "TABLE_BLOCK_SIZE", 64)  # ~1 entry per block instead of 256 kB
     params = random_params(TWELVE, seed=4)
     write_checkpoint(tmp_path / "m", TWELVE, params)
     blocks = data_blocks(tmp_path / "m" / INDEX_FILE)
@@ -652,7 +643,7 @@ def test_small_blocks_split_the_index_into_many_data_blocks(tmp_path, monkeypatc
 
 
 def test_separator_keys_follow_leveldb():
-    sep, succ = checkpoint._shortest_separator, checkpoint._short_successor
+    sep, succ = checkpoint_writer._shortest_separator, checkpoint_writer._short_successor
     assert sep(b"model/h1/mlp", b"model/h3") == b"model/h2"  # bump the first differing byte
     assert sep(b"model/h1/mlp", b"model/h2") == b"model/h1/mlp"  # h2 would not be < limit
     assert sep(b"model/h1", b"model/h1/b") == b"model/h1"  # a prefix: kept as it is
@@ -717,7 +708,7 @@ def test_a_failure_mid_write_leaves_old_files_and_no_temporary_ones(tmp_path, mo
     folder = tmp_path / "m"
     write_checkpoint(folder, TWELVE, random_params(TWELVE, seed=7))
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    real_crc32c, calls = checkpoint.crc32c, []
+    real_crc32c, calls = checkpoint_writer.crc32c, []
 
     def failing_crc32c(data):
         calls.append(1)
@@ -725,7 +716,7 @@ def test_a_failure_mid_write_leaves_old_files_and_no_temporary_ones(tmp_path, mo
             raise OSError(28, "No space left on device")
         return real_crc32c(data)
 
-    monkeypatch.setattr(checkpoint, "crc32c", failing_crc32c)
+    monkeypatch.setattr(checkpoint_writer, "crc32c", failing_crc32c)
     with pytest.raises(GPT2Error) as excinfo:
         write_checkpoint(folder, TWELVE, random_params(TWELVE, seed=8))
     assert_one_line_error(excinfo, "No space left on device")

@@ -83,11 +83,11 @@ def test_human_readable_report(capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--K", "0"], "--K must be >= 1"),
-    (["--temperature", "-1"], "--temperature must be >= 0"),
-    (["--top_p", "0"], "--top_p must be in (0, 1]"),
-    (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
-    (["--top_k", "0"], "--top_k must be >= 1"),
+    (["--K", "0"], "K (draft tokens per round) must be >= 1"),
+    (["--temperature", "-1"], "temperature must be a number >= 0"),
+    (["--top_p", "0"], "top_p must be in (0, 1]"),
+    (["--top_p", "1.5"], "top_p must be in (0, 1]"),
+    (["--top_k", "0"], "top_k must be >= 1"),
     (["--n_tokens_to_generate", "0"], "must be >= 1"),
     (["--n_tokens_to_generate", "60"], "exceeds the context of 64 tokens"),
     (["--target_model_size", "42M"], "unknown model '42M'"),
@@ -96,7 +96,7 @@ def test_human_readable_report(capsys):
     (["--adaptive", "--mode", "autoregressive"], "--adaptive is about speculative decoding"),
     (["--show", "--mode", "autoregressive"], "--show is about speculative decoding"),
     (["--draft", "ngram", "--mode", "autoregressive"], "--draft ngram is about speculative"),
-    (["--adaptive", "--K", "0"], "--K must be >= 1"),
+    (["--adaptive", "--K", "0"], "K_max (the most drafts per round) must be >= 1"),
 ])
 def test_bad_flags_exit_2_with_one_line(capsys, flags, message):
     assert main.main(BASE + flags) == 2

@@ -90,11 +90,11 @@ def test_ngram_samples_follow_the_exact_target_distribution():
 
 @pytest.mark.skipif(not SHARED_TOKENIZER.is_dir(), reason="needs ../shared/gpt2-tokenizer")
 def test_replayed_prompt_lookup_pays_where_text_repeats_and_adaptive_k_guards_new_text():
-    """bench.py --adaptive --simulate --ngram, on the Xeon's costs: the real drafter over real
+    """python -m bench replay --ngram, on the Xeon's costs: the real drafter over real
     GPT-2 tokens (the replay asserts every decoder emitted the text). Text that repeats its
     prompt gets most drafts accepted and pays; new prose gets few, fixed K loses to plain
     decoding on this CPU, and adaptive K stays within its guard."""
-    from gpt2_numpy.adaptive_sim import ngram_replay
+    from bench.replay import ngram_replay
     from gpt2_numpy.tokenizer import load_tokenizer
     from test_adaptive import XEON
 

@@ -1,7 +1,8 @@
-"""Benchmark: --adaptive against every fixed K and plain autoregressive decoding.
+"""Adaptive K against every fixed K and plain autoregressive decoding, timed for real.
 
-    python bench.py --adaptive                     # about 6 minutes on 2 CPU cores
-    python bench.py --adaptive --simulate          # many prompts, replayed: adaptive_sim.py
+    python -m bench adaptive                       # about 6 minutes on 2 CPU cores
+    python -m bench adaptive --backend cupy        # the same on the GPU twin
+    python -m bench replay                         # many prompts, replayed: bench/replay.py
 
 The models have the official 355M (target) and 124M (draft) shapes and random weights: the
 timings are real, the acceptance is not. Random weights make no draft agree with the target,
@@ -17,18 +18,19 @@ Everything is greedy (temperature 0), so every run must print the autoregressive
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from gpt2_numpy.adaptive import AdaptiveK
+from gpt2_numpy.decoding import ModelDrafter, autoregressive_sample, speculative_sample
+from gpt2_numpy.load import official_hparams, random_params
+from gpt2_numpy.model import GPT2
+from gpt2_numpy.sampling import Warp, probabilities
 
-from .adaptive import AdaptiveK
-from .decoding import ModelDrafter, autoregressive_sample, speculative_sample
-from .load import official_hparams, random_params
-from .model import GPT2
-from .sampling import Warp, probabilities
+from . import command
+from .machine import device_name
 
 
 class ScriptedDrafter(ModelDrafter):
@@ -61,25 +63,6 @@ class ScriptedDrafter(ModelDrafter):
         """The real catch-up forward; the look back says what the script would have proposed."""
         looked = super().catch_up(tokens, plain, warp)
         return {i: 0.0 if self.wrong[i - self.n_prompt] else 1.0 for i in looked}
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def device_name(backend: str) -> str:
-    """The GPU's name for cupy, else the CPU's."""
-    if backend == "cupy":
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceProperties(0)["name"].decode() + " (CuPy)"
-    return cpu_name()
 
 
 def decode(target, make_drafter, prompt, n, K, K_max, seed=0):
@@ -124,13 +107,8 @@ def run_situation(target, make_drafter, prompt, n, n_fixed, K_max, reference, re
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--simulate" in argv:  # the replay over many prompts: adaptive_sim.py, its own options
-        from .adaptive_sim import main as simulate
-
-        argv.remove("--simulate")
-        return simulate(argv)
-    p = argparse.ArgumentParser(description="adaptive K vs fixed K, official shapes, random weights "
-                                "(--simulate [ARGS]: replay over many prompts, adaptive_sim.py)")
+    p = argparse.ArgumentParser(prog="python -m bench adaptive",
+                                description="adaptive K vs fixed K, official shapes, random weights")
     p.add_argument("--n_tokens", type=int, default=96, help="tokens per run")
     p.add_argument("--n_tokens_unrelated", type=int, default=24,
                    help="tokens per fixed-K run with the unrelated draft (every round emits one)")
@@ -140,7 +118,7 @@ def main(argv=None):
     p.add_argument("--draft", default="124M")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
     p.add_argument("--out", default="bench_out", help="where adaptive.json goes (the table, "
-                   "for bench.py --plot)")
+                   "for python -m bench plot)")
     args = p.parse_args(argv)
 
     start = time.perf_counter()
@@ -178,7 +156,7 @@ def main(argv=None):
         for length in {n, args.n_tokens_unrelated}:
             for model in (target, draft):
                 model.warm_up(len(prompt) + length - 1)
-    results = {"command": "python bench.py --adaptive " + " ".join(argv), "machine": where,
+    results = {"command": command("adaptive", argv), "machine": where,
                "target": args.target, "draft": args.draft, "weights": "random", "situations": []}
     for title, n_fixed, make_drafter in situations:
         rows = run_situation(target, make_drafter, prompt, n, n_fixed, args.K_max, reference,

@@ -1,9 +1,9 @@
 """Many prompts in seconds: the real decoders replayed against models that only cost time.
 
-    python bench.py --adaptive --simulate           # about a minute on 2 CPU cores
-    python bench.py --adaptive --simulate --ngram weights/124M   # prompt lookup, on real text
+    python -m bench replay                          # about a minute on 2 CPU cores
+    python -m bench replay --ngram weights/124M     # prompt lookup, on real text
 
-`python bench.py --adaptive` times real forwards, so it can afford three prompts per situation;
+`python -m bench adaptive` times real forwards, so it can afford three prompts per situation;
 whether adaptive K is "never more than 5% slower on any prompt" is a question about the spread
 over many prompts. Speed depends on the prompt only through which drafts pass, so this measures
 every cost once, then replays the decoders over 50 scripted prompts per situation:
@@ -13,48 +13,37 @@ every cost once, then replays the decoders over 50 scripted prompts per situatio
      of a draft catch-up over N positions, of turning one row of logits into a distribution, and
      of judging one row in a look back (`--backend cupy`: the forwards on the GPU, CUDA graphs
      recorded first). Or take them from a JSON file (`--costs FILE`, written by `--save_costs`),
-     or use `--costs h100`: the forwards the README's H100 tables report (`h100_costs`).
+     or use `--costs h100`: the forwards docs/gpu.md's H100 tables report (`h100_costs`).
   2. Replay `autoregressive_sample` and `speculative_sample` (the real functions, AdaptiveK and
      FixedK unchanged) with `CostModel`s: stand-ins that return one-hot logits for a script and
-     advance a virtual clock by the measured cost of each forward instead of computing it. The
+     advance a virtual clock, which the decoders read (their `clock` argument), by the measured
+     cost of each forward instead of computing it. The
      draft's argmax is wrong at a random fraction `error` of the positions (a new draw per
      prompt), its look back judges the same script.
 
 What it leaves out: the decoders' own Python time between forwards, and
 drafts that are wrong in bursts rather than independently. It is a model of the timings, so its
-tables say "replayed". Its last lines replay the prompts adaptive_bench.py times for real, so
-that the two can be compared (the README does).
+tables say "replayed". Its last lines replay the prompts bench/adaptive.py times for real, so
+that the two can be compared (docs/adaptive.md does).
 
 `--ngram TOKENIZER_DIR` replays prompt-lookup drafting instead (`ngram_replay`). Its acceptance
 depends on the text, so there the text is real: the drafter reads GPT-2 tokens of texts built
-from this package's source (`ngram_texts`), and the stand-in target emits a given continuation.
+from gpt2_numpy's source (`ngram_texts`), and the stand-in target emits a given continuation.
 """
 import argparse
-import contextlib
 import json
 import time
 
 import numpy as np
+from gpt2_numpy import backend as backend_module
+from gpt2_numpy.adaptive import AdaptiveK, FixedK
+from gpt2_numpy.decoding import autoregressive_sample, speculative_sample
+from gpt2_numpy.load import official_hparams
+from gpt2_numpy.model import KVCache
+from gpt2_numpy.sampling import Warp, probabilities, probability_of
 
-from . import backend as backend_module
-from . import decoding
-from .adaptive import AdaptiveK, FixedK
-from .adaptive_bench import cpu_name, device_name
-from .decoding import autoregressive_sample, speculative_sample
-from .load import official_hparams
-from .model import KVCache
-from .sampling import Warp, probabilities, probability_of
-
-
-class VirtualClock:
-    """Stands in for the `time` module inside decoding.py: perf_counter() reads a counter that
-    only CostModel calls advance."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def perf_counter(self) -> float:
-        return self.now
+from .machine import cpu_name, device_name
+from .timing import VirtualClock
 
 
 class CostModel:
@@ -139,11 +128,11 @@ def measure_costs(K_max: int, reps: int = 3, backend: str = "numpy"):
 
 
 def h100_costs(K_max: int):
-    """The forwards of the H100 run in the README (`python bench.py --backend cupy`, CUDA graphs):
+    """The forwards of the H100 run in docs/gpu.md (`python -m bench gpu`, CUDA graphs):
     T = 1 ms and r(T) at T = 2, 5, 9, 16 of 355M and 124M, linear in between. A catch-up over
-    N > 16 tokens runs as ceil(N / 16) graphed chunks (gpt2_cupy/graphs.py; not yet timed on a
-    GPU: the H100 run predates it, and ran such forwards eagerly, in 14-22 ms). The host's work
-    per row is measured on this machine."""
+    N > 16 tokens runs as ceil(N / 16) graphed chunks (gpt2_cupy/graphs.py), each assumed to
+    cost a 16-token forward: an assumption, not a measurement (run eagerly, such forwards took
+    14-22 ms). The host's work per row is measured on this machine."""
     ms = {"355M": 2.98, "124M": 1.40}
     r = {"355M": ([1, 2, 5, 9, 16], [1, 1.24, 1.28, 1.32, 1.40]),
          "124M": ([1, 2, 5, 9, 16], [1, 1.28, 1.29, 1.31, 1.38])}
@@ -185,23 +174,12 @@ def cost_functions(costs):
     return target, draft
 
 
-@contextlib.contextmanager
-def virtual_time(clock):
-    """Within this block decoding.py reads `clock` instead of the wall clock."""
-    saved = decoding.time
-    decoding.time = clock
-    try:
-        yield
-    finally:
-        decoding.time = saved
-
-
 def replay(costs, error: float, n: int, seed: int, K_max: int, n_prompt: int = 20,
            adaptive=AdaptiveK):
     """tokens/s of autoregressive, of every fixed K and of adaptive K (the policy
     adaptive(K_max) makes) on one scripted prompt."""
     # Wrong positions drawn as ScriptedDrafter draws them: seed s replays the s-th repetition
-    # of `bench.py --adaptive` (another prompt, the same pattern of wrong drafts).
+    # of `python -m bench adaptive` (another prompt, the same pattern of wrong drafts).
     wrong = np.append(np.random.default_rng(seed).random(n) < error, False)
     rng = np.random.default_rng([seed, 1])
     script, prompt = rng.integers(0, 64, n + 1), rng.integers(0, 64, n_prompt).tolist()
@@ -210,25 +188,26 @@ def replay(costs, error: float, n: int, seed: int, K_max: int, n_prompt: int = 2
     target = CostModel(clock, target_cost, script, n_prompt)
     draft = CostModel(clock, draft_cost, script, n_prompt, wrong)
     rates = {}
-    with virtual_time(clock):
-        ids, stats = autoregressive_sample(target, prompt, n, Warp(0.0))
-        rates["autoregressive"] = stats.tokens_per_second
-        reference = ids
-        policies = {f"K={K}": FixedK(K) for K in range(1, K_max + 1)}
-        policies["adaptive"] = adaptive(K_max)
-        for name, policy in policies.items():
-            ids, stats = speculative_sample(target, draft, prompt, n, policy, Warp(0.0))
-            assert ids == reference, "a replayed decoder changed the output"
-            rates[name] = stats.tokens_per_second
+    ids, stats = autoregressive_sample(target, prompt, n, Warp(0.0), clock=clock)
+    rates["autoregressive"] = stats.tokens_per_second
+    reference = ids
+    policies = {f"K={K}": FixedK(K) for K in range(1, K_max + 1)}
+    policies["adaptive"] = adaptive(K_max)
+    for name, policy in policies.items():
+        ids, stats = speculative_sample(target, draft, prompt, n, policy, Warp(0.0), clock=clock)
+        assert ids == reference, "a replayed decoder changed the output"
+        rates[name] = stats.tokens_per_second
     return rates
 
 
 def ngram_texts() -> list:
-    """(name, prompt, continuation): texts for the n-gram replay, built from this package's own
-    source so that anyone can rebuild them. The continuation plays the target's greedy output."""
+    """(name, prompt, continuation): texts for the n-gram replay, built from gpt2_numpy's own
+    source so that anyone can rebuild them. The continuation plays the target's greedy output.
+    (So editing decoding.py's or adaptive.py's module docstring, or drafters.lookup, changes
+    the texts and the table in docs/ngram.md.)"""
     import inspect
 
-    from . import adaptive, decoding as decoding_module, drafters
+    from gpt2_numpy import adaptive, decoding as decoding_module, drafters
 
     code = inspect.getsource(drafters.lookup)
     doc = decoding_module.__doc__.strip()
@@ -248,7 +227,7 @@ def ngram_replay(costs, tokenizer, K_max: int, n_max: int = 3):
     prompt to different degrees, against a stand-in 355M target that emits the text (one-hot
     logits) and costs what the measured forwards cost. The lookup's own time is real: it runs,
     and its wall time is added to the virtual clock. Returns rows for a table."""
-    from .drafters import NGramDrafter
+    from gpt2_numpy.drafters import NGramDrafter
 
     clock = VirtualClock()
     target_cost = cost_functions(costs)[0]
@@ -267,17 +246,16 @@ def ngram_replay(costs, tokenizer, K_max: int, n_max: int = 3):
         target = CostModel(clock, target_cost, script + [0], len(prompt),
                            n_vocab=tokenizer.n_vocab)
         rates, runs = {}, {}
-        with virtual_time(clock):
-            ids, stats = autoregressive_sample(target, prompt, n, Warp(0.0))
-            assert ids == script, "the stand-in target did not emit its text"
-            rates["autoregressive"] = stats.tokens_per_second
-            decoders = {f"K={K}": FixedK(K) for K in range(1, K_max + 1)}
-            decoders[f"adaptive, K_max={K_max}"] = AdaptiveK(K_max)
-            for label, policy in decoders.items():
-                ids, stats = speculative_sample(target, TimedLookup(target.n_vocab, n_max), prompt,
-                                                n, policy, Warp(0.0))
-                assert ids == script, "a replayed decoder changed the output"
-                rates[label], runs[label] = stats.tokens_per_second, stats
+        ids, stats = autoregressive_sample(target, prompt, n, Warp(0.0), clock=clock)
+        assert ids == script, "the stand-in target did not emit its text"
+        rates["autoregressive"] = stats.tokens_per_second
+        decoders = {f"K={K}": FixedK(K) for K in range(1, K_max + 1)}
+        decoders[f"adaptive, K_max={K_max}"] = AdaptiveK(K_max)
+        for label, policy in decoders.items():
+            ids, stats = speculative_sample(target, TimedLookup(target.n_vocab, n_max), prompt,
+                                            n, policy, Warp(0.0), clock=clock)
+            assert ids == script, "a replayed decoder changed the output"
+            rates[label], runs[label] = stats.tokens_per_second, stats
         best = max((k for k in rates if k.startswith("K=")), key=rates.get)
         rows.append(dict(text=name, n_prompt=len(prompt), n=n, rates=rates, best=best,
                          stats=runs))
@@ -289,7 +267,8 @@ def spread(x):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="adaptive K over many replayed prompts")
+    p = argparse.ArgumentParser(prog="python -m bench replay",
+                                description="adaptive K over many replayed prompts")
     p.add_argument("--n_tokens", type=int, nargs="+", default=[96, 256])
     p.add_argument("--prompts", type=int, default=50, help="scripted prompts per situation")
     p.add_argument("--errors", type=float, nargs="+",
@@ -298,7 +277,7 @@ def main(argv=None):
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
                    help="where the costs are measured")
     p.add_argument("--costs", help="replay with these costs instead: a JSON file from "
-                   "--save_costs, or h100 (the README's H100 tables, see h100_costs)")
+                   "--save_costs, or h100 (docs/gpu.md's H100 tables, see h100_costs)")
     p.add_argument("--save_costs", help="write the measured costs to this JSON file")
     p.add_argument("--ngram", metavar="TOKENIZER_DIR", help="replay n-gram (prompt-lookup) "
                    "drafting instead, on texts tokenized with GPT-2's tokenizer from this folder "
@@ -309,8 +288,8 @@ def main(argv=None):
     if not all(0 <= e <= 1 for e in args.errors):
         p.error("--errors are fractions of wrong drafts, in [0, 1]")
     if args.ngram:  # before the costs are measured: a wrong folder fails at once
-        from .errors import GPT2Error
-        from .tokenizer import load_tokenizer
+        from gpt2_numpy.errors import GPT2Error
+        from gpt2_numpy.tokenizer import load_tokenizer
 
         try:
             tokenizer = load_tokenizer(args.ngram)
@@ -319,7 +298,7 @@ def main(argv=None):
 
     start = time.perf_counter()
     if args.costs == "h100":
-        costs, where = h100_costs(args.K_max), (f"from the README's H100 tables (host work per "
+        costs, where = h100_costs(args.K_max), (f"from docs/gpu.md's H100 tables (host work per "
                                                 f"row measured on {cpu_name()})")
     elif args.costs:
         costs, where = load_costs(args.costs), f"from {args.costs}"
@@ -357,7 +336,7 @@ def main(argv=None):
             print(f"| {n} | {error:.0%} | {best} | {spread(rates['adaptive'] / ar)} | "
                   f"{spread(rates['adaptive'] / rates[best])} | {spread(rates[best] / ar)} |",
                   flush=True)
-    print("\nThe prompts `bench.py --adaptive` runs (seeds 0, 1, 2; wrong drafts 0%, 10%, 30%, 100%), "
+    print("\nThe prompts `python -m bench adaptive` runs (seeds 0, 1, 2; wrong drafts 0%, 10%, 30%, 100%), "
           f"{args.n_tokens[0]} tokens: adaptive vs autoregressive, replayed")
     for error in (0.0, 0.1, 0.3, 1.0):
         ratios = [replay(costs, error, args.n_tokens[0], seed, args.K_max) for seed in range(3)]

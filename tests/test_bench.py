@@ -1,0 +1,79 @@
+"""bench/: the command dispatcher, the CPU run's sections on a tiny model, the summary and the
+figures drawn from what they measured, and a worker in a fresh process."""
+import json
+
+import pytest
+
+from bench.__main__ import COMMANDS
+from bench.__main__ import main as bench_main
+from conftest import tiny_model
+
+
+def test_every_command_is_listed_and_an_unknown_one_is_a_one_line_error(capsys):
+    assert bench_main(["--help"]) == 0
+    listing = capsys.readouterr().out
+    for name in COMMANDS:  # each command's module imports, and its docstring says what it does
+        assert f"  {name} " in listing
+    assert bench_main(["nonsense"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown command 'nonsense'") and "\n" not in err
+    assert bench_main([]) == 2  # no command: the listing, on stderr
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """r(T), the breakdown and the no-cache table of a tiny model, saved as `bench cpu` saves."""
+    from bench.floor import breakdown
+    from bench.machine import machine_info
+    from bench.no_cache import no_cache
+    from bench.report import save
+    from bench.verify import r_of_T
+
+    model = tiny_model(seed=0)
+    rows, t1, t2 = r_of_T(model, "random", 8, [1, 2, 3], reps=1)
+    res = {"command": "test", "machine": machine_info(), "total_seconds": 0.0, "r_of_T": rows,
+           "c": 1.0, "c2": t2 / t1, "breakdown": breakdown(model, "random", 8, 4, gbps=10.0),
+           "no_cache": no_cache(model, "random", [4, 8], reps=1)}
+    out = tmp_path_factory.mktemp("bench_out")
+    save(res, out)
+    return out
+
+
+def test_the_sections_fill_the_summary_and_the_csvs(measured):
+    res = json.loads((measured / "bench.json").read_text())
+    assert [r["T"] for r in res["r_of_T"]] == [1, 2, 3] and res["r_of_T"][0]["r"] == 1.0
+    parts = {r["part"] for r in res["breakdown"]}
+    assert {"matmul c_attn", "layer norms", "total (instrumented)"} <= parts
+    assert [r["position"] for r in res["no_cache"]] == [4, 8]
+    summary = (measured / "summary.md").read_text()
+    for heading in ("### r(T)", "### Where a decoding step's time goes", "### ms/token without"):
+        assert heading in summary
+    assert (measured / "r_of_T.csv").read_text().startswith("model,weights,T,")
+
+
+def test_the_figures_are_drawn_from_the_saved_json(measured, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from bench.__main__ import main
+
+    assert main(["plot", str(measured), "--img", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no_cache.png", "r_of_T.png"]
+    assert (tmp_path / "r_of_T.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_nothing_to_plot_is_a_one_line_error(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from bench.plot import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("error: nothing to plot")
+
+
+def test_a_worker_runs_in_a_fresh_process_and_reports_one_json_line():
+    from bench.workers import run_worker
+
+    # Without torch the transformers worker says so (and with it, it measures nothing here).
+    out = run_worker("transformers", {"sizes": [], "threads": 1, "prompt": 1, "tokens": 2,
+                                      "reps": 1})
+    assert "skipped" in out or out.get("rows") == [], out
