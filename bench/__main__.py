@@ -5,6 +5,7 @@ import sys
 COMMANDS = {  # name: module, whose main(argv) runs it and whose docstring's first line says what
     "cpu": "bench.cpu",
     "gpu": "bench.gpu",
+    "gpu-check": "bench.gpu_check",
     "adaptive": "bench.adaptive",
     "replay": "bench.replay",
     "plot": "bench.plot",

@@ -12,7 +12,8 @@ On a machine with an NVIDIA GPU and CuPy it runs, in this order, each section bo
     r_of_T       the cost of a forward over T new tokens relative to one (fused, float32)
     speculative  1558M target / 124M draft, every draft right (scripted), K = 1..8 vs plain
     overhead     the host time a plain round of the speculative decoder adds over a plain step
-    adaptive     the adaptive-K benchmark (bench --adaptive --backend cupy), shortened
+    kernels      each fused kernel of a 355M step timed alone, weights read from memory
+    adaptive     the adaptive-K benchmark (python -m bench adaptive --backend cupy), shortened
     anchor       a plain PyTorch CUDA-graph step, if ../shared/tools/torch_graph_anchor.py or
                  .gpu_carry/torch_graph_anchor.py is there
 and writes DIR/gpu_check.json and DIR/gpu_check.md (the goal table first).
@@ -32,11 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import gpt2_numpy as gpt2
 
-import gpt2_numpy as gpt2  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SIZES = ["124M", "355M"]
 SPEC = ["1558M"]  # the speculative section's target (124M drafts)
@@ -261,7 +260,7 @@ def section_r_of_T(res, out_dir, models):
 
 
 def section_speculative(res, out_dir, models):
-    from gpt2_numpy.adaptive_bench import ScriptedDrafter
+    from bench.adaptive import ScriptedDrafter
 
     target, draft = models[SPEC[0]], models["124M"]
     prompt = np.random.default_rng(0).integers(0, target.n_vocab, PROMPT).tolist()
@@ -332,11 +331,11 @@ def gpt2_numpy_drafter(draft):
 
 
 def section_adaptive(res, out_dir):
-    from gpt2_numpy import adaptive_bench
+    from bench import adaptive
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        adaptive_bench.main(["--backend", "cupy", "--repeats", "2", "--out", str(out_dir)])
+        adaptive.main(["--backend", "cupy", "--repeats", "2", "--out", str(out_dir)])
     text = buf.getvalue()
     log(text)
     res["adaptive_table"] = text
