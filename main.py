@@ -175,9 +175,8 @@ def run(args):
         tokens = args.K + 1 if a == 1 else (1 - a ** (args.K + 1)) / (1 - a)
         report["c"], report["predicted_speedup"] = c, tokens / (args.K * c + 1)
     if "draft_alone" in results:
-        report["speculative_position"] = position_between(
-            results["autoregressive"]["tokens_per_second"],
-            results["draft_alone"]["tokens_per_second"], results["speculative"]["tokens_per_second"])
+        speeds = (results[m]["tokens_per_second"] for m in modes)  # target, draft, speculative
+        report["speculative_position"] = position_between(*speeds)
     return report
 
 

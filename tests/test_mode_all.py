@@ -55,7 +55,8 @@ def test_human_readable_report_has_three_blocks(capsys):
     assert main.main(BASE + ["--temperature", "0"]) == 0
     out = capsys.readouterr().out
     for heading in ("Autoregressive Decoding, Target Alone", "Autoregressive Decoding, Draft Alone",
-                    "Speculative Decoding", "Speedup = ", "Same tokens = yes", "Between the bounds: "):
+                    "Speculative Decoding", "Speedup = ", "Same tokens = yes",
+                    "Between the bounds: "):
         assert heading in out
     assert out.count("Text = the cat sat") == 3 and out.count(" tokens/s, prefill") == 3
 
@@ -92,11 +93,27 @@ def test_position_is_none_without_a_range(speeds):
                             "to draft speed (200.0 tokens/s)"),
     ((100.0, 200.0, 80.0), "speculative is slower than the target alone (0.80x its speed)"),
     ((100.0, 200.0, 250.0), "speculative is faster than the draft alone (1.25x its speed)"),
-    ((100.0, 100.0, 80.0), "none to place speculative in (draft alone 100.0 tokens/s is not faster"),
+    ((100.0, 100.0, 80.0), "none to place speculative in (draft alone 100.0 tokens/s is not "
+                           "faster"),
 ])
 def test_position_in_words(speeds, words):
-    r = {m: {"tokens_per_second": s} for m, s in zip(("autoregressive", "draft_alone", "speculative"),
-                                                     speeds)}
+    modes = ("autoregressive", "draft_alone", "speculative")
+    r = {m: {"tokens_per_second": s} for m, s in zip(modes, speeds)}
     r["speculative_position"] = main.position_between(*speeds)
     line = main.describe_position(r)
     assert line.startswith("Between the bounds: ") and words in line
+
+
+def test_mode_all_on_the_cupy_backend_gives_the_numpy_backends_tokens(capsys):
+    """--backend cupy, on tests/fake_cupy.py (CuPy's API over NumPy, CUDA graphs included): the
+    same tokens in all three runs as --backend numpy."""
+    import fake_cupy
+
+    runs = {}
+    for backend in ("numpy", "cupy"):
+        with fake_cupy.installed():
+            assert main.main(BASE + ["--json", "--temperature", "0.8", "--backend", backend]) == 0
+        runs[backend] = strict_json(capsys.readouterr().out)
+    for mode in ("autoregressive", "draft_alone", "speculative"):
+        assert runs["cupy"][mode]["token_ids"] == runs["numpy"][mode]["token_ids"]
+    assert runs["cupy"]["backend"] == "cupy"
