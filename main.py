@@ -5,9 +5,12 @@
 The draft (124M by default) proposes K tokens per round; the target (355M) checks them all in one
 forward. Both runs sample from the same target distribution with the same seed; with
 --temperature 0 they must print the same text, and the speculative one should be faster.
+--mode all adds a third run, the draft alone: the speed ceiling, and the report says where
+speculative decoding lands between the target's speed and the draft's.
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -38,7 +41,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--models_dir", default=None, help="download cache (default: weights/)")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
-    p.add_argument("--mode", choices=["both", "autoregressive", "speculative"], default="both")
+    p.add_argument("--mode", choices=["both", "autoregressive", "speculative", "all"],
+                   default="both",
+                   help="both (the default): the target alone, then speculative decoding, the "
+                   "comparison that matters (the same distribution, and how much faster); all: "
+                   "also the draft model alone, the speed ceiling, at the cost of one more run; "
+                   "autoregressive or speculative: one of them")
     p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -51,6 +59,8 @@ def check_args(args, GPT2Error):
     if args.show and args.json:
         raise GPT2Error("--show streams text and --json prints nothing but one JSON object: "
                         "use one of them")
+    if args.mode == "all" and args.draft == "ngram":
+        raise GPT2Error("--mode all also runs the draft model alone: it needs --draft model")
     speculative_only = {"--adaptive": args.adaptive, "--show": args.show,
                         "--draft ngram": args.draft == "ngram"}
     for flag, used in speculative_only.items():
@@ -90,7 +100,8 @@ def run(args):
     check_n_new(args.n_tokens_to_generate)
     gpt2 = backend_module(args.backend)
     progress = not args.no_progress
-    modes = ["autoregressive", "speculative"] if args.mode == "both" else [args.mode]
+    modes = {"both": ["autoregressive", "speculative"],
+             "all": ["autoregressive", "draft_alone", "speculative"]}.get(args.mode, [args.mode])
 
     start = time.perf_counter()
     target = gpt2.load_model(args.target_model_size, args.models_dir, progress=progress)
@@ -119,8 +130,9 @@ def run(args):
                                       progress and not args.json and not showing)
         if showing:  # the coloured text is the progress display
             on_tokens = show_stream(target.tokenizer, args.prompt)
-        if mode == "autoregressive":
-            ids, stats = gpt2.autoregressive_sample(target, prompt, args.n_tokens_to_generate,
+        if mode in ("autoregressive", "draft_alone"):  # the target alone, or the draft alone
+            model = target if mode == "autoregressive" else draft
+            ids, stats = gpt2.autoregressive_sample(model, prompt, args.n_tokens_to_generate,
                                                     warp, rng, on_tokens)
         else:
             ids, stats = gpt2.speculative_sample(target, draft, prompt, args.n_tokens_to_generate,
@@ -138,22 +150,59 @@ def run(args):
         "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
         "seed": args.seed, "load_seconds": load_seconds, **results,
     }
-    if len(results) == 2:
+    both = "autoregressive" in results and "speculative" in results
+    if both:
         ar, sp = results["autoregressive"], results["speculative"]
         report["speedup"] = ar["decode_seconds"] / sp["decode_seconds"]
         report["same_tokens"] = ar["token_ids"] == sp["token_ids"]
-    if len(results) == 2 and not (args.adaptive or args.draft == "ngram"):
+    if both and not (args.adaptive or args.draft == "ngram"):
         # With a draft model and a fixed K, the papers' prediction from the measured acceptance
         # and cost ratio c = draft / target forward time: (1 - a^(K+1)) / ((1 - a)(K c + 1)),
         # i.e. tokens per round / round cost. (With --adaptive or ngram, K varies by round.)
         c = (sp["draft_seconds"] / max(sp["draft_calls"], 1)) / (ar["target_seconds"] / ar["target_calls"])
         tokens = gpt2_numpy.expected_tokens(args.K, sp["acceptance_rate"])
         report["c"], report["predicted_speedup"] = c, tokens / (args.K * c + 1)
+    if "draft_alone" in results:
+        speeds = (results[m]["tokens_per_second"] for m in modes)  # target, draft, speculative
+        report["speculative_position"] = position_between(*speeds)
     return report
 
 
+def position_between(target_speed, draft_speed, speculative_speed):
+    """Where speculative decoding lands between its two bounds, in tokens per second:
+    0 at the target alone's speed, 1 at the draft alone's. Below 0 it is slower than the target
+    alone; above 1 faster than the draft alone (timing noise: every round runs K draft forwards and
+    a target forward). None (JSON null) when there is no range: the draft alone is not faster than
+    the target alone, or a speed is undefined."""
+    speeds = (target_speed, draft_speed, speculative_speed)
+    if not all(math.isfinite(s) for s in speeds) or draft_speed <= target_speed:
+        return None
+    return (speculative_speed - target_speed) / (draft_speed - target_speed)
+
+
+def describe_position(r) -> str:
+    """The position between the bounds in words (print_report)."""
+    target, draft, sp = (r[m]["tokens_per_second"] for m in ("autoregressive", "draft_alone",
+                                                              "speculative"))
+    f = r["speculative_position"]
+    if f is None:
+        return (f"Between the bounds: none to place speculative in (draft alone {draft:.1f} "
+                f"tokens/s is not faster than target alone {target:.1f})")
+    if f < 0:
+        return (f"Between the bounds: below them, speculative is slower than the target alone "
+                f"({sp / target:.2f}x its speed)")
+    if f > 1:
+        return (f"Between the bounds: above them, speculative is faster than the draft alone "
+                f"({sp / draft:.2f}x its speed)")
+    return (f"Between the bounds: speculative reaches {100 * f:.0f}% of the way from target speed "
+            f"({target:.1f} tokens/s) to draft speed ({draft:.1f} tokens/s)")
+
+
 def print_report(r):
-    for mode, title in (("autoregressive", "Autoregressive Decoding"),
+    three = "draft_alone" in r  # --mode all
+    for mode, title in (("autoregressive", "Autoregressive Decoding, Target Alone" if three
+                         else "Autoregressive Decoding"),
+                        ("draft_alone", "Autoregressive Decoding, Draft Alone"),
                         ("speculative", "Speculative Decoding")):
         if mode not in r:
             continue
@@ -185,6 +234,8 @@ def print_report(r):
         print(f"Speedup = {r['speedup']:.2f}x")
     if "speedup" in r and r["temperature"] == 0:
         print("Same tokens = " + ("yes" if r["same_tokens"] else "NO"))
+    if three:
+        print(describe_position(r))
 
 
 def main(argv=None) -> int:
