@@ -9,6 +9,7 @@ COMMANDS = {  # name: module, whose main(argv) runs it and whose docstring's fir
     "adaptive": "bench.adaptive",
     "replay": "bench.replay",
     "plot": "bench.plot",
+    "fidelity": "bench.fidelity",
 }
 
 

@@ -1,7 +1,6 @@
 """Fidelity: does speculative sampling reproduce the target's distribution? Measured for K = 1..8.
 
-    python bench/fidelity.py          # the test fixtures; from the repository root
-    python -m bench.fidelity          # the same, where `bench` resolves to this folder
+    python -m bench fidelity          # the test fixtures; from the repository root
 
 For a model pair, a prompt and a temperature > 0, the outcome of a run is the pair of its
 first two generated tokens (x1, x2): V * V possible outcomes. Each decoder is run N times and
@@ -48,8 +47,6 @@ from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a file (python bench/fidelity.py): the library sits at ROOT
-    sys.path.insert(0, str(ROOT))
 
 import gpt2_numpy  # noqa: E402  first: it picks OpenBLAS's kernels before NumPy loads OpenBLAS
 import numpy as np  # noqa: E402
@@ -287,7 +284,7 @@ def plot(res: dict, path: Path, plt) -> None:
                  f"{res['temperature']}, {res['n_samples']} runs per point. The broken rules run "
                  f"in a copy of the round in\nbench/fidelity.py with its acceptance rule as a "
                  f"parameter; the control is that copy with the library's rule.   "
-                 f"python bench/fidelity.py", fontsize=9)
+                 f"python -m bench fidelity", fontsize=9)
     fig.tight_layout(rect=(0, 0.8 / fig.get_figheight(), 1, 1))  # 0.8 inch for the legend
     fig.savefig(path, dpi=110)
 
@@ -406,7 +403,7 @@ def main(argv=None) -> int:
     except GPT2Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    command = "python bench/fidelity.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m bench fidelity " + " ".join(sys.argv[1:] if argv is None else argv)
     res = {"command": command.strip(), "prompt": args.prompt, "prompt_token_ids": prompt,
            "temperature": args.temperature, "n_samples": args.samples, "n_seeds": args.seeds,
            "seed": args.seed, "seconds": time.perf_counter() - start, "pairs": pairs}

@@ -1,6 +1,5 @@
 """bench/fidelity.py: the divergence, the early stop, and that the measurement tells an exact
 decoder from a broken acceptance rule (on the fixtures, in seconds; no timing is asserted)."""
-import importlib.util
 import json
 import sys
 
@@ -8,18 +7,10 @@ import numpy as np
 import pytest
 
 import gpt2_numpy as gpt2
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES
 
 
-def load_fidelity():
-    """bench/fidelity.py by its path: `bench` may also name the top-level bench.py."""
-    spec = importlib.util.spec_from_file_location("fidelity", ROOT / "bench" / "fidelity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fidelity = load_fidelity()
+from bench import fidelity  # noqa: E402
 
 
 @pytest.fixture(scope="module")
