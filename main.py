@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--models_dir", default=None, help="download cache (default: weights/)")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="how the GPU stores the weights (--backend cupy); sums stay float32")
     p.add_argument("--mode", choices=["both", "autoregressive", "speculative", "all"],
                    default="both",
                    help="both (the default): the target alone, then speculative decoding, the "
@@ -59,6 +61,8 @@ def check_args(args, GPT2Error):
     if args.show and args.json:
         raise GPT2Error("--show streams text and --json prints nothing but one JSON object: "
                         "use one of them")
+    if args.dtype != "float32" and args.backend != "cupy":
+        raise GPT2Error(f"--dtype {args.dtype} is for the GPU: it needs --backend cupy")
     if args.mode == "all" and args.draft == "ngram":
         raise GPT2Error("--mode all also runs the draft model alone: it needs --draft model")
     speculative_only = {"--adaptive": args.adaptive, "--show": args.show,
@@ -104,12 +108,13 @@ def run(args):
              "all": ["autoregressive", "draft_alone", "speculative"]}.get(args.mode, [args.mode])
 
     start = time.perf_counter()
-    target = gpt2.load_model(args.target_model_size, args.models_dir, progress=progress)
+    on_gpu = {"dtype": args.dtype} if args.backend == "cupy" else {}
+    target = gpt2.load_model(args.target_model_size, args.models_dir, progress=progress, **on_gpu)
     draft = None
     if "speculative" in modes and args.draft == "ngram":
         draft = NGramDrafter(target.n_vocab)
     elif "speculative" in modes:
-        draft = gpt2.load_model(args.draft_model_size, args.models_dir, progress=progress)
+        draft = gpt2.load_model(args.draft_model_size, args.models_dir, progress=progress, **on_gpu)
     load_seconds = time.perf_counter() - start
 
     prompt = target.tokenizer.encode(args.prompt, allowed_special="all")
@@ -145,6 +150,7 @@ def run(args):
 
     report = {
         "prompt": args.prompt, "prompt_token_ids": prompt, "backend": args.backend,
+        "dtype": args.dtype,
         "draft": (args.draft_model_size if args.draft == "model" else "ngram") if draft else None,
         "target": args.target_model_size, "K": args.K, "adaptive": args.adaptive,
         "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,

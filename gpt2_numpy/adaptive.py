@@ -201,6 +201,8 @@ class AdaptiveK(KPolicy):
         self.catch_up_seconds = None  # the last catch-up's time: t_draft until one is timed
         self.catch_ups = {}  # lag (plain tokens fed and judged) -> seconds, of the last such
         self.r = {}  # T -> RunningMean of the seconds of a target forward over T positions
+        self.known = {}  # T -> r(T) as estimated since the last update (target_seconds)
+        self.known_rates = {}  # acceptance -> rate(K) for every K, since the last update
         self.idle = 0.0  # seconds spent in plain steps since the last probe
         self.unjudged = 0  # plain tokens since the last look back
         self.probe_loss = 0.0  # what the last probe cost beyond plain steps (0: none yet)
@@ -233,7 +235,13 @@ class AdaptiveK(KPolicy):
         return min(1.0, a + (a * (1 - a) / (n + 1)) ** 0.5)
 
     def target_seconds(self, T: int) -> float:
-        """r(T): measured, else the nearest measured T' < T (see the class docstring)."""
+        """r(T): measured, else the nearest measured T' < T (see the class docstring). Looked up
+        once per round: next_K weighs every K several times (kept in `known` until an update)."""
+        if T not in self.known:
+            self.known[T] = self.estimate_r(T)
+        return self.known[T]
+
+    def estimate_r(self, T: int) -> float:
         if T in self.r:
             return self.r[T].value
         several = [t for t in self.r if t > 1]  # forwards over several positions measured
@@ -260,7 +268,13 @@ class AdaptiveK(KPolicy):
     def rate(self, K: int, a: float = None) -> float:
         """Expected tokens per second of a round with K drafts (acceptance a, default: the
         estimate)."""
-        return expected_tokens(K, self.acceptance if a is None else a) / self.cost(K)
+        return self.rates(self.acceptance if a is None else a)[K]
+
+    def rates(self, a: float) -> list:
+        """rate(K, a) for K = 0..K_max, computed once per round and acceptance."""
+        if a not in self.known_rates:
+            self.known_rates[a] = [expected_tokens(K, a) / self.cost(K) for K in range(self.K_max + 1)]
+        return self.known_rates[a]
 
     def next_K(self) -> int:
         if 1 not in self.r:
@@ -350,12 +364,14 @@ class AdaptiveK(KPolicy):
         self.catch_ups[max(1, len(acceptance))] = seconds
         self.unjudged = 0
         self.look_seconds = self.catch_up_seconds = seconds
+        self.known_rates = {}  # draft_seconds may have changed
 
     def update(self, K: int, accepted: int, draft_seconds: float, target_seconds: float) -> None:
         """Record a finished round: K drafts proposed, `accepted` of them kept, and its times
         (draft_seconds: proposing them; a catch-up is reported to look_back instead)."""
         looked, self.look_seconds = self.look_seconds or 0.0, None
         self.r.setdefault(K + 1, RunningMean(self.decay)).add(target_seconds)
+        self.known, self.known_rates = {}, {}  # r(T) and the rates change
         # The guard's account: a plain step costs what it costs; drafting (its catch-up included)
         # is charged what it took beyond plain steps for the same tokens.
         self.loss += looked

@@ -287,3 +287,28 @@ def test_a_graph_that_cannot_be_recorded_leaves_eager_forwards_with_the_same_log
             got, want = graphed(step, g_cache), eager(step, e_cache)
             np.testing.assert_allclose(fake_cupy.asnumpy(got), fake_cupy.asnumpy(want), atol=1e-4, rtol=1e-4)
         assert len(graphed.graphs) == n_graphs and g_cache.length == e_cache.length == 45
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_main_with_half_precision_weights_decodes_exactly_in_that_precision(gpu, capsys, dtype):
+    """python main.py --backend cupy --dtype float16|bfloat16: the fused kernels read half-
+    precision weights; greedy speculative decoding still prints the same model's greedy tokens."""
+    import json
+
+    import main
+
+    argv = ["--draft_model_size", str(FIXTURES / "tiny-3h"), "--target_model_size",
+            str(FIXTURES / "tiny-4h"), "--prompt", "the cat sat", "--n_tokens_to_generate", "30",
+            "--no_progress", "--json", "--backend", "cupy", "--dtype", dtype]
+    assert main.main(argv) == 0
+    run = json.loads(capsys.readouterr().out)
+    assert run["dtype"] == dtype and run["same_tokens"]
+    assert run["speculative"]["token_ids"] == run["autoregressive"]["token_ids"]
+
+
+def test_dtype_other_than_float32_needs_the_gpu(capsys):
+    import main
+
+    assert main.main(["--dtype", "float16", "--no_progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "--backend cupy" in err and "\n" not in err
