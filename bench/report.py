@@ -145,10 +145,13 @@ def summary_markdown(res) -> str:
         if "rows" in t:
             out += ["", f"### vs Hugging Face transformers {t['transformers']} (torch {t['torch']}, "
                         f"{t['torch_threads']} threads), random init, greedy generate(use_cache=True)", "",
-                    md_table(t["rows"], [("model", "model", None), ("theirs ms/token", "ms_per_token", "{:.1f}"),
-                                         ("ours ms/token", "ours_ms_per_token", "{:.1f}"),
-                                         ("ours / theirs", "ours_over_theirs", "{:.2f}"),
-                                         ("weights", lambda r: RANDOM, None)])]
+                    md_table([r for r in t["rows"] if "error" not in r],
+                             [("model", "model", None),
+                              ("cache", lambda r: r.get("cache", "default"), None),
+                              ("theirs ms/token", "ms_per_token", "{:.1f}"),
+                              ("ours ms/token", "ours_ms_per_token", "{:.1f}"),
+                              ("ours / theirs", "ours_over_theirs", "{:.2f}"),
+                              ("weights", lambda r: RANDOM, None)])]
         else:
             out += ["", f"transformers: skipped ({t.get('skipped') or t.get('error')})"]
     return "\n".join(out) + "\n"

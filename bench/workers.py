@@ -168,23 +168,33 @@ def worker_transformers(a):
                            device=device)
         mask = torch.ones_like(ids)
 
-        def generate(n, model=model):
-            with torch.no_grad():
-                start = time.perf_counter()
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
-                                     min_new_tokens=n, do_sample=False, use_cache=True,
-                                     pad_token_id=h["n_vocab"] - 1)
-                if device != "cpu":
-                    torch.cuda.synchronize()
-                seconds = time.perf_counter() - start
-            assert out.shape[1] == a["prompt"] + n
-            return seconds
+        for cache in ("static", "default"):
+            # static: cache_implementation="static", a preallocated cache like ours (what a user
+            # who cares about speed passes); default: transformers' growing DynamicCache
+            extra = {"cache_implementation": "static"} if cache == "static" else {}
 
-        generate(2)  # warm-up: first-call allocations
-        one = min(generate(1) for _ in range(a["reps"]))  # prefill + the first token
-        full = min(generate(a["tokens"]) for _ in range(a["reps"]))
-        rows.append({"model": size, "ms_per_token": 1e3 * (full - one) / (a["tokens"] - 1),
-                     "prefill_plus_first_ms": 1e3 * one})
+            def generate(n, model=model, extra=extra):
+                with torch.no_grad():
+                    start = time.perf_counter()
+                    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
+                                         min_new_tokens=n, do_sample=False, use_cache=True,
+                                         pad_token_id=h["n_vocab"] - 1, **extra)
+                    if device != "cpu":
+                        torch.cuda.synchronize()
+                    seconds = time.perf_counter() - start
+                assert out.shape[1] == a["prompt"] + n
+                return seconds
+
+            try:
+                generate(2)  # warm-up: first-call allocations
+                one = min(generate(1) for _ in range(a["reps"]))  # prefill + the first token
+                full = min(generate(a["tokens"]) for _ in range(a["reps"]))
+            except Exception as e:  # a transformers without the static cache, say
+                rows.append({"model": size, "cache": cache, "error": f"{type(e).__name__}: {e}"})
+                continue
+            rows.append({"model": size, "cache": cache,
+                         "ms_per_token": 1e3 * (full - one) / (a["tokens"] - 1),
+                         "prefill_plus_first_ms": 1e3 * one})
         del model
     print(json.dumps({"torch": torch.__version__, "transformers": transformers.__version__,
                       "torch_threads": torch.get_num_threads(), "device": device, "rows": rows}))
@@ -195,6 +205,9 @@ def transformers_section(res, worker_args, is_ours=lambda row: True) -> dict:
     row of the same size (the first one `is_ours` accepts)."""
     t = run_worker("transformers", worker_args)
     for row in t.get("rows", []):
+        if "error" in row:
+            print(f"[transformers] {row['model']} {row['cache']} cache: {row['error']}", flush=True)
+            continue
         ours = next(r for r in res["autoregressive"] if r["size"] == row["model"] and is_ours(r))
         row["ours_ms_per_token"] = ours["ms_per_token"]
         row["ours_over_theirs"] = ours["ms_per_token"] / row["ms_per_token"]
