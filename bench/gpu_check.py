@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 SIZES = ["124M", "355M"]
 SPEC = ["1558M"]  # the speculative section's target (124M drafts)
+PEER_CACHES = ["default", "static"]  # transformers' caches timed (default: float32 only)
 PROMPT, N_TOKENS, REPS = 64, 64, 3
 SPEC_TOKENS = 96  # tokens per run in the speculative and overhead sections
 
@@ -197,7 +198,7 @@ def section_peer(res, out_dir):
                 model = transformers.GPT2LMHeadModel(config).eval().to(dtype)
             ids = torch.tensor([np.random.default_rng(0).integers(0, h["n_vocab"], PROMPT).tolist()],
                                device="cuda")
-            caches = ["default", "static"] if dtype_name == "float32" else ["static"]
+            caches = [c for c in PEER_CACHES if c == "static" or dtype_name == "float32"]
             for cache in caches:
                 kwargs = {} if cache == "default" else {"cache_implementation": "static"}
 
@@ -509,7 +510,10 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=300, help="seconds; later sections are skipped past it")
     p.add_argument("--sizes", default="124M,355M", help="model sizes of the decode and peer tables")
     p.add_argument("--spec_target", default="1558M", help="the speculative section's target")
+    p.add_argument("--peer_caches", default="default,static",
+                   help="transformers' caches to time: default (float32 only), static")
     args = p.parse_args(argv)
+    PEER_CACHES[:] = args.peer_caches.split(",")
     SIZES[:] = args.sizes.split(",")
     SPEC[0] = args.spec_target
     try:
