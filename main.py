@@ -8,6 +8,7 @@ forward. Both runs sample from the same target distribution with the same seed; 
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -153,7 +154,7 @@ def run(args):
         ar, sp = results["autoregressive"], results["speculative"]
         report["speedup"] = ar["decode_seconds"] / sp["decode_seconds"]
         report["same_tokens"] = ar["token_ids"] == sp["token_ids"]
-    if len(results) == 2 and not (args.adaptive or args.draft == "ngram"):
+    if len(results) == 2 and not (args.adaptive or args.draft == "ngram") and sp["drafted"]:
         # With a draft model and a fixed K, the papers' prediction from the measured acceptance
         # and cost ratio c = draft / target forward time: (1 - a^(K+1)) / ((1 - a)(K c + 1)),
         # i.e. tokens per round / round cost. (With --adaptive or ngram, K varies by round.)
@@ -177,9 +178,10 @@ def print_report(r):
         print(f"Text = {r['prompt']}{m['text']}")
         if mode == "speculative":
             hist = " ".join(f"{k}:{n}" for k, n in enumerate(m["accepted_histogram"]))
+            rate = (f"acceptance rate {m['acceptance_rate']:.2f}" if m["drafted"]
+                    else "no acceptance rate: nothing was drafted")
             print(f"Rounds = {m['rounds']}, drafted {m['drafted']}, accepted {m['accepted']} "
-                  f"(acceptance rate {m['acceptance_rate']:.2f}), "
-                  f"{m['tokens_per_round']:.2f} tokens per round")
+                  f"({rate}), {m['tokens_per_round']:.2f} tokens per round")
             print(f"Accepted per round (accepted:rounds) = {hist}")
             if r["adaptive"] or r["draft"] == "ngram":
                 Ks = np.bincount(m["K_per_round"]).tolist()
@@ -199,6 +201,18 @@ def print_report(r):
         print("Same tokens = " + ("yes" if r["same_tokens"] else "NO"))
 
 
+def strict_json(value):
+    """The report with every NaN or infinity (a rate of nothing, e.g. the acceptance rate when
+    nothing was drafted) as None, i.e. JSON's null: RFC 8259 has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from gpt2_numpy.errors import GPT2Error
@@ -213,7 +227,7 @@ def main(argv=None) -> int:
         return 130
     try:
         if args.json:
-            print(json.dumps(report))
+            print(json.dumps(strict_json(report), allow_nan=False))
         else:
             print_report(report)
     except BrokenPipeError:  # e.g. piped into `head`: the reader has what it wanted

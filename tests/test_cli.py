@@ -14,10 +14,23 @@ BASE = ["--draft_model_size", DRAFT, "--target_model_size", TARGET, "--prompt", 
         "--n_tokens_to_generate", "17", "--no_progress"]
 
 
+def strict_loads(text):
+    """json.loads that, like jq or JavaScript, rejects NaN and Infinity (RFC 8259 has neither)."""
+    def reject(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=reject)
+
+
 def run_json(capsys, *extra):
     assert main.main(BASE + ["--json", *extra]) == 0
     out = capsys.readouterr().out
-    return json.loads(out)  # nothing but one JSON object on stdout
+    return strict_loads(out)  # nothing but one JSON object on stdout
+
+
+def test_the_strict_parser_rejects_nan():
+    with pytest.raises(ValueError, match="NaN"):
+        strict_loads('{"acceptance_rate": NaN}')
 
 
 @pytest.mark.parametrize("K", [1, 4])
@@ -80,6 +93,21 @@ def test_human_readable_report(capsys):
                     "tokens per round", "Same tokens = yes"):
         assert heading in out
     assert out.count("Text = the cat sat") == 2
+
+
+@pytest.mark.parametrize("flags", [["--n_tokens_to_generate", "1"],
+                                   ["--n_tokens_to_generate", "1", "--adaptive"],
+                                   ["--n_tokens_to_generate", "1", "--draft", "ngram", "--adaptive"],
+                                   ["--n_tokens_to_generate", "1", "--mode", "speculative"]])
+def test_json_says_null_for_a_rate_of_nothing(capsys, flags):
+    """Nothing drafted: the acceptance rate is undefined, and JSON's word for it is null."""
+    r = run_json(capsys, *flags)
+    sp = r["speculative"]
+    assert sp["drafted"] == 0 and sp["acceptance_rate"] is None
+    assert "predicted_speedup" not in r and "c" not in r
+    assert main.main(BASE + flags) == 0  # the report says so in words
+    out = capsys.readouterr().out
+    assert "nothing was drafted" in out and "nan" not in out.lower()
 
 
 @pytest.mark.parametrize("flags, message", [
