@@ -15,6 +15,7 @@ import time
 
 import gpt2_numpy  # noqa: F401  first: it picks OpenBLAS's kernels before NumPy loads OpenBLAS
 import numpy as np
+from gpt2_numpy.sampling import MIN_TEMPERATURE
 
 DEFAULT_PROMPT = "Alan Turing theorized that computers would one day become"
 
@@ -33,10 +34,12 @@ def parse_args(argv=None):
                    help="model: --draft_model_size drafts; ngram: copy from the context itself")
     p.add_argument("--show", action="store_true",
                    help="stream the speculative text, coloured by how each token was produced")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help=f"0 means greedy; otherwise at least {MIN_TEMPERATURE:.2g} (a smaller "
+                   "one makes logits / T overflow, and is an error)")
     p.add_argument("--top_k", type=int, default=None)
     p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--seed", type=int, default=123, help="an integer >= 0")
     p.add_argument("--models_dir", default=None, help="download cache (default: weights/)")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
     p.add_argument("--mode", choices=["both", "autoregressive", "speculative"], default="both")
@@ -54,6 +57,13 @@ def check_args(args, GPT2Error):
         raise GPT2Error(f"--n_tokens_to_generate must be >= 1, got {args.n_tokens_to_generate}")
     if not args.temperature >= 0:
         raise GPT2Error(f"--temperature must be >= 0, got {args.temperature}")
+    if not math.isfinite(args.temperature):
+        raise GPT2Error(f"--temperature must be a finite number, got {args.temperature}")
+    if 0 < args.temperature < MIN_TEMPERATURE:
+        raise GPT2Error(f"--temperature {args.temperature} is so small that logits / T overflows: "
+                        f"use 0 for greedy, or at least {MIN_TEMPERATURE:.2g}")
+    if args.seed < 0:
+        raise GPT2Error(f"--seed must be >= 0, got {args.seed}")
     if args.top_k is not None and args.top_k < 1:
         raise GPT2Error(f"--top_k must be >= 1, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:

@@ -65,7 +65,11 @@ def load_model(model: str = "124M", models_dir=None, xp=np, dtype=None, download
     model_dir = resolve_model_dir(str(model), models_dir, download=download, progress=progress)
     hparams = load_hparams(model_dir)
     params = to_backend(load_checkpoint(model_dir, hparams), xp, dtype)
-    return GPT2(hparams, params, load_tokenizer(model_dir), name=str(model))
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer.n_vocab != hparams["n_vocab"]:  # a token id without text, or text without an id
+        raise GPT2Error(f"{model_dir / 'hparams.json'} says n_vocab {hparams['n_vocab']} but the "
+                        f"tokenizer (encoder.json, vocab.bpe) has {tokenizer.n_vocab} tokens")
+    return GPT2(hparams, params, tokenizer, name=str(model))
 
 
 def random_params(hparams: dict, seed: int = 0, scale: float = 0.02, xp=np) -> dict:

@@ -109,10 +109,22 @@ def test_temperature_top_k_top_p():
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(temperature=float("nan")),
+                                 dict(temperature=float("inf")), dict(temperature=1e-300),
                                  dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)])
 def test_bad_warps_are_rejected(bad):
     with pytest.raises(GPT2Error):
         Warp(**{"temperature": 1.0, **bad})
+
+
+def test_the_smallest_temperature_allowed_gives_the_argmax():
+    from gpt2_numpy.sampling import MIN_TEMPERATURE
+
+    big = float(np.finfo(np.float32).max)
+    logits = np.array([30.0, -5.0, big, 1.0], dtype=np.float32)  # float32's largest on top
+    p = probabilities(logits, Warp(MIN_TEMPERATURE))
+    np.testing.assert_array_equal(p, [0, 0, 1, 0])  # finite, no NaN: the argmax
+    with pytest.raises(GPT2Error, match="overflows"):
+        Warp(MIN_TEMPERATURE / 2)
 
 
 @pytest.mark.parametrize("warp", [Warp(0.0), Warp(0.7), Warp(1.0, top_k=3), Warp(1.3, top_p=0.6)])
