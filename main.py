@@ -16,6 +16,7 @@ import time
 import gpt2_numpy  # noqa: F401  first: it picks OpenBLAS's kernels before NumPy loads OpenBLAS
 import numpy as np
 from gpt2_numpy.sampling import MIN_TEMPERATURE
+from gpt2_numpy.show import visible
 
 DEFAULT_PROMPT = "Alan Turing theorized that computers would one day become"
 
@@ -185,7 +186,7 @@ def print_report(r):
         print("-" * len(title))
         print(f"Time = {m['decode_seconds']:.2f}s  ({m['tokens_per_second']:.1f} tokens/s, "
               f"prefill {m['prefill_seconds']:.2f}s)")
-        print(f"Text = {r['prompt']}{m['text']}")
+        print(f"Text = {visible(r['prompt'] + m['text'])}")  # control characters shown, not sent
         if mode == "speculative":
             hist = " ".join(f"{k}:{n}" for k, n in enumerate(m["accepted_histogram"]))
             rate = (f"acceptance rate {m['acceptance_rate']:.2f}" if m["drafted"]

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 import main
+from gpt2_numpy.show import PRINTABLE
 from conftest import FIXTURES, ROOT
 
 DRAFT, TARGET = str(FIXTURES / "tiny-3h"), str(FIXTURES / "tiny-4h")
@@ -154,3 +155,43 @@ def test_cupy_backend_without_cupy_or_gpu_is_a_clear_error(capsys):
     assert main.main(BASE + ["--backend", "cupy"]) == 2
     err = capsys.readouterr().err
     assert "cupy" in err.lower() and "\n" not in err.strip()
+
+
+def test_text_lines_show_control_characters_instead_of_sending_them(capsys):
+    """Random weights at a high temperature write ESC, BEL and other controls. --json keeps
+    the exact text (JSON escapes it); the report's Text = lines show every control character
+    but newline and tab as a symbol."""
+    for seed in range(40):
+        flags = ["--temperature", "3", "--seed", str(seed), "--mode", "autoregressive"]
+        text = run_json(capsys, *flags)["autoregressive"]["text"]
+        if any(ord(c) < 32 and c not in "\t\n" or 0x7F <= ord(c) < 0xA0 for c in text):
+            break
+    else:
+        pytest.fail("no seed in 40 gave a control character: choose another prompt")
+    assert main.main(BASE + flags) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.split("\n") if line.startswith("Text = "))
+    assert line.startswith("Text = the cat sat")
+    assert not any(ord(c) < 32 and c != "\t" or 0x7F <= ord(c) < 0xA0 for c in line)
+    assert ("the cat sat" + text).translate(PRINTABLE).split("\n")[0] in line
+
+
+def test_print_report_shows_every_control_character():
+    r = {"prompt": "p", "adaptive": False, "draft": None, "temperature": 1.0,
+         "autoregressive": {"decode_seconds": 1.0, "tokens_per_second": 1.0,
+                            "prefill_seconds": 0.0, "stopped_at_context": False,
+                            "text": "".join(map(chr, range(0xA0))) + "\x1b]0;title\x07"}}
+    out = io_of(main.print_report, r)
+    text = out.split("Text = ", 1)[1].split("\n\n")[0]
+    assert not any(ord(c) < 32 and c not in "\t\n" or 0x7F <= ord(c) < 0xA0 for c in text)
+    assert "\t" in text and "\u241b]0;title\u2407" in text
+
+
+def io_of(fn, *args):
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        fn(*args)
+    return buffer.getvalue()
