@@ -1,12 +1,15 @@
 """main.py as a user runs it, on the committed official-format fixtures."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 import main
+import gpt2_numpy as gpt2
+from gpt2_numpy.checkpoint import DATA_FILE, INDEX_FILE, read_index, write_checkpoint
 from gpt2_numpy.show import PRINTABLE
 from conftest import FIXTURES, ROOT
 
@@ -126,6 +129,10 @@ def test_json_says_null_for_a_rate_of_nothing(capsys, flags):
     (["--show", "--mode", "autoregressive"], "--show is about speculative decoding"),
     (["--draft", "ngram", "--mode", "autoregressive"], "--draft ngram is about speculative"),
     (["--adaptive", "--K", "0"], "--K must be >= 1"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--temperature", "1e-320"], "is so small that logits / T overflows: use 0 for greedy"),
+    (["--temperature", "inf"], "--temperature must be a finite number"),
+    (["--temperature", "nan"], "--temperature must be >= 0"),
 ])
 def test_bad_flags_exit_2_with_one_line(capsys, flags, message):
     assert main.main(BASE + flags) == 2
@@ -136,7 +143,8 @@ def test_bad_flags_exit_2_with_one_line(capsys, flags, message):
 def test_a_real_process_exits_2_without_a_traceback(tmp_path):
     # the last case asks for 124M with an empty cache and no server: the "no network" error
     env = {**os.environ, "GPT2_MODELS_DIR": str(tmp_path), "GPT2_BASE_URL": "http://127.0.0.1:9"}
-    for flags in (["--K", "-3"], ["--temperature", "-0.5"], ["--target_model_size", "124M", "--mode", "autoregressive"]):
+    for flags in (["--K", "-3"], ["--temperature", "-0.5"], ["--seed", "-1"],
+                  ["--target_model_size", "124M", "--mode", "autoregressive"]):
         proc = subprocess.run([sys.executable, str(ROOT / "main.py"), *BASE, *flags],
                               capture_output=True, text=True, env=env, timeout=120)
         assert proc.returncode == 2, proc.stderr
@@ -155,6 +163,31 @@ def test_cupy_backend_without_cupy_or_gpu_is_a_clear_error(capsys):
     assert main.main(BASE + ["--backend", "cupy"]) == 2
     err = capsys.readouterr().err
     assert "cupy" in err.lower() and "\n" not in err.strip()
+
+
+def test_models_dir_that_is_a_file_is_named(capsys, tmp_path):
+    not_a_folder = tmp_path / "weights.txt"
+    not_a_folder.write_text("")
+    assert main.main(BASE + ["--target_model_size", "124M", "--models_dir", str(not_a_folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert f"{not_a_folder} is a file, not a folder" in err and "network" not in err
+    assert not_a_folder.read_text() == ""  # left alone
+
+
+@pytest.mark.parametrize("n_vocab", [300, 400])
+def test_n_vocab_that_disagrees_with_the_tokenizer_is_named_at_load(capsys, tmp_path, n_vocab):
+    """A checkpoint consistent with its hparams.json, next to a 307-token tokenizer."""
+    folder = tmp_path / f"vocab{n_vocab}"
+    h = {**gpt2.load_hparams(FIXTURES / "tiny-4h"), "n_vocab": n_vocab}
+    write_checkpoint(folder, h, gpt2.random_params(h, scale=0.5))
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copy(FIXTURES / "tiny-4h" / name, folder)
+    with pytest.raises(gpt2.GPT2Error, match=f"n_vocab {n_vocab} but the tokenizer"):
+        gpt2.load_model(str(folder), progress=False)
+    assert main.main(BASE + ["--target_model_size", str(folder), "--mode", "autoregressive"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "307 tokens" in err
 
 
 def test_text_lines_show_control_characters_instead_of_sending_them(capsys):
