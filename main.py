@@ -42,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--top_p", type=float, default=None)
     p.add_argument("--seed", type=int, default=123, help="an integer >= 0")
     p.add_argument("--models_dir", default=None, help="download cache (default: weights/)")
+    p.add_argument("--verify", action="store_true",
+                   help="check the weights against the checkpoint's CRC-32Cs even if that was "
+                   "done before (it is done once per downloaded or changed file anyway)")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
     p.add_argument("--mode", choices=["both", "autoregressive", "speculative"], default="both")
     p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
@@ -107,6 +110,14 @@ def run(args):
     gpt2 = backend_module(args.backend)
     progress = not args.no_progress
     modes = ["autoregressive", "speculative"] if args.mode == "both" else [args.mode]
+
+    if args.verify:  # check now, whatever was recorded; load_model then finds the fresh record
+        from gpt2_numpy.download import resolve_model_dir
+        from gpt2_numpy.verify import verify_checkpoint
+
+        for model in [args.target_model_size] + ([args.draft_model_size] if "speculative" in modes
+                                                 and args.draft == "model" else []):
+            verify_checkpoint(resolve_model_dir(model, args.models_dir, progress=progress), progress)
 
     start = time.perf_counter()
     target = gpt2.load_model(args.target_model_size, args.models_dir, progress=progress)

@@ -190,6 +190,48 @@ def test_n_vocab_that_disagrees_with_the_tokenizer_is_named_at_load(capsys, tmp_
     assert err.startswith("error: ") and "\n" not in err and "307 tokens" in err
 
 
+def flip_bytes(folder, tensor, offsets=(1000, 1007, 1014, 1021)):
+    """Invert 4 bytes of one tensor in the data file, as a bad disk or mirror might."""
+    entry = read_index(folder / INDEX_FILE)[tensor]
+    data = bytearray((folder / DATA_FILE).read_bytes())
+    for offset in offsets:
+        data[entry.offset + offset] ^= 0xFF
+    (folder / DATA_FILE).write_bytes(bytes(data))
+    return bytes(data)
+
+
+def damaged_copy(tmp_path, tensor="model/h2/mlp/c_proj/w"):
+    folder = tmp_path / "damaged"
+    shutil.copytree(FIXTURES / "tiny-4h", folder, ignore=shutil.ignore_patterns("crc32c-*"))
+    return folder, flip_bytes(folder, tensor)
+
+
+def test_flipped_bytes_are_caught_on_first_load_and_named(capsys, tmp_path):
+    folder, damaged = damaged_copy(tmp_path)
+    assert main.main(BASE + ["--target_model_size", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert "model/h2/mlp/c_proj/w" in err and str(folder / DATA_FILE) in err
+    assert (folder / DATA_FILE).read_bytes() == damaged  # nothing deleted or changed
+
+
+def test_verify_checks_again_what_was_recorded(capsys, tmp_path):
+    """A record keyed by size and mtime is trusted (a later load reads nothing): damage that
+    keeps both slips past it, and --verify, which ignores the record, catches it."""
+    folder = tmp_path / "model"
+    shutil.copytree(FIXTURES / "tiny-4h", folder, ignore=shutil.ignore_patterns("crc32c-*"))
+    assert main.main(BASE + ["--target_model_size", str(folder), "--json"]) == 0
+    capsys.readouterr()
+    stat = (folder / DATA_FILE).stat()
+    flip_bytes(folder, "model/wte")
+    os.utime(folder / DATA_FILE, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the same mtime again
+    assert main.main(BASE + ["--target_model_size", str(folder), "--json"]) == 0
+    capsys.readouterr()
+    assert main.main(BASE + ["--target_model_size", str(folder), "--verify"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "model/wte" in err and "\n" not in err
+
+
 def test_text_lines_show_control_characters_instead_of_sending_them(capsys):
     """Random weights at a high temperature write ESC, BEL and other controls. --json keeps
     the exact text (JSON escapes it); the report's Text = lines show every control character
