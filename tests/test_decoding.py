@@ -11,30 +11,33 @@ from gpt2_numpy import Warp, autoregressive_sample, probabilities, speculative_s
 from conftest import perturbed, tiny_model
 
 PROMPT = [3, 14, 15, 9, 26]
+N_GREEDY = 23  # not a multiple of K + 1 for any K here: rounds end mid-way
 
 
-def top2_gap(model, tokens):
-    """Smallest gap between the two largest logits along a greedy path (near-ties can flip)."""
-    logits = model(tokens[:-1], model.new_cache(len(tokens)), n_logits=None)
+def top2_gap(model, tokens, n):
+    """Smallest gap between the two largest logits at the last n positions of tokens (where a
+    float32 near-tie could flip between a 1-row and a (K+1)-row product)."""
+    logits = model(tokens[:-1], model.new_cache(len(tokens)), n_logits=n)
     top2 = np.sort(logits, axis=-1)[:, -2:]
     return float(np.min(top2[:, 1] - top2[:, 0]))
 
 
-@pytest.fixture(scope="module")
-def drafts(target):
-    return {"always": perturbed(target, 0.0), "often": perturbed(target, 0.03),
-            "rarely": tiny_model(seed=11)}
+def test_the_greedy_target_path_is_diverse_and_has_no_near_ties(target):
+    """A path that repeats one token lets a bonus from the wrong row, or a stale cache, print the
+    right text; near-ties would let rounding flip tokens. This target has neither."""
+    ar, _ = autoregressive_sample(target, PROMPT, N_GREEDY)
+    assert len(set(ar)) >= 15
+    assert top2_gap(target, PROMPT + ar, N_GREEDY) >= 1e-3
 
 
 @pytest.mark.parametrize("agreement", ["always", "often", "rarely"])
 @pytest.mark.parametrize("K", range(1, 9))
 def test_greedy_speculative_equals_greedy_autoregressive(target, drafts, agreement, K):
-    n = 23  # not a multiple of K + 1 for any K here but K = 0: rounds end mid-way
+    n = N_GREEDY  # a diverse path without near-ties (the test above): equal, token for token
     ar, ar_stats = autoregressive_sample(target, PROMPT, n)
     sp, sp_stats = speculative_sample(target, drafts[agreement], PROMPT, n, K=K)
-    assert len(sp) == len(ar) == n == sp_stats.n_generated
-    if sp != ar:  # only a float32 near-tie between the 1-row and K+1-row products may flip one
-        assert top2_gap(target, PROMPT + ar) < 1e-4, "speculative greedy diverged without a near-tie"
+    assert len(sp) == n == sp_stats.n_generated
+    assert sp == ar
     # acceptance behaves as the agreement says it should
     if agreement == "always":
         assert sp_stats.acceptance_rate == 1.0
@@ -52,7 +55,7 @@ def test_generation_stops_cleanly_at_the_context_limit(target, drafts):
     sp, sp_stats = speculative_sample(target, drafts["often"], prompt, 100, K=5)
     assert len(ar) == len(sp) == room
     assert ar_stats.stopped_at_context and sp_stats.stopped_at_context
-    assert sp == ar or top2_gap(target, prompt + ar) < 1e-4
+    assert sp == ar or top2_gap(target, prompt + ar, room) < 1e-4
     exact, stats = speculative_sample(target, drafts["often"], prompt, room, K=5)
     assert len(exact) == room and not stats.stopped_at_context
 
@@ -90,16 +93,21 @@ def test_caches_hold_exactly_the_committed_prefix_after_every_round(target, draf
     committed = list(PROMPT)
     checked = []
 
+    draft_lag = [1]
+
     def after_round(ids, kinds):
         committed.extend(ids)
-        for model, lag in ((t, {1}), (d, {1, 2})):  # the draft never fed its last proposal
+        # The draft never fed its last proposal; a round without drafts (the last one, when one
+        # token is left) does not feed the draft at all, so it falls one token further behind.
+        draft_lag[0] = draft_lag[0] + 1 if kinds == ["target"] else len(committed) - d.cache.length
+        for model, lag in ((t, {1}), (d, {draft_lag[0]} if kinds == ["target"] else {1, 2})):
             n = model.cache.length
             assert len(committed) - n in lag
             assert model.fed[:n] == committed[:n]
             fresh = model.model.new_cache(n)
             model.model(committed[:n], fresh, n_logits=0)
-            np.testing.assert_allclose(model.cache.k[:, :, :n], fresh.k, atol=1e-5)
-            np.testing.assert_allclose(model.cache.v[:, :, :n], fresh.v, atol=1e-5)
+            np.testing.assert_allclose(model.cache.k[:, :, :n], fresh.k, atol=1e-4, rtol=0)
+            np.testing.assert_allclose(model.cache.v[:, :, :n], fresh.v, atol=1e-4, rtol=0)
         checked.append(kinds)
 
     speculative_sample(t, d, PROMPT, 20, K=4, warp=Warp(temperature),
