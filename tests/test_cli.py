@@ -49,8 +49,11 @@ def test_json_greedy_both_modes_give_the_same_tokens(capsys, K):
                   "accepted_histogram", "draft_seconds", "target_seconds", "K_per_round"):
         assert field in sp
     assert sum(sp["accepted_histogram"]) == sp["rounds"]
-    assert 0 <= sp["acceptance_rate"] <= 1
-    assert r["speedup"] > 0 and r["predicted_speedup"] > 0
+    assert sp["acceptance_rate"] == sp["accepted"] / sp["drafted"]
+    assert r["speedup"] == pytest.approx(ar["decode_seconds"] / sp["decode_seconds"])
+    a, c = sp["acceptance_rate"], r["c"]
+    tokens = K + 1 if a == 1 else (1 - a ** (K + 1)) / (1 - a)  # the papers' expected tokens
+    assert r["predicted_speedup"] == pytest.approx(tokens / (K * c + 1))
 
 
 def test_sampling_is_reproducible_with_a_seed(capsys):
@@ -60,7 +63,7 @@ def test_sampling_is_reproducible_with_a_seed(capsys):
     assert a["autoregressive"]["token_ids"] == b["autoregressive"]["token_ids"]
 
 
-def test_single_mode(capsys):
+def test_single_mode_reports_only_that_mode(capsys):
     r = run_json(capsys, "--mode", "speculative")
     assert "autoregressive" not in r and len(r["speculative"]["token_ids"]) == 17
 
@@ -77,9 +80,9 @@ def test_adaptive_and_ngram_give_the_autoregressive_tokens(capsys, flags):
     assert r["adaptive"] == ("--adaptive" in flags) and r["K"] == K_max
     assert r["draft"] == ("ngram" if "ngram" in flags else DRAFT)
     assert all(0 <= K <= K_max for K in sp["K_per_round"])
-    assert "predicted_speedup" not in r and r["speedup"] > 0  # K varies: no fixed-K formula
+    assert "predicted_speedup" not in r  # K varies: no fixed-K formula
     if "ngram" in flags:
-        assert sp["drafted"] > 0 and sp["draft_seconds"] < sp["target_seconds"]
+        assert sp["drafted"] > 0
 
 
 def test_human_readable_report_with_adaptive_ngram(capsys):

@@ -35,7 +35,7 @@ def test_proposals_are_one_hot_and_cost_no_model():
     assert drafts == [2, 1, 2] and q.shape == (3, 10)
     np.testing.assert_array_equal(q.argmax(axis=1), drafts)
     np.testing.assert_array_equal(q.sum(axis=1), 1.0)
-    assert drafter.calls == 1 and drafter.seconds > 0
+    assert drafter.calls == 1
     drafts, q = drafter.propose([1, 2, 3], 3, Warp(1.0), rng=None)
     assert drafts == [] and q.shape == (0, 10)
 
