@@ -15,7 +15,6 @@ from .download import resolve_model_dir
 from .errors import GPT2Error
 from .model import GPT2
 from .tokenizer import load_tokenizer
-from .verify import ensure_verified
 
 # The released sizes. Every size shares n_vocab 50257 and n_ctx 1024.
 OFFICIAL_HPARAMS = {
@@ -70,6 +69,8 @@ def load_model(model: str = "124M", models_dir=None, xp=np, dtype=None, download
     hparams = load_hparams(model_dir)
     checkpoint = load_checkpoint(model_dir, hparams)  # the index agrees with hparams.json
     if verify is not False:
+        from .verify import ensure_verified  # here, so `python -m gpt2_numpy.verify` runs cleanly
+
         ensure_verified(model_dir, force=bool(verify), progress=progress)
     tokenizer = load_tokenizer(model_dir)
     if tokenizer.n_vocab != hparams["n_vocab"]:  # a token id without text, or text without an id

@@ -8,6 +8,8 @@ modification time of the data and index files it checked. A later load whose fil
 that size and mtime trusts the record and costs nothing; any change (a new download, a file
 written over) makes the record stale and the next load checks again.
 
+`python -m gpt2_numpy.verify FOLDER` checks a folder on demand and says how long it took.
+
 The CRC-32C comes from the `google-crc32c` package when it is installed with its C code (which
 uses the CPU's CRC32 instruction where there is one); otherwise from checkpoint.py's NumPy
 implementation, which is slower but needs nothing beyond NumPy.
@@ -108,3 +110,31 @@ def ensure_verified(model_dir, force: bool = False, progress: bool = False) -> N
     """Check model_dir's data file unless a check of the files as they are was recorded."""
     if force or not is_recorded(model_dir):
         verify_checkpoint(model_dir, progress)
+
+
+def main(argv=None) -> int:
+    """python -m gpt2_numpy.verify FOLDER...: check each model folder now; say what it cost."""
+    import argparse
+    import sys
+    import time
+
+    p = argparse.ArgumentParser(prog="python -m gpt2_numpy.verify",
+                                description=main.__doc__.split(": ", 1)[1])
+    p.add_argument("folders", nargs="+")
+    args = p.parse_args(argv)
+    name, _ = crc32c_function()
+    for folder in args.folders:
+        start = time.perf_counter()
+        try:
+            verify_checkpoint(folder, progress=sys.stderr.isatty())
+        except GPT2Error as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        size = (Path(folder) / DATA_FILE).stat().st_size
+        print(f"{folder}: all tensors match {INDEX_FILE} ({size / 1e6:.1f} MB, CRC-32C from "
+              f"{name}, {time.perf_counter() - start:.2f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -147,3 +147,13 @@ def test_the_real_google_crc32c_agrees_with_ours():
     for entry in entries.values():
         raw = data[entry.offset : entry.offset + entry.size]  # a memmap slice, as verify passes
         assert mask_crc(google_crc32c.value(raw)) == entry.crc32c == mask_crc(crc32c(raw))
+
+
+def test_python_m_gpt2_numpy_verify_checks_and_reports(folder, capsys):
+    assert verify.main([str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{folder}: all tensors match {INDEX_FILE}") and " s)" in out
+    flip(folder / DATA_FILE, 10)
+    assert verify.main([str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "model/" in err
