@@ -17,6 +17,8 @@ import time
 
 import gpt2_numpy  # noqa: F401  first: it picks OpenBLAS's kernels before NumPy loads OpenBLAS
 import numpy as np
+from gpt2_numpy.sampling import MIN_TEMPERATURE
+from gpt2_numpy.show import visible
 
 DEFAULT_PROMPT = "Alan Turing theorized that computers would one day become"
 
@@ -35,11 +37,16 @@ def parse_args(argv=None):
                    help="model: --draft_model_size drafts; ngram: copy from the context itself")
     p.add_argument("--show", action="store_true",
                    help="stream the speculative text, coloured by how each token was produced")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help=f"0 means greedy; otherwise at least {MIN_TEMPERATURE:.2g} (a smaller "
+                   "one makes logits / T overflow, and is an error)")
     p.add_argument("--top_k", type=int, default=None)
     p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--seed", type=int, default=123, help="an integer >= 0")
     p.add_argument("--models_dir", default=None, help="download cache (default: weights/)")
+    p.add_argument("--verify", action="store_true",
+                   help="check the weights against the checkpoint's CRC-32Cs even if that was "
+                   "done before (it is done once per downloaded or changed file anyway)")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="how the GPU stores the weights (--backend cupy); sums stay float32")
@@ -56,8 +63,10 @@ def parse_args(argv=None):
 
 
 def check_args(args, GPT2Error):
-    """Reject flags that do not go together, before anything is downloaded or loaded. (Each
-    value on its own is checked by the library: see run.)"""
+    """Reject flags that do not go together, and values the library does not check, before
+    anything is downloaded or loaded. (The other values are checked by the library: see run.)"""
+    if args.seed < 0:
+        raise GPT2Error(f"--seed must be >= 0, got {args.seed}")
     if args.show and args.json:
         raise GPT2Error("--show streams text and --json prints nothing but one JSON object: "
                         "use one of them")
@@ -106,6 +115,14 @@ def run(args):
     progress = not args.no_progress
     modes = {"both": ["autoregressive", "speculative"],
              "all": ["autoregressive", "draft_alone", "speculative"]}.get(args.mode, [args.mode])
+
+    if args.verify:  # check now, whatever was recorded; load_model then finds the fresh record
+        from gpt2_numpy.download import resolve_model_dir
+        from gpt2_numpy.verify import verify_checkpoint
+
+        for model in [args.target_model_size] + ([args.draft_model_size] if "speculative" in modes
+                                                 and args.draft == "model" else []):
+            verify_checkpoint(resolve_model_dir(model, args.models_dir, progress=progress), progress)
 
     start = time.perf_counter()
     on_gpu = {"dtype": args.dtype} if args.backend == "cupy" else {}
@@ -161,7 +178,7 @@ def run(args):
         ar, sp = results["autoregressive"], results["speculative"]
         report["speedup"] = ar["decode_seconds"] / sp["decode_seconds"]
         report["same_tokens"] = ar["token_ids"] == sp["token_ids"]
-    if both and not (args.adaptive or args.draft == "ngram"):
+    if both and not (args.adaptive or args.draft == "ngram") and sp["drafted"]:
         # With a draft model and a fixed K, the papers' prediction from the measured acceptance
         # and cost ratio c = draft / target forward time: (1 - a^(K+1)) / ((1 - a)(K c + 1)),
         # i.e. tokens per round / round cost. (With --adaptive or ngram, K varies by round.)
@@ -217,12 +234,13 @@ def print_report(r):
         print("-" * len(title))
         print(f"Time = {m['decode_seconds']:.2f}s  ({m['tokens_per_second']:.1f} tokens/s, "
               f"prefill {m['prefill_seconds']:.2f}s)")
-        print(f"Text = {r['prompt']}{m['text']}")
+        print(f"Text = {visible(r['prompt'] + m['text'])}")  # control characters shown, not sent
         if mode == "speculative":
             hist = " ".join(f"{k}:{n}" for k, n in enumerate(m["accepted_histogram"]))
+            rate = (f"acceptance rate {m['acceptance_rate']:.2f}" if m["drafted"]
+                    else "no acceptance rate: nothing was drafted")
             print(f"Rounds = {m['rounds']}, drafted {m['drafted']}, accepted {m['accepted']} "
-                  f"(acceptance rate {m['acceptance_rate']:.2f}), "
-                  f"{m['tokens_per_round']:.2f} tokens per round")
+                  f"({rate}), {m['tokens_per_round']:.2f} tokens per round")
             print(f"Accepted per round (accepted:rounds) = {hist}")
             if r["adaptive"] or r["draft"] == "ngram":
                 Ks = np.bincount(m["K_per_round"]).tolist()
@@ -244,6 +262,18 @@ def print_report(r):
         print(describe_position(r))
 
 
+def strict_json(value):
+    """The report with every NaN or infinity (a rate of nothing, e.g. the acceptance rate when
+    nothing was drafted) as None, i.e. JSON's null: RFC 8259 has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from gpt2_numpy.errors import GPT2Error
@@ -258,7 +288,7 @@ def main(argv=None) -> int:
         return 130
     try:
         if args.json:
-            print(json.dumps(report))
+            print(json.dumps(strict_json(report), allow_nan=False))
         else:
             print_report(report)
     except BrokenPipeError:  # e.g. piped into `head`: the reader has what it wanted

@@ -4,7 +4,7 @@ Why. A forward of gpt2_numpy/model.py is a chain of small operations (a layer no
 about ten), and on a GPU each is a kernel launch that costs the host 10-20 microseconds of
 Python, CuPy and driver time while the kernel itself runs for a few: eagerly, 355M spends
 25-40 ms per token launching ~1,300 kernels whose work takes a few ms. A CUDA graph records those launches
-once and replays them with one call (bench.py --backend cupy times both).
+once and replays them with one call (python -m bench gpu times both).
 
 How. A graph replays fixed work on fixed addresses, so it is recorded from a forward whose
 positions are an array: fused.py's (seven kernels per layer) or, without the fused kernels,

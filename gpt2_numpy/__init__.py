@@ -25,9 +25,11 @@ from .sampling import Warp, accept_or_resample, probabilities, residual, sample
 xp = _np  # the array module this package computes with
 
 
-def load_model(model="124M", models_dir=None, dtype=None, download=True, progress=True):
+def load_model(model="124M", models_dir=None, dtype=None, download=True, progress=True,
+               verify=None):
     """Load GPT-2 by size or folder, with its weights as NumPy arrays (see load.load_model)."""
-    return _load_model(model, models_dir, xp=xp, dtype=dtype, download=download, progress=progress)
+    return _load_model(model, models_dir, xp=xp, dtype=dtype, download=download, progress=progress,
+                       verify=verify)
 
 
 __all__ = ["AdaptiveK", "Drafter", "FixedK", "GPT2", "GPT2Error", "KPolicy", "KVCache",

@@ -94,6 +94,7 @@ def download_model(size, models_dir=None, base_url=None, progress=True, timeout=
     missing = _missing_files(folder)
     if not missing:
         return folder  # complete: no request at all, not even a HEAD
+    _make_folder(folder)  # before any request: a bad models_dir is not a network problem
     base = (base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL).rstrip("/")
     for i, name in enumerate(missing):
         url = f"{base}/{size}/{name}"
@@ -240,6 +241,20 @@ def _describe(exc: requests.RequestException) -> str:
 
 def _size_dir(size: str, models_dir) -> Path:
     return (Path(models_dir).expanduser() if models_dir else default_models_dir()) / size
+
+
+def _make_folder(folder: Path) -> None:
+    """Create the download folder, or say in one line why it cannot be one."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise GPT2Error(f"{path} is a file, not a folder: models are downloaded into "
+                                f"<models_dir>/<size>/, so models_dir must be a folder")
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GPT2Error(f"cannot create the download folder {folder}: {e.strerror or e}") from None
 
 
 def _missing_files(folder: Path) -> list:

@@ -6,6 +6,7 @@ On another backend (CuPy) each tensor is copied to the device once, here, and ne
 """
 import json
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -56,16 +57,26 @@ def to_backend(params: dict, xp=np, dtype=None) -> dict:
 
 
 def load_model(model: str = "124M", models_dir=None, xp=np, dtype=None, download: bool = True,
-               progress: bool = True) -> GPT2:
+               progress: bool = True, verify: Optional[bool] = None) -> GPT2:
     """Load GPT-2 by size ("124M", "355M", "774M", "1558M"; downloaded on first use into
     `models_dir`, default weights/) or by a path to a folder holding the official files.
 
     xp: the array module to run on (numpy, or cupy: see gpt2_cupy). dtype: float32 by default.
+    verify: None checks the data file's CRC-32Cs once per file version (verify.py), True checks
+    them now whatever was recorded, False skips the check.
     """
     model_dir = resolve_model_dir(str(model), models_dir, download=download, progress=progress)
     hparams = load_hparams(model_dir)
-    params = to_backend(load_checkpoint(model_dir, hparams), xp, dtype)
-    return GPT2(hparams, params, load_tokenizer(model_dir), name=str(model))
+    checkpoint = load_checkpoint(model_dir, hparams)  # the index agrees with hparams.json
+    if verify is not False:
+        from .verify import ensure_verified  # here, so `python -m gpt2_numpy.verify` runs cleanly
+
+        ensure_verified(model_dir, force=bool(verify), progress=progress)
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer.n_vocab != hparams["n_vocab"]:  # a token id without text, or text without an id
+        raise GPT2Error(f"{model_dir / 'hparams.json'} says n_vocab {hparams['n_vocab']} but the "
+                        f"tokenizer (encoder.json, vocab.bpe) has {tokenizer.n_vocab} tokens")
+    return GPT2(hparams, to_backend(checkpoint, xp, dtype), tokenizer, name=str(model))
 
 
 def random_params(hparams: dict, seed: int = 0, scale: float = 0.02, xp=np) -> dict:

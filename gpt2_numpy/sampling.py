@@ -13,6 +13,11 @@ import numpy as np
 
 from .errors import GPT2Error
 
+# The smallest positive temperature at which logits / T is finite for every float32 logit (the
+# largest float32 over the largest float64). Below it the division can overflow to inf, and
+# inf - inf is NaN: such a temperature is an error, not a silent garbage distribution.
+MIN_TEMPERATURE = float(np.finfo(np.float32).max) / float(np.finfo(np.float64).max)  # ~1.9e-270
+
 
 @dataclass(frozen=True)
 class Warp:
@@ -26,6 +31,9 @@ class Warp:
     def __post_init__(self):
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
             raise GPT2Error(f"temperature must be a number >= 0, got {self.temperature}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise GPT2Error(f"temperature {self.temperature} is so small that logits / temperature "
+                            f"overflows: use 0 for greedy, or at least {MIN_TEMPERATURE:.2g}")
         if self.top_k is not None and self.top_k < 1:
             raise GPT2Error(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:

@@ -28,6 +28,11 @@ PRINTABLE = str.maketrans({**{c: 0x2400 + c for c in range(32) if chr(c) not in 
                            0x7F: 0x2421, **{c: 0xFFFD for c in range(0x80, 0xA0)}})
 
 
+def visible(text: str) -> str:
+    """Text as it may be written to a terminal: control characters shown, never obeyed."""
+    return text.translate(PRINTABLE)
+
+
 def colour_wanted(stream) -> bool:
     return (stream.isatty() and not os.environ.get("NO_COLOR")
             and os.environ.get("TERM") != "dumb")
@@ -57,7 +62,7 @@ class Show:
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # as decode() does
 
     def write(self, text: str, kind: str = "target") -> None:
-        self.out.write(paint(text.translate(PRINTABLE), kind, self.colour))
+        self.out.write(paint(visible(text), kind, self.colour))
 
     def __call__(self, ids, kinds) -> None:
         for token, kind in zip(ids, kinds):

@@ -9,7 +9,6 @@ import gpt2_numpy as gpt2
 from gpt2_numpy import AdaptiveK, Warp, autoregressive_sample, speculative_sample
 from gpt2_numpy.adaptive import expected_tokens
 from gpt2_numpy.sampling import probabilities
-from conftest import perturbed, tiny_model
 from test_decoding import PROMPT, Recording
 
 # Per-round costs in seconds, r(T) for a target forward over T positions and one draft step.
@@ -137,12 +136,6 @@ class Stubbed(AdaptiveK):
         super().update(K, accepted, K * self.costs["t_draft"], self.costs["r"](K + 1))
 
 
-@pytest.fixture(scope="module")
-def drafts(target):
-    return {"always": perturbed(target, 0.0), "often": perturbed(target, 0.03),
-            "rarely": tiny_model(seed=11)}
-
-
 @pytest.mark.parametrize("agreement", ["always", "often", "rarely"])
 @pytest.mark.parametrize("costs", [CPU, GPU, None], ids=["cpu", "gpu", "measured"])
 def test_greedy_adaptive_equals_greedy_autoregressive(target, drafts, agreement, costs):
@@ -195,8 +188,8 @@ def test_caches_stay_the_committed_prefix_when_plain_rounds_let_the_draft_lag(ta
             assert model.fed[:n] == committed[:n]
             fresh = model.model.new_cache(n)
             model.model(committed[:n], fresh, n_logits=0)
-            np.testing.assert_allclose(model.cache.k[:, :, :n], fresh.k, atol=1e-5)
-            np.testing.assert_allclose(model.cache.v[:, :, :n], fresh.v, atol=1e-5)
+            np.testing.assert_allclose(model.cache.k[:, :, :n], fresh.k, atol=1e-4, rtol=0)
+            np.testing.assert_allclose(model.cache.v[:, :, :n], fresh.v, atol=1e-4, rtol=0)
 
     speculative_sample(t, d, PROMPT, 40, K=Scripted([0, 0, 0, 3, 0, 5, 0, 0, 0, 0, 2, 4]),
                        warp=Warp(temperature), rng=np.random.default_rng(0),
@@ -333,8 +326,7 @@ def test_the_catch_up_looks_back_with_min_1_q_over_p(target, drafts, temperature
         assert looked[i] == pytest.approx(min(1.0, q[tokens[i]] / p), abs=1e-6)
     same = gpt2.ModelDrafter(target)
     same.start(PROMPT, 40)
-    greedy = [int(np.argmax(target(tokens[:i], target.new_cache(i))[-1])) for i in range(len(PROMPT) + 1, len(tokens) + 1)]
-    agreed = PROMPT + greedy  # tokens the target itself would pick greedily
+    agreed = PROMPT + autoregressive_sample(target, PROMPT, 5)[0]  # the target's greedy choices
     scores = same.catch_up(agreed, {i: 1.0 for i in range(len(PROMPT) + 1, len(agreed))}, Warp(0.0))
     assert set(scores.values()) == {1.0}
 
@@ -349,10 +341,10 @@ class Listening(Stubbed):
         self.plain_rounds, self.heard = 0, []
 
     def look_back(self, acceptance, seconds):
-        assert len(acceptance) == self.plain_rounds and seconds > 0
+        assert len(acceptance) == self.plain_rounds
         self.heard.append(len(acceptance))
         self.plain_rounds = 0
-        super().look_back(acceptance, seconds)
+        super().look_back(acceptance, self.costs["t_draft"])  # a made-up catch-up cost too
 
     def update(self, K, *args):
         self.plain_rounds += K == 0

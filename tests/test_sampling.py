@@ -1,4 +1,7 @@
 """Warping, sampling, and the accept/resample rule, checked exactly (no model involved)."""
+import math
+import zlib
+
 import numpy as np
 import pytest
 
@@ -30,23 +33,34 @@ def random_pair(rng, V, kind):
     return p / p.sum(), q / q.sum()
 
 
+def reference_residual(p, q):
+    """norm(max(0, p - q)), written out here rather than taken from the code; p where p == q."""
+    r = np.maximum(p - q, 0.0)
+    return r / r.sum() if r.sum() > 1e-12 else p
+
+
 @pytest.mark.parametrize("kind", ["random", "q_zero_where_p_positive", "p_zero_where_q_positive",
                                   "equal", "one_hot", "same_one_hot"])
 def test_one_step_output_distribution_is_exactly_p(kind):
-    """Draft x ~ q, keep it with probability min(1, p(x)/q(x)), else draw from residual(p, q).
-    The acceptance probability is read off the code itself (a scripted u just below and at the
-    threshold), so the sum below is the exact law of accept_or_resample's output."""
+    """Draft x ~ q, keep it with probability min(1, p(x)/q(x)), else draw from norm(max(0, p - q)).
+    Both halves are read off the code with scripted u: the acceptance threshold (u just below
+    it accepts, u at it rejects), and after a rejection the token that u resamples, for u near
+    both ends and at the middle of each token's interval of the residual's CDF (so each interval
+    is the token's and no other's). The law of the output, summed exactly from those, must be p."""
     V = 6
-    p, q = random_pair(np.random.default_rng(hash(kind) % 2**32), V, kind)
-    r = residual(p, q)
+    p, q = random_pair(np.random.default_rng(zlib.crc32(kind.encode())), V, kind)  # not hash(): salted
+    r = reference_residual(p, q)
+    ends = np.cumsum(r)  # token t is resampled for u in [ends[t] - r[t], ends[t])
     out = np.zeros(V)
     for x in np.flatnonzero(q):
         a = min(1.0, p[x] / q[x])
         if a > 0:  # u just below a accepts
             assert accept_or_resample([x], q[None], np.stack([p, p]), ScriptedRng(np.nextafter(a, 0), 0.5))[0] == 1
-        if a < 1:  # u == a rejects (strict <), and the token then comes from the residual
-            m, tok = accept_or_resample([x], q[None], np.stack([p, p]), ScriptedRng(a, 0.5))
-            assert m == 0 and r[tok] > 0
+        if a < 1:  # u == a rejects (strict <), and then each u resamples its token of r
+            for token in np.flatnonzero(r):
+                for at in (1e-6, 0.5, 1 - 1e-6):  # fractions of the way through the interval
+                    rng = ScriptedRng(a, ends[token] - (1 - at) * r[token])
+                    assert accept_or_resample([x], q[None], np.stack([p, p]), rng) == (0, token)
         out[x] += q[x] * a
         out += q[x] * (1 - a) * r
     np.testing.assert_allclose(out, p, atol=1e-12)
@@ -108,11 +122,58 @@ def test_temperature_top_k_top_p():
     np.testing.assert_allclose(probabilities(logits, Warp(1.0, top_k=3, top_p=0.8)), [4 / 9, 3 / 9, 2 / 9, 0], atol=1e-6)
 
 
+def reference_probabilities(logits, warp):
+    """The sampling law written out from raw logits, independently of sampling.probabilities, in
+    the order the README states: divide by the temperature, keep the top_k largest, softmax,
+    keep the most likely tokens until their mass first reaches top_p, renormalise."""
+    if warp.temperature == 0:
+        return np.eye(len(logits))[int(np.argmax(logits))]
+    z = [float(v) / warp.temperature for v in logits]
+    ranked = sorted(range(len(z)), key=lambda i: -z[i])
+    kept = ranked[: warp.top_k] if warp.top_k is not None else ranked
+    top = max(z[i] for i in kept)
+    weights = {i: math.exp(z[i] - top) for i in kept}
+    law = {i: w / sum(weights.values()) for i, w in weights.items()}
+    if warp.top_p is not None:
+        nucleus, mass = {}, 0.0
+        for i in sorted(law, key=lambda i: -law[i]):
+            if mass >= warp.top_p:
+                break
+            nucleus[i], mass = law[i], mass + law[i]
+        law = {i: v / mass for i, v in nucleus.items()}
+    return np.array([law.get(i, 0.0) for i in range(len(z))])
+
+
+@pytest.mark.parametrize("warp", [Warp(1.0), Warp(0.6), Warp(1.7, top_k=7), Warp(0.5, top_p=0.7),
+                                  Warp(1.6, top_p=0.9), Warp(0.7, top_k=12, top_p=0.8),
+                                  Warp(2.5, top_k=4, top_p=0.95)], ids=str)
+def test_warping_equals_a_written_out_reference(warp):
+    """probabilities() against reference_probabilities() on random rows, at temperatures other
+    than 1 and with top-k and top-p together: the order of the steps matters (top-p on the
+    untempered distribution keeps another set of tokens)."""
+    rng = np.random.default_rng(17)
+    for row in (3 * rng.standard_normal((20, 30))).astype(np.float32):
+        want = reference_probabilities(row, warp)
+        np.testing.assert_allclose(probabilities(row, warp), want, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(temperature=float("nan")),
+                                 dict(temperature=float("inf")), dict(temperature=1e-300),
                                  dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)])
 def test_bad_warps_are_rejected(bad):
     with pytest.raises(GPT2Error):
         Warp(**{"temperature": 1.0, **bad})
+
+
+def test_the_smallest_temperature_allowed_gives_the_argmax():
+    from gpt2_numpy.sampling import MIN_TEMPERATURE
+
+    big = float(np.finfo(np.float32).max)
+    logits = np.array([30.0, -5.0, big, 1.0], dtype=np.float32)  # float32's largest on top
+    p = probabilities(logits, Warp(MIN_TEMPERATURE))
+    np.testing.assert_array_equal(p, [0, 0, 1, 0])  # finite, no NaN: the argmax
+    with pytest.raises(GPT2Error, match="overflows"):
+        Warp(MIN_TEMPERATURE / 2)
 
 
 @pytest.mark.parametrize("warp", [Warp(0.0), Warp(0.7), Warp(1.0, top_k=3), Warp(1.3, top_p=0.6)])

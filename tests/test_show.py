@@ -1,6 +1,5 @@
 """--show: colours by token kind, whole characters only while streaming, plain when not a tty."""
 import io
-import json
 
 import pytest
 
@@ -9,7 +8,7 @@ from gpt2_numpy import show as show_module
 from gpt2_numpy.show import Show, legend, strip_ansi
 from gpt2_numpy.tokenizer import load_tokenizer
 from conftest import FIXTURES
-from test_cli import BASE
+from test_cli import BASE, strict_loads
 
 KINDS = ["accepted", "resampled", "bonus", "target"]
 TEXT = "naïve café, 日本語 and 🙂 emoji!\nsecond line"
@@ -109,7 +108,7 @@ def shown_part(out):
 def test_cli_show_streams_the_speculative_text(capsys, monkeypatch):
     flags = ["--mode", "speculative", "--K", "3"]
     assert main.main(BASE + flags + ["--json"]) == 0
-    text = "the cat sat" + json.loads(capsys.readouterr().out)["speculative"]["text"]
+    text = "the cat sat" + strict_loads(capsys.readouterr().out)["speculative"]["text"]
     assert main.main(BASE + flags + ["--show"]) == 0
     plain = capsys.readouterr().out  # captured: not a terminal, so no colour
     assert "\x1b[" not in plain

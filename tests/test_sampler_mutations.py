@@ -1,0 +1,193 @@
+"""Each classic mistake in a speculative sampler, patched in on purpose, makes a named exactness
+test fail (tests/test_parity.py does the same for the forward pass).
+
+A mistake is a small function that patches the package: a step of accept_or_resample, the
+residual, the warp or the draft's sampling swapped for a wrong one, or a rollback dropped. For
+each mistake CAUGHT_BY lists tests of test_sampling.py and test_decoding.py, and each of them
+must fail with an AssertionError (a crash does not count) once the mistake is in. Where a
+mistake needs a test-local copy of a function, the same copy without the mistake must pass
+every test that is listed anywhere (the "no mistake" case), so a failure is the mistake's doing.
+"""
+import sys
+
+import numpy as np
+import pytest
+
+import test_decoding
+import test_sampling
+from gpt2_numpy import Warp, decoding, sampling
+from gpt2_numpy.model import KVCache
+
+
+def patch_everywhere(mp, original, replacement):
+    """Replace a function in every module of the package and of the tests that holds it (the
+    tests import functions by name, so patching sampling.py alone would miss their copies)."""
+    for module in list(sys.modules.values()):
+        name = getattr(module, "__name__", "") or ""
+        if name.startswith(("gpt2_numpy", "test_")):
+            for attr, value in list(vars(module).items()):
+                if value is original:
+                    mp.setattr(module, attr, replacement)
+
+
+# --- test-local copies of the sampler's steps, with one step swappable -----------------------
+
+def accept_or_resample_with(ratio=lambda p, q: p / q, resample=None, bonus_row=lambda K: K,
+                            bonus=True):
+    """sampling.accept_or_resample written out again; the defaults are the right rule."""
+    resample = resample or (lambda p, q: sampling.residual(p, q))
+
+    def accept_or_resample(drafts, q, p, rng):
+        for i, x in enumerate(drafts):
+            if rng.random() < min(1.0, ratio(p[i, x], q[i, x])):
+                continue
+            return i, sampling.sample(resample(p[i], q[i]), rng)
+        if not bonus and drafts:  # the last accepted draft ends the round: nothing more is drawn
+            return len(drafts) - 1, drafts[-1]
+        return len(drafts), sampling.sample(p[bonus_row(len(drafts))], rng)
+
+    return accept_or_resample
+
+
+def residual_q_minus_p(p, q):
+    r = np.maximum(q - p, 0.0)
+    return r / r.sum() if r.sum() > 1e-12 else p
+
+
+def residual_not_renormalised(p, q):
+    r = np.maximum(p - q, 0.0)
+    return r if r.sum() > 1e-12 else p
+
+
+def probabilities_top_p_first(original):
+    """probabilities() with the nucleus chosen on the untempered distribution."""
+
+    def probabilities(logits, warp):
+        if warp.greedy or warp.top_p is None:
+            return original(logits, warp)
+        keep = original(logits, Warp(1.0, warp.top_k, warp.top_p)) > 0  # top-p at T = 1
+        z = np.where(keep, np.asarray(logits, dtype=np.float64) / warp.temperature, -np.inf)
+        p = np.exp(z - z.max())
+        return p / p.sum()
+
+    return probabilities
+
+
+def propose_drawing_from(law):
+    """ModelDrafter.propose written out again: q (for the ratio) is the warped law, and each
+    draft is drawn from law(logits, warp, q_i) (the right one: q_i itself)."""
+
+    def propose(self, tokens, K, warp, rng):
+        drafts, q = [], np.empty((K, self.n_vocab))
+        new = tokens[self.cache.length :]
+        for i in range(K):
+            logits = self.model(new, self.cache)  # [1, V]
+            q[i] = sampling.probabilities(logits[-1], warp)
+            drafts.append(sampling.sample(law(logits[-1], warp, q[i]), rng))
+            new = drafts[-1:]
+        return drafts, q
+
+    return propose
+
+
+def without_the_warp(logits, warp, q_i):  # softmax(logits / T): no top-k, no top-p
+    return sampling.probabilities(logits, Warp(warp.temperature))
+
+
+def no_target_rollback(mp):
+    """Target caches never roll back; the draft's ModelDrafter.rollback still does."""
+    real = KVCache.rollback
+    mp.setattr(KVCache, "rollback", lambda cache, length: None)
+    mp.setattr(decoding.ModelDrafter, "rollback",
+               lambda self, tokens: real(self.cache, min(self.cache.length, len(tokens) - 1)))
+
+
+def faithful_copies(mp):
+    patch_everywhere(mp, sampling.accept_or_resample, accept_or_resample_with())
+    mp.setattr(decoding.ModelDrafter, "propose", propose_drawing_from(lambda logits, warp, q_i: q_i))
+
+
+MISTAKES = {
+    "no mistake (the test-local copies, unchanged)": faithful_copies,
+    "accept with q/p": lambda mp: patch_everywhere(
+        mp, sampling.accept_or_resample,
+        accept_or_resample_with(ratio=lambda p, q: q / p if p > 0 else np.inf)),
+    "residual max(q - p)": lambda mp: patch_everywhere(mp, sampling.residual, residual_q_minus_p),
+    "residual not renormalised": lambda mp: patch_everywhere(mp, sampling.residual,
+                                                             residual_not_renormalised),
+    "resample from p instead of the residual": lambda mp: patch_everywhere(
+        mp, sampling.accept_or_resample, accept_or_resample_with(resample=lambda p, q: p)),
+    "bonus from row K - 1": lambda mp: patch_everywhere(
+        mp, sampling.accept_or_resample, accept_or_resample_with(bonus_row=lambda K: K - 1)),
+    "no bonus": lambda mp: patch_everywhere(mp, sampling.accept_or_resample,
+                                            accept_or_resample_with(bonus=False)),
+    "the draft samples without the warp the ratio uses": lambda mp: mp.setattr(
+        decoding.ModelDrafter, "propose", propose_drawing_from(without_the_warp)),
+    "top-p applied before temperature": lambda mp: patch_everywhere(
+        mp, sampling.probabilities, probabilities_top_p_first(sampling.probabilities)),
+    "target cache not rolled back": no_target_rollback,
+    "draft cache not rolled back": lambda mp: mp.setattr(decoding.ModelDrafter, "rollback",
+                                                         lambda self, tokens: None),
+}
+
+# The exactness tests, called as pytest calls them (fixtures passed in by hand).
+TESTS = {
+    "test_one_step_output_distribution_is_exactly_p[random]":
+        lambda fx: test_sampling.test_one_step_output_distribution_is_exactly_p("random"),
+    "test_residual_is_normalised_and_falls_back_to_p":
+        lambda fx: test_sampling.test_residual_is_normalised_and_falls_back_to_p(),
+    "test_rows_line_up_with_draft_positions":
+        lambda fx: test_sampling.test_rows_line_up_with_draft_positions(),
+    "test_warping_equals_a_written_out_reference[T=0.7, top_k=12, top_p=0.8]":
+        lambda fx: test_sampling.test_warping_equals_a_written_out_reference(
+            Warp(0.7, top_k=12, top_p=0.8)),
+    "test_greedy_speculative_equals_greedy_autoregressive[always, K=4]":
+        lambda fx: test_decoding.test_greedy_speculative_equals_greedy_autoregressive(
+            *fx, "always", 4),
+    "test_caches_hold_exactly_the_committed_prefix_after_every_round[T=1]":
+        lambda fx: test_decoding.test_caches_hold_exactly_the_committed_prefix_after_every_round(
+            *fx, 1.0),
+    "test_the_draft_samples_from_the_very_q_it_returns[T=1.2, top_k=10, top_p=0.6]":
+        lambda fx: test_decoding.test_the_draft_samples_from_the_very_q_it_returns(
+            fx[1], Warp(1.2, top_k=10, top_p=0.6)),
+    "test_speculative_samples_follow_the_exact_target_distribution[T=1.5,top_k,top_p]":
+        lambda fx: test_decoding.test_speculative_samples_follow_the_exact_target_distribution(
+            "T=1.5,top_k,top_p"),
+}
+ONE_STEP, RESIDUAL, ROWS, WARPING, GREEDY, CACHES, DRAFT_Q, LAW = TESTS
+
+CAUGHT_BY = {
+    "accept with q/p": [ONE_STEP, LAW],
+    "residual max(q - p)": [RESIDUAL, ONE_STEP],
+    # The decoder's output is unchanged (sample() scales u by the total mass): only the
+    # residual's own test can see this one.
+    "residual not renormalised": [RESIDUAL],
+    "resample from p instead of the residual": [ONE_STEP, LAW],
+    "bonus from row K - 1": [ROWS, GREEDY],
+    "no bonus": [ROWS, GREEDY],
+    "the draft samples without the warp the ratio uses": [DRAFT_Q, LAW],
+    "top-p applied before temperature": [WARPING, LAW],
+    "target cache not rolled back": [CACHES],
+    "draft cache not rolled back": [CACHES],
+}
+CONTROL = "no mistake (the test-local copies, unchanged)"
+CASES = [(mistake, test) for mistake, tests in CAUGHT_BY.items() for test in tests]
+CONTROLS = sorted({test for tests in CAUGHT_BY.values() for test in tests})
+
+
+def test_every_listed_mistake_has_a_test_that_catches_it():
+    assert set(CAUGHT_BY) == set(MISTAKES) - {CONTROL} and all(CAUGHT_BY.values())
+
+
+@pytest.mark.parametrize("test", CONTROLS)
+def test_the_copies_without_a_mistake_pass(target, drafts, monkeypatch, test):
+    MISTAKES[CONTROL](monkeypatch)
+    TESTS[test]((target, drafts))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # p / q with q = 0: a mistake's doing
+@pytest.mark.parametrize("mistake, test", CASES)
+def test_each_sampler_mistake_is_caught(target, drafts, monkeypatch, mistake, test):
+    MISTAKES[mistake](monkeypatch)
+    with pytest.raises(AssertionError):
+        TESTS[test]((target, drafts))
