@@ -128,14 +128,13 @@ def measure_costs(K_max: int, reps: int = 3, backend: str = "numpy"):
 
 
 def h100_costs(K_max: int):
-    """The forwards of the H100 run in docs/gpu.md (`python -m bench gpu`, CUDA graphs):
-    T = 1 ms and r(T) at T = 2, 5, 9, 16 of 355M and 124M, linear in between. A catch-up over
-    N > 16 tokens runs as ceil(N / 16) graphed chunks (gpt2_cupy/graphs.py), each assumed to
-    cost a 16-token forward: an assumption, not a measurement (run eagerly, such forwards took
-    14-22 ms). The host's work per row is measured on this machine."""
-    ms = {"355M": 2.98, "124M": 1.40}
-    r = {"355M": ([1, 2, 5, 9, 16], [1, 1.24, 1.28, 1.32, 1.40]),
-         "124M": ([1, 2, 5, 9, 16], [1, 1.28, 1.29, 1.31, 1.38])}
+    """The forwards of docs/gpu.md's H100 run (`python -m bench gpu-check`, fused kernels and
+    CUDA graphs): T = 1 ms and r(T) at T = 2, 5, 9, 16 of 355M and 124M, linear in between. A
+    catch-up over N > 16 tokens runs as ceil(N / 16) graphed chunks (gpt2_cupy/graphs.py), each
+    costing a 16-token forward. The host's work per row is measured on this machine."""
+    ms = {"355M": 1.264, "124M": 0.548}
+    r = {"355M": ([1, 2, 5, 9, 16], [1, 1.07, 1.18, 1.68, 2.06]),
+         "124M": ([1, 2, 5, 9, 16], [1, 1.07, 1.32, 2.01, 2.56])}
 
     def seconds(size, T):
         return 1e-3 * ms[size] * float(np.interp(T, *r[size]))

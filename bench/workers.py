@@ -88,7 +88,10 @@ def worker_memory(a):
         folder = Path(a["folders"][size])
         start = time.perf_counter()
         if all((folder / f).is_file() for f in TOKENIZER_FILES):
-            models[size] = gpt2.load_model(str(folder), download=False, progress=False)
+            # verify=False: a load's own cost, not the one-time CRC-32C check (verify.py), which
+            # reads every page of the data file
+            models[size] = gpt2.load_model(str(folder), download=False, progress=False,
+                                           verify=False)
             what = "load_model (index, memory map, tokenizer)"
         else:  # no tokenizer files on this machine: everything load_model does but the tokenizer
             h = load_hparams(folder)

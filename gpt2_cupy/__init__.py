@@ -39,11 +39,13 @@ GPT2 = GraphedGPT2
 
 
 def load_model(model="124M", models_dir=None, dtype="float32", download=True, progress=True,
-               graphs=True, fused=None):
+               graphs=True, fused=None, verify=None):
     """Load GPT-2 by size or folder, with its weights copied once to the GPU and stored as
     `dtype` (float32, float16 or bfloat16; see GraphedGPT2). graphs=False: every forward runs
-    eagerly. fused: the fused kernels (None: the default, see graphs.FUSED_BY_DEFAULT)."""
-    loaded = _load.load_model(model, models_dir, xp=xp, download=download, progress=progress)
+    eagerly. fused: the fused kernels (None: the default, see graphs.FUSED_BY_DEFAULT).
+    verify: as gpt2_numpy.load_model's."""
+    loaded = _load.load_model(model, models_dir, xp=xp, download=download, progress=progress,
+                              verify=verify)
     return GraphedGPT2(loaded.hparams, loaded.params, loaded.tokenizer, loaded.name, graphs,
                        fused, dtype)
 
