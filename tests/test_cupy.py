@@ -10,6 +10,7 @@ import pytest
 import fake_cupy
 import gpt2_numpy
 from conftest import FIXTURES
+from test_cli import strict_loads
 
 
 def usable_gpu():
@@ -238,8 +239,6 @@ def test_main_with_backend_cupy_prints_the_numpy_backends_tokens(gpu, capsys, fl
     """python main.py --backend cupy, end to end (warm_up, graphs, both decoders): the same
     tokens as --backend numpy. Sampled ones too: one host random stream, and logits that differ
     by float32 rounding at most."""
-    import json
-
     import main
 
     argv = ["--draft_model_size", str(FIXTURES / "tiny-3h"), "--target_model_size",
@@ -248,7 +247,7 @@ def test_main_with_backend_cupy_prints_the_numpy_backends_tokens(gpu, capsys, fl
     runs = {}
     for backend in ("numpy", "cupy"):
         assert main.main(argv + ["--backend", backend]) == 0
-        runs[backend] = json.loads(capsys.readouterr().out)
+        runs[backend] = strict_loads(capsys.readouterr().out)
     for mode in ("autoregressive", "speculative"):
         assert runs["cupy"][mode]["token_ids"] == runs["numpy"][mode]["token_ids"]
     assert runs["cupy"]["backend"] == "cupy" and runs["cupy"]["same_tokens"] == runs["numpy"]["same_tokens"]
@@ -293,15 +292,13 @@ def test_a_graph_that_cannot_be_recorded_leaves_eager_forwards_with_the_same_log
 def test_main_with_half_precision_weights_decodes_exactly_in_that_precision(gpu, capsys, dtype):
     """python main.py --backend cupy --dtype float16|bfloat16: the fused kernels read half-
     precision weights; greedy speculative decoding still prints the same model's greedy tokens."""
-    import json
-
     import main
 
     argv = ["--draft_model_size", str(FIXTURES / "tiny-3h"), "--target_model_size",
             str(FIXTURES / "tiny-4h"), "--prompt", "the cat sat", "--n_tokens_to_generate", "30",
             "--no_progress", "--json", "--backend", "cupy", "--dtype", dtype]
     assert main.main(argv) == 0
-    run = json.loads(capsys.readouterr().out)
+    run = strict_loads(capsys.readouterr().out)
     assert run["dtype"] == dtype and run["same_tokens"]
     assert run["speculative"]["token_ids"] == run["autoregressive"]["token_ids"]
 
