@@ -1,16 +1,17 @@
 """The GPU twin: `import gpt2_cupy as gpt2` is a drop-in for `import gpt2_numpy as gpt2`.
 
-Nothing here re-implements the model. gpt2_numpy's forward pass asks its weights for their array
-namespace (backend.namespace_of), so once `load_model` has copied the weights to the GPU with
-`cupy.asarray`, every matmul, softmax and KV-cache write in gpt2_numpy/model.py runs as a CuPy
-kernel, and the caches are allocated on the device (`model.xp.zeros`). The decoders copy to the
-host only the logits rows they sample from (backend.to_numpy); sampling and the accept/resample
-rule run in NumPy with one host random generator, so a seed gives the same draws on CPU and GPU.
+The decoders, the sampler and the model's reference code are gpt2_numpy's own. gpt2_numpy's
+forward pass asks its weights for their array namespace (backend.namespace_of), so on CuPy arrays
+every matmul, softmax and KV-cache write of gpt2_numpy/model.py runs as a CuPy kernel. The
+decoders copy to the host only the logits rows they sample from (backend.to_numpy); sampling and
+the accept/resample rule run in NumPy with one host random generator, so a seed gives the same
+draws on CPU and GPU.
 
-What is GPU-specific: graphs.py, where `GPT2` is `GraphedGPT2`, which replays short forwards
-(decoding steps, verify steps) as CUDA graphs, one launch instead of one per kernel; fused.py and
-kernels.cu, the same forward in seven kernels per layer, with weights stored in float32, float16
-or bfloat16; and static.py, the unfused forward in the form a graph can record.
+What is GPU-specific: fused.py and kernels.cu, the same forward in five kernels per layer (each
+written from the model.py function it replaces), with weights stored in float32, float16 or
+bfloat16; graphs.py, where `GPT2` is `GraphedGPT2`, which replays short forwards (decoding
+steps, verify steps) as CUDA graphs, one launch per step; and static.py, model.py's functions in
+the form a graph can record, the fallback where the fused kernels do not compile.
 """
 from gpt2_numpy import (OFFICIAL_HPARAMS, AdaptiveK, FixedK, GPT2Error, KVCache,
                         ModelDrafter, NGramDrafter, Stats, Warp, accept_or_resample,

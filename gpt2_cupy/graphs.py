@@ -1,13 +1,12 @@
 """CUDA graphs: a decoding step as one GPU launch instead of ~50 per layer.
 
-Why. A forward of gpt2_numpy/model.py is a chain of small operations (a layer norm alone is
-about ten), and on a GPU each is a kernel launch that costs the host 10-20 microseconds of
-Python, CuPy and driver time while the kernel itself runs for a few: eagerly, 355M spends
-25-40 ms per token launching ~1,300 kernels whose work takes a few ms. A CUDA graph records those launches
-once and replays them with one call (python -m bench gpu times both).
+Why. A forward is a chain of kernel launches (~50 per layer for gpt2_numpy/model.py's
+functions, five for fused.py's), and each launch costs the host microseconds of Python, CuPy and
+driver time, often more than the kernel itself runs. A CUDA graph records those launches once
+and replays them with one call (docs/gpu.md times both ways).
 
 How. A graph replays fixed work on fixed addresses, so it is recorded from a forward whose
-positions are an array: fused.py's (seven kernels per layer) or, without the fused kernels,
+positions are an array: fused.py's (five kernels per layer) or, without the fused kernels,
 static.py's (model.py's functions; read that file first). One graph
 per (cache, T), since a cache's arrays are baked in; it computes logits for all T rows and a
 caller asking for fewer gets the last n_logits (the LM head streams wte once however few rows
@@ -20,13 +19,11 @@ graph will write into on its next replay. CuPy refuses to call cuBLAS while a st
 recorded (cuBLAS itself allows it), so static.py's products go through `CuBLAS.matmul`, the
 same product through cuBLAS called directly. A forward over more than
 GRAPH_MAX_T new tokens with logits (a catch-up after a long plain stretch) runs as chunks of
-GRAPH_MAX_T, each a graph launch (~2 ms for 124M on the H100 of the README, where the eager
-forward took 14-22 ms), up to CHUNKED_MAX_T, beyond which the eager forward's bigger kernels
-should win. Longer forwards, and prefills (no logits, whatever their length), run eagerly:
+GRAPH_MAX_T, each a graph launch, up to CHUNKED_MAX_T, beyond which the eager forward's bigger
+kernels should win. Longer forwards, and prefills (no logits, whatever their length), run eagerly:
 they happen once per call.
 
-Recording costs about two eager forwards (for 355M, as long as 16-27 graphed steps), and the
-decoders make a new cache per call. So `new_cache` hands out the arrays of a dropped cache of
+Recording costs about two eager forwards, and the decoders make a new cache per call. So `new_cache` hands out the arrays of a dropped cache of
 the same capacity again, with their graphs: a second call of the same length replays from its
 first step. At most SPARE_CACHES dropped caches are kept per model, whatever their capacities;
 only caches made by `new_cache` are graphed (their graphs go when the cache's arrays do), any

@@ -16,7 +16,7 @@ The products go through `matmul`, a parameter: a CUDA graph records them through
 directly (graphs.CuBLAS), since CuPy's own `@` refuses to run while a graph is recorded.
 Everything else is model.py's own functions, and the logits equal model.forward's up to float
 rounding (tests/test_cupy.py checks it). This is the unfused forward; fused.py is the same
-forward in seven kernels per layer.
+forward in five kernels per layer.
 """
 import math
 
