@@ -291,7 +291,8 @@ class AdaptiveK(KPolicy):
                 best = self.best_K()
         if best and not self.t_draft.n:
             best = (self.K_max + 1) // 2  # the first drafting round: see the class docstring
-        best = min(best, self.affordable())
+        if best:  # (the guard is only asked about drafting rounds)
+            best = min(best, self.affordable())
         if self.look_seconds is None:
             self.probing = self.probing and best > 0  # a probe the guard forbids is not made
         return best
