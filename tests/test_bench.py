@@ -77,3 +77,37 @@ def test_a_worker_runs_in_a_fresh_process_and_reports_one_json_line():
     out = run_worker("transformers", {"sizes": [], "threads": 1, "prompt": 1, "tokens": 2,
                                       "reps": 1})
     assert "skipped" in out or out.get("rows") == [], out
+
+
+def test_gpu_check_without_a_gpu_is_a_one_line_error(capsys, monkeypatch):
+    import sys
+
+    from bench import gpu_check
+
+    monkeypatch.setitem(sys.modules, "cupy", None)  # `import cupy` now fails, as without CuPy
+    assert gpu_check.main(["--out", "unused"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the GPU check needs CuPy") and "\n" not in err
+
+
+def test_gpu_check_report_states_every_goal_and_each_measured_value(tmp_path):
+    """The summary a GPU check writes: the goal table first, every goal with its measurement
+    (or '-' where a section did not run), then each section's rows."""
+    from bench import gpu_check
+
+    decode = [{"size": s, "forward": "fused, graphs", "dtype": d, "ms_per_token": ms,
+               "floor_ms": floor, "ratio_to_floor": ms / floor, "same_tokens_as_unfused_fp32": True}
+              for s, d, ms, floor in [("124M", "float32", 0.7, 0.165), ("355M", "float32", 1.4, 0.47),
+                                      ("355M", "float16", 1.2, 0.235), ("355M", "bfloat16", 1.1, 0.235)]]
+    res = {"command": "test", "gpu": "a GPU", "sections": {"peer": "skipped"}, "decode": decode,
+           "speculative": [{"pair": "p", "K": K, "ar_ms_per_token": 4.0, "ms_per_token": 4.0 / x,
+                            "speedup": x} for K, x in [(1, 1.4), (7, 2.7), (8, 2.6)]]}
+    gpu_check.write(res, tmp_path)
+    md = (tmp_path / "gpu_check.md").read_text()
+    table = md.split("## ")[0]
+    assert "| 355M fp32 decode ms/token / floor | <= 2.5 | 2.98 (1.400 ms, floor 0.470 ms) |" in table
+    assert "| 124M fp32 decode ms/token / floor | <= 3.5 | 4.24" in table
+    assert "| ours / transformers static cache, 355M fp32 | <= 0.4 | - |" in table  # not measured
+    assert "| 355M bfloat16 decode / its floor | <= 3 | 4.68 |" in table
+    assert "2.70x (K=7)" in table
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["decode"] == decode
