@@ -41,10 +41,22 @@ def split_k_rows(n: int, T: int) -> int:
     return min(256, max(least, -(-n // 16 // 8) * 8))
 
 
+def map_matrices(params: dict, fn) -> dict:
+    """The parameter tree with fn applied to wte, wpe and each block's four weight matrices
+    (the arrays stored in half precision); the rest shared, not copied."""
+    out = dict(params, wte=fn(params["wte"]), wpe=fn(params["wpe"]), blocks=[])
+    for block in params["blocks"]:
+        block = {**block, "attn": dict(block["attn"]), "mlp": dict(block["mlp"])}
+        for part, name in MATRICES:
+            block[part][name] = dict(block[part][name], w=fn(block[part][name]["w"]))
+        out["blocks"].append(block)
+    return out
+
+
 def convert_weights(params: dict, dtype: str) -> dict:
-    """The parameter tree with wte, wpe and the four weight matrices of each block stored as
-    `dtype` (float16 / bfloat16 as uint16 bit patterns, which the kernels widen; float32 as it
-    is). Biases and layer-norm parameters stay float32. bfloat16 rounds to nearest even."""
+    """The parameter tree with its matrices stored as `dtype` (float16 / bfloat16 as uint16 bit
+    patterns, which the kernels widen; float32 as it is). Biases and layer-norm parameters stay
+    float32. bfloat16 rounds to nearest even."""
     if dtype == "float32":
         return params
 
@@ -53,14 +65,7 @@ def convert_weights(params: dict, dtype: str) -> dict:
             return a.astype(cp.float16).view(cp.uint16)
         bits = a.view(cp.uint32).astype(cp.uint64)  # round to nearest, ties to even
         return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(cp.uint16)
-
-    out = dict(params, wte=narrow(params["wte"]), wpe=narrow(params["wpe"]), blocks=[])
-    for block in params["blocks"]:
-        block = {**block, "attn": dict(block["attn"]), "mlp": dict(block["mlp"])}
-        for part, name in MATRICES:
-            block[part][name] = dict(block[part][name], w=narrow(block[part][name]["w"]))
-        out["blocks"].append(block)
-    return out
+    return map_matrices(params, narrow)
 
 
 def widen_weights(params: dict, dtype: str) -> dict:
@@ -72,14 +77,7 @@ def widen_weights(params: dict, dtype: str) -> dict:
         if dtype == "float16":
             return a.view(cp.float16).astype(cp.float32)
         return (a.astype(cp.uint32) << 16).view(cp.float32)
-
-    out = dict(params, wte=widen(params["wte"]), wpe=widen(params["wpe"]), blocks=[])
-    for block in params["blocks"]:
-        block = {**block, "attn": dict(block["attn"]), "mlp": dict(block["mlp"])}
-        for part, name in MATRICES:
-            block[part][name] = dict(block[part][name], w=widen(block[part][name]["w"]))
-        out["blocks"].append(block)
-    return out
+    return map_matrices(params, widen)
 
 
 class Kernels:

@@ -202,11 +202,7 @@ class GraphedGPT2(GPT2):
         if not self.fused:
             return GPT2.__call__(self, ids, cache, n_logits)
         n_past, T = cache.length, len(ids)
-        if T == 0:
-            raise ValueError("forward needs at least one new token")
-        if n_past + T > cache.capacity:
-            raise GPT2Error(f"sequence of {n_past + T} tokens does not fit the KV cache "
-                            f"({cache.capacity} positions; GPT-2's context is {self.n_ctx})")
+        cache.check_room(T)
         n_logits = T if n_logits is None else n_logits
         ids = cp.asarray(np.asarray(ids, dtype=np.int64))
         positions = cp.arange(n_past, n_past + T, dtype=cp.int64)

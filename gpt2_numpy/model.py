@@ -164,6 +164,14 @@ class KVCache:
         self.capacity = capacity
         self.length = 0
 
+    def check_room(self, T: int) -> None:
+        """Before a forward feeds T new tokens: at least one, and rows left for all of them."""
+        if T == 0:
+            raise ValueError("forward needs at least one new token")
+        if self.length + T > self.capacity:
+            raise GPT2Error(f"sequence of {self.length + T} tokens does not fit the KV cache "
+                            f"({self.capacity} positions)")
+
     def rollback(self, length: int) -> None:
         """Forget every token after the first `length`: O(1), the arrays are untouched."""
         if not 0 <= length <= self.length:
@@ -182,11 +190,7 @@ def forward(params: dict, ids, cache: KVCache, n_head: int, n_logits=1):
     wte, wpe = params["wte"], params["wpe"]
     xp = namespace_of(wte)
     n_past, T = cache.length, len(ids)
-    if T == 0:
-        raise ValueError("forward needs at least one new token")
-    if n_past + T > cache.capacity:
-        raise GPT2Error(f"sequence of {n_past + T} tokens does not fit the KV cache "
-                        f"({cache.capacity} positions; GPT-2's context is {wpe.shape[0]})")
+    cache.check_room(T)
     ids = xp.asarray(ids)
     # Token embedding plus the embedding of each token's absolute position, which starts at the
     # cache length, not at 0: the new tokens continue the sequence already in the cache.
