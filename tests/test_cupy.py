@@ -309,3 +309,30 @@ def test_dtype_other_than_float32_needs_the_gpu(capsys):
     assert main.main(["--dtype", "float16", "--no_progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "--backend cupy" in err and "\n" not in err
+
+
+@pytest.mark.filterwarnings("default::RuntimeWarning")
+def test_kernels_that_do_not_compile_leave_the_unfused_forward_with_one_warning(monkeypatch, capsys):
+    """Where the CUDA compiler refuses kernels.cu, a float32 model warns once and runs the
+    unfused forward with the same logits; half precision, which needs the kernels, is a one-line
+    error from main.py (fake CuPy: a real compiler failure is not something to provoke)."""
+    import main
+
+    def refuses(*args, **kwargs):
+        raise fake_cupy.cuda.compiler.CompileException("nvrtc: error: not this GPU")
+
+    monkeypatch.setattr(fake_cupy, "RawModule", refuses)
+    with fake_cupy.installed() as gpu:
+        path = str(FIXTURES / "tiny-4h")
+        with pytest.warns(RuntimeWarning, match="fused kernels unavailable") as warned:
+            model = gpu.load_model(path, download=False, fused=True)
+        assert len(warned) == 1 and model.fused is None
+        cpu = gpt2_numpy.load_model(path, download=False)
+        ids = [5, 9, 2, 7]
+        got = fake_cupy.asnumpy(model(ids, model.new_cache(8), n_logits=None))
+        np.testing.assert_allclose(got, cpu(ids, cpu.new_cache(8), n_logits=None), atol=1e-5, rtol=0)
+        argv = ["--draft_model_size", str(FIXTURES / "tiny-3h"), "--target_model_size", path,
+                "--no_progress", "--backend", "cupy", "--dtype", "float16"]
+        assert main.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: float16 weights need the fused kernels") and "\n" not in err
