@@ -306,7 +306,7 @@ def section_overhead(res, out_dir, models):
     ar = [gpt2.autoregressive_sample(target, prompt, n, gpt2.Warp(0.0))[1].decode_seconds for _ in range(3)]
     pl = [gpt2.speculative_sample(target, draft, prompt, n, PlainOnly(), gpt2.Warp(0.0))[1].decode_seconds
           for _ in range(3)]
-    ad = [gpt2.speculative_sample(target, gpt2_numpy_drafter(draft), prompt, n,
+    ad = [gpt2.speculative_sample(target, gpt2.ModelDrafter(draft), prompt, n,
                                   gpt2.AdaptiveK(8), gpt2.Warp(0.0))[1] for _ in range(3)]
     profiles = {}
     for name, fn in (("autoregressive", lambda: gpt2.autoregressive_sample(target, prompt, n, gpt2.Warp(0.0))),
@@ -325,10 +325,6 @@ def section_overhead(res, out_dir, models):
                        "adaptive_unrelated_over_ar": min(s.decode_seconds for s in ad) / min(ar),
                        "adaptive_K_per_round": np.bincount(ad[0].K_per_round).tolist()}
     log("overhead:", json.dumps(res["overhead"]))
-
-
-def gpt2_numpy_drafter(draft):
-    return gpt2.ModelDrafter(draft)
 
 
 def section_adaptive(res, out_dir):
@@ -550,7 +546,7 @@ def main(argv=None):
     sections = [("tests", lambda: section_tests(res, out_dir)),
                 ("decode", lambda: section_decode(res, out_dir)),
                 ("peer", lambda: section_peer(res, out_dir)),
-                ("r_of_T", lambda: section_r_of_T(res, out_dir, {k: v for k, v in get_models().items()})),
+                ("r_of_T", lambda: section_r_of_T(res, out_dir, get_models())),
                 ("speculative", lambda: section_speculative(res, out_dir, get_models())),
                 ("overhead", lambda: section_overhead(res, out_dir, get_models())),
                 ("kernels", lambda: section_kernels(res, out_dir)),
