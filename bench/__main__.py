@@ -10,6 +10,7 @@ COMMANDS = {  # name: module, whose main(argv) runs it and whose docstring's fir
     "replay": "bench.replay",
     "plot": "bench.plot",
     "fidelity": "bench.fidelity",
+    "host": "bench.host",
 }
 
 

@@ -74,15 +74,22 @@ def decode(target, make_drafter, prompt, n, K, K_max, seed=0):
 
 
 def row(name, K, n, runs, reference):
-    """A table row from repeated runs: the median tokens/s, the first run's other numbers.
-    K: 0 (autoregressive), the fixed K, or "adaptive"."""
+    """A table row from repeated runs: the median tokens/s, the first run's other numbers, and
+    each run's own in `runs` (the JSON's). K: 0 (autoregressive), the fixed K, or "adaptive"."""
     ids, stats = runs[0]
-    Ks = np.bincount(stats.K_per_round) if stats.K_per_round else [stats.rounds]  # AR: all K=0
     acceptance = stats.acceptance_rate
     return dict(name=name, K=K, n=n, repeats=len(runs),
                 tps=float(np.median([s.tokens_per_second for _, s in runs])),
-                acceptance=None if np.isnan(acceptance) else acceptance, same=ids == reference[:n],
-                Ks=" ".join(f"{K}:{count}" for K, count in enumerate(Ks) if count))
+                acceptance=None if np.isnan(acceptance) else acceptance,
+                same=all(ids == reference[:n] for ids, _ in runs), Ks=K_counts(stats),
+                runs=[dict(tps=s.tokens_per_second, Ks=K_counts(s), drafted=s.drafted,
+                           accepted=s.accepted) for _, s in runs])
+
+
+def K_counts(stats) -> str:
+    """'K:rounds ...' of a run (autoregressive: every round K = 0)."""
+    Ks = np.bincount(stats.K_per_round) if stats.K_per_round else [stats.rounds]
+    return " ".join(f"{K}:{count}" for K, count in enumerate(Ks) if count)
 
 
 def run_situation(target, make_drafter, prompt, n, n_fixed, K_max, reference, repeats):

@@ -192,7 +192,7 @@ def speculative_sample_with_rule(target, draft, prompt, n_new, K, warp, rng, on_
     while len(tokens) < n_stop:
         drafts, q = drafter.propose(tokens, min(K, n_stop - len(tokens) - 1), warp, rng)  # 1.
         logits = target(tokens[cache.length :] + drafts, cache, n_logits=len(drafts) + 1)  # 2.
-        p = np.stack([probabilities(row, warp) for row in logits])  # [K + 1, V]
+        p = probabilities(logits, warp)  # [K + 1, V]
         m, next_token = accept(drafts, q, p, rng)  # 3.
         tokens += drafts[:m] + [next_token]
         cache.rollback(len(tokens) - 1)  # 4.

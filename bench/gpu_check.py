@@ -12,6 +12,7 @@ On a machine with an NVIDIA GPU and CuPy it runs, in this order, each section bo
     r_of_T       the cost of a forward over T new tokens relative to one (fused, float32)
     speculative  1558M target / 124M draft, every draft right (scripted), K = 1..8 vs plain
     overhead     the host time a plain round of the speculative decoder adds over a plain step
+    host         the host time per token alone, with a model that costs nothing (bench/host.py)
     kernels      each fused kernel of a 355M step timed alone, weights read from memory
     adaptive     the adaptive-K benchmark (python -m bench adaptive --backend cupy), shortened
     anchor       a plain PyTorch CUDA-graph step, if ../shared/tools/torch_graph_anchor.py or
@@ -327,6 +328,13 @@ def section_overhead(res, out_dir, models):
     log("overhead:", json.dumps(res["overhead"]))
 
 
+def section_host(res):
+    from bench.host import host_section
+
+    res["host"] = host_section(n_tokens=500, reps=3)
+    log(res["host"]["markdown"])
+
+
 def section_adaptive(res, out_dir):
     from bench import adaptive
 
@@ -475,7 +483,25 @@ def goal_table(res) -> str:
     if spec:
         best = max(spec, key=lambda r: r["speedup"])
         lines.append(f"| 1558M/124M every draft right, best K | >= 2.5x | {best['speedup']:.2f}x (K={best['K']}) |")
+    for title, vs_ar, vs_best in adaptive_ratios(res):
+        goal = ">= 0.95 of the best" if "10%" in title else ">= 0.95x autoregressive"
+        lines.append(f"| adaptive K, {title} | {goal} | {vs_ar:.2f}x autoregressive, "
+                     f"{vs_best:.2f} of the best |")
     return "\n".join(lines)
+
+
+def adaptive_ratios(res):
+    """(situation, adaptive / autoregressive, adaptive / the best fixed K or autoregressive) for
+    each situation of the adaptive section but draft == target."""
+    out = []
+    for situation in res.get("adaptive", {}).get("situations", []):
+        rows = situation["rows"]
+        if "acceptance 1" in situation["title"]:
+            continue
+        ar, adaptive = rows[0]["tps"], rows[-1]["tps"]
+        best = max(r["tps"] for r in rows[:-1])
+        out.append((situation["title"], adaptive / ar, adaptive / best))
+    return out
 
 
 def write(res, out_dir):
@@ -485,6 +511,9 @@ def write(res, out_dir):
     for key in ("tests", "bandwidth", "overhead"):
         if key in res:
             md += [f"## {key}", "```", json.dumps(res[key], indent=1, default=str), "```", ""]
+    if "host" in res:
+        md += ["## host", f"host time per token, zero-cost model ({res['host']['cpu']})", "",
+               res["host"]["markdown"], ""]
     for key in ("decode", "peer", "r_of_T", "speculative", "kernels"):
         rows = res.get(key, {}).get("rows") if key == "peer" else res.get(key)
         if rows:
@@ -549,6 +578,7 @@ def main(argv=None):
                 ("r_of_T", lambda: section_r_of_T(res, out_dir, get_models())),
                 ("speculative", lambda: section_speculative(res, out_dir, get_models())),
                 ("overhead", lambda: section_overhead(res, out_dir, get_models())),
+                ("host", lambda: section_host(res)),
                 ("kernels", lambda: section_kernels(res, out_dir)),
                 ("adaptive", lambda: section_adaptive(res, out_dir)),
                 ("anchor", lambda: section_anchor(res, out_dir))]

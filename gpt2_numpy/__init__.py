@@ -9,7 +9,10 @@
 """
 from ._openblas import prefer_haswell_kernels
 
+from ._malloc import keep_freed_memory
+
 prefer_haswell_kernels()  # before anything imports NumPy: OpenBLAS reads it once (_openblas.py)
+keep_freed_memory()  # each token's vocabulary-sized arrays reuse the same pages (_malloc.py)
 
 import numpy as _np  # noqa: E402
 

@@ -201,8 +201,9 @@ class AdaptiveK(KPolicy):
         self.catch_up_seconds = None  # the last catch-up's time: t_draft until one is timed
         self.catch_ups = {}  # lag (plain tokens fed and judged) -> seconds, of the last such
         self.r = {}  # T -> RunningMean of the seconds of a target forward over T positions
-        self.known = {}  # T -> r(T) as estimated since the last update (target_seconds)
-        self.known_rates = {}  # acceptance -> rate(K) for every K, since the last update
+        self.stands_for = {}  # T -> the RunningMean in r that gives r(T) (target_seconds)
+        self.known_costs = None  # cost(K) for every K, since the last update
+        self.known_rates = {}  # acceptance -> rates(acceptance), since the last update
         self.idle = 0.0  # seconds spent in plain steps since the last probe
         self.unjudged = 0  # plain tokens since the last look back
         self.probe_loss = 0.0  # what the last probe cost beyond plain steps (0: none yet)
@@ -235,22 +236,21 @@ class AdaptiveK(KPolicy):
         return min(1.0, a + (a * (1 - a) / (n + 1)) ** 0.5)
 
     def target_seconds(self, T: int) -> float:
-        """r(T): measured, else the nearest measured T' < T (see the class docstring). Looked up
-        once per round: next_K weighs every K several times (kept in `known` until an update)."""
-        if T not in self.known:
-            self.known[T] = self.estimate_r(T)
-        return self.known[T]
+        """r(T): measured, else the nearest measured T' < T (see the class docstring)."""
+        if T not in self.stands_for:  # which T' stands for T changes only when a new T' is measured
+            self.stands_for[T] = self.r[self.nearest_measured(T)]
+        return self.stands_for[T].value
 
-    def estimate_r(self, T: int) -> float:
+    def nearest_measured(self, T: int) -> int:
         if T in self.r:
-            return self.r[T].value
+            return T
         several = [t for t in self.r if t > 1]  # forwards over several positions measured
         below = [t for t in several if t < T]
         if below:
-            return self.r[max(below)].value
+            return max(below)
         if several:  # below every measured one: the nearest above, the same kind of product
-            return self.r[min(several)].value
-        return self.r[1].value
+            return min(several)
+        return 1
 
     def draft_seconds(self) -> float:
         """t_draft: measured, else the last catch-up's time, else r(1) (pessimistic), or 0 for
@@ -265,15 +265,14 @@ class AdaptiveK(KPolicy):
         """Expected seconds of a round with K drafts: K draft steps + one verify over K + 1."""
         return K * self.draft_seconds() + self.target_seconds(K + 1)
 
-    def rate(self, K: int, a: float = None) -> float:
-        """Expected tokens per second of a round with K drafts (acceptance a, default: the
-        estimate)."""
-        return self.rates(self.acceptance if a is None else a)[K]
-
     def rates(self, a: float) -> list:
-        """rate(K, a) for K = 0..K_max, computed once per round and acceptance."""
+        """Expected tokens per second of a round with K drafts, for K = 0..K_max, if each draft
+        passes with probability a. Computed once per round and acceptance (the costs once)."""
+        if self.known_costs is None:  # cost(K), with t_draft looked up once
+            t_draft = self.draft_seconds()
+            self.known_costs = [K * t_draft + self.target_seconds(K + 1) for K in range(self.K_max + 1)]
         if a not in self.known_rates:
-            self.known_rates[a] = [expected_tokens(K, a) / self.cost(K) for K in range(self.K_max + 1)]
+            self.known_rates[a] = [expected_tokens(K, a) / c for K, c in enumerate(self.known_costs)]
         return self.known_rates[a]
 
     def next_K(self) -> int:
@@ -299,11 +298,12 @@ class AdaptiveK(KPolicy):
 
     def best_K(self) -> int:
         """The K >= 1 with the most expected tokens per second at the estimated acceptance."""
-        return max(range(1, self.K_max + 1), key=self.rate)
+        rates = self.rates(self.acceptance)
+        return max(range(1, self.K_max + 1), key=rates.__getitem__)
 
     def pays(self, a: float) -> bool:
         """Would some K >= 1 beat plain steps if drafts passed with probability a?"""
-        return max(range(self.K_max + 1), key=lambda K: self.rate(K, a)) > 0
+        return max(self.rates(a)[1:]) > self.rates(a)[0]
 
     def in_doubt(self) -> bool:
         """Time to look back again: the plain tokens since the last look back outnumber `doubt`
@@ -365,14 +365,16 @@ class AdaptiveK(KPolicy):
         self.catch_ups[max(1, len(acceptance))] = seconds
         self.unjudged = 0
         self.look_seconds = self.catch_up_seconds = seconds
-        self.known_rates = {}  # draft_seconds may have changed
+        self.known_costs, self.known_rates = None, {}  # draft_seconds may have changed
 
     def update(self, K: int, accepted: int, draft_seconds: float, target_seconds: float) -> None:
         """Record a finished round: K drafts proposed, `accepted` of them kept, and its times
         (draft_seconds: proposing them; a catch-up is reported to look_back instead)."""
         looked, self.look_seconds = self.look_seconds or 0.0, None
-        self.r.setdefault(K + 1, RunningMean(self.decay)).add(target_seconds)
-        self.known, self.known_rates = {}, {}  # r(T) and the rates change
+        if K + 1 not in self.r:  # a T measured for the first time: it may stand for others
+            self.r[K + 1], self.stands_for = RunningMean(self.decay), {}
+        self.r[K + 1].add(target_seconds)
+        self.known_costs, self.known_rates = None, {}  # r(T) changed, and so do the rates
         # The guard's account: a plain step costs what it costs; drafting (its catch-up included)
         # is charged what it took beyond plain steps for the same tokens.
         self.loss += looked

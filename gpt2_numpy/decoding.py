@@ -265,7 +265,7 @@ def speculative_round(tokens: List[int], K: int, drafter: Drafter, verify: Timed
     # 2. ONE target forward over the newest token and x_1..x_K: its K + 1 rows are p_1..p_{K+1},
     #    where p_i is the target's distribution at the position of x_i.
     logits = verify(tokens[cache.length :] + x, cache, n_logits=K + 1)  # [K + 1, V]
-    p = np.stack([probabilities(row, warp) for row in logits])  # [K + 1, V] float64
+    p = probabilities(logits, warp)  # [K + 1, V] float64
     # 3. Keep x_i with probability min(1, p_i(x_i) / q_i(x_i)). At the first rejection draw t
     #    from norm(max(0, p_i - q_i)) instead; if all K are kept, draw a bonus t from p_{K+1}.
     m, t = accept_or_resample(x, q, p, rng)

@@ -1,7 +1,7 @@
 """From logits to a token: warping, sampling, and the speculative accept/resample rule.
 
-Everything here runs on the host in NumPy, on one row of V logits at a time. Distributions are
-float64: the model's float32 logits are exact in float64, and normalising there means a
+Everything here runs on the host in NumPy, on rows of V logits (a verify step warps its K + 1
+rows in one call; a token is drawn from one row at a time). Distributions are float64: the model's float32 logits are exact in float64, and normalising there means a
 distribution sums to 1 to ~1e-16, which the ratio p/q and the residual max(0, p - q) rely on.
 
 Naming follows Leviathan et al. (2023): p is the TARGET model's distribution, q the DRAFT's.
@@ -45,29 +45,31 @@ class Warp:
 
 
 def probabilities(logits: np.ndarray, warp: Warp) -> np.ndarray:
-    """The sampling distribution for one row of logits.  [V] float32 -> [V] float64, sums to 1.
+    """The sampling distribution of each row of logits.  [..., V] float32 -> [..., V] float64,
+    each row sums to 1. One row (a decoding step) or several (a verify step's K + 1) alike.
 
     temperature 0 is an explicit branch: a one-hot at the argmax (no division by zero, and an
     exact tie resolves to the lowest id on both models instead of becoming a 50/50 split).
     """
-    logits = np.asarray(logits, dtype=np.float64)
-    if warp.greedy:
-        p = np.zeros_like(logits)
-        p[np.argmax(logits)] = 1.0
+    logits = np.asarray(logits)
+    if warp.greedy:  # the argmax of the float32 row is that of its exact float64 copy
+        p = np.zeros(logits.shape)
+        np.put_along_axis(p, np.argmax(logits, axis=-1)[..., None], 1.0, axis=-1)
         return p
-    z = logits / warp.temperature
-    if warp.top_k is not None and warp.top_k < len(z):
-        kth_largest = np.partition(z, -warp.top_k)[-warp.top_k]
+    z = logits.astype(np.float64) / warp.temperature
+    if warp.top_k is not None and warp.top_k < z.shape[-1]:
+        kth_largest = np.partition(z, -warp.top_k, axis=-1)[..., -warp.top_k, None]
         z = np.where(z >= kth_largest, z, -np.inf)  # ties at the k-th value are all kept
-    p = np.exp(z - np.max(z))  # the max is finite: at least one token always survives
-    p /= p.sum()
+    p = np.exp(z - np.max(z, axis=-1, keepdims=True))  # each max is finite: one token survives
+    p /= p.sum(axis=-1, keepdims=True)
     if warp.top_p is not None and warp.top_p < 1:
         # Nucleus: sort by probability, keep tokens until the cumulative mass first reaches
         # top_p; the token that crosses the threshold is kept (so the most likely one always is).
-        order = np.argsort(-p, kind="stable")
-        mass_before = np.cumsum(p[order]) - p[order]  # mass of the tokens ranked above each one
-        p[order[mass_before >= warp.top_p]] = 0.0
-        p /= p.sum()
+        order = np.argsort(-p, axis=-1, kind="stable")
+        ranked = np.take_along_axis(p, order, axis=-1)
+        mass_before = np.cumsum(ranked, axis=-1) - ranked  # mass of the tokens ranked above
+        np.put_along_axis(p, order, np.where(mass_before >= warp.top_p, 0.0, ranked), axis=-1)
+        p /= p.sum(axis=-1, keepdims=True)
     return p
 
 
@@ -75,13 +77,12 @@ def probability_of(logits: np.ndarray, tokens, warp: Warp) -> np.ndarray:
     """probabilities(row, warp)[token] for each row of logits and its token.  [n, V], [n] -> [n]
 
     A look back judges many rows at once (decoding.ModelDrafter.catch_up). Greedy needs no
-    distribution: a token has probability 1 where it is its row's argmax, else 0, and one
-    argmax costs a fraction of building the float64 one-hot.
+    distribution: a token has probability 1 where it is its row's argmax, else 0.
     """
-    logits = np.asarray(logits)
+    tokens = np.asarray(tokens, dtype=np.int64)
     if warp.greedy:
-        return (np.argmax(logits, axis=-1) == np.asarray(tokens)).astype(np.float64)
-    return np.array([probabilities(row, warp)[t] for row, t in zip(logits, tokens)])
+        return (np.argmax(logits, axis=-1) == tokens).astype(np.float64)
+    return probabilities(logits, warp)[np.arange(len(tokens)), tokens]
 
 
 def sample(p: np.ndarray, rng: np.random.Generator) -> int:

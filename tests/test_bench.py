@@ -102,6 +102,11 @@ def test_gpu_check_report_states_every_goal_and_each_measured_value(tmp_path):
     res = {"command": "test", "gpu": "a GPU", "sections": {"peer": "skipped"}, "decode": decode,
            "speculative": [{"pair": "p", "K": K, "ar_ms_per_token": 4.0, "ms_per_token": 4.0 / x,
                             "speedup": x} for K, x in [(1, 1.4), (7, 2.7), (8, 2.6)]]}
+    situation = lambda title, tps: {"title": title, "rows": [{"tps": t} for t in tps]}  # noqa: E731
+    res["adaptive"] = {"situations": [  # rows: autoregressive, K = 1, 2, adaptive
+        situation("draft == target (scripted, acceptance 1)", [700, 800, 900, 880]),
+        situation("perturbed target (scripted, 10% of drafts wrong)", [700, 800, 760, 720]),
+        situation("unrelated random 124M draft", [700, 400, 300, 672])]}
     gpu_check.write(res, tmp_path)
     md = (tmp_path / "gpu_check.md").read_text()
     table = md.split("## ")[0]
@@ -110,4 +115,25 @@ def test_gpu_check_report_states_every_goal_and_each_measured_value(tmp_path):
     assert "| ours / transformers static cache, 355M fp32 | <= 0.4 | - |" in table  # not measured
     assert "| 355M bfloat16 decode / its floor | <= 3 | 4.68 |" in table
     assert "2.70x (K=7)" in table
+    assert ("| adaptive K, perturbed target (scripted, 10% of drafts wrong) | >= 0.95 of the best "
+            "| 1.03x autoregressive, 0.90 of the best |") in table
+    assert ("| adaptive K, unrelated random 124M draft | >= 0.95x autoregressive "
+            "| 0.96x autoregressive, 0.96 of the best |") in table
+    assert "draft == target" not in table  # no goal for it
     assert json.loads((tmp_path / "gpu_check.json").read_text())["decode"] == decode
+
+
+def test_host_times_every_decoder_at_both_temperatures_in_both_malloc_settings(tmp_path, capsys):
+    from bench.host import main
+
+    assert main(["--tokens", "12", "--reps", "1", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "host.json").read_text())
+    for setting in ("malloc_kept", "glibc_default"):
+        rows = res[setting]
+        assert [(r["decoder"], r["temperature"]) for r in rows] == [
+            (d, t) for t in (0.0, 1.0) for d in ("autoregressive", "plain rounds", "policy", "adaptive")]
+        assert all(r["us_per_token"] > 0 for r in rows)
+        assert rows[1]["K_per_round"] == [12]  # every round plain
+    assert "| plain rounds | 1 |" in capsys.readouterr().out
+    assert main(["--tokens", "2000"]) == 2  # past the null model's context: one line
+    assert capsys.readouterr().err.startswith("error: --tokens")

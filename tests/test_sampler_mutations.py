@@ -67,8 +67,8 @@ def probabilities_top_p_first(original):
             return original(logits, warp)
         keep = original(logits, Warp(1.0, warp.top_k, warp.top_p)) > 0  # top-p at T = 1
         z = np.where(keep, np.asarray(logits, dtype=np.float64) / warp.temperature, -np.inf)
-        p = np.exp(z - z.max())
-        return p / p.sum()
+        p = np.exp(z - z.max(axis=-1, keepdims=True))  # one row or several, as the original
+        return p / p.sum(axis=-1, keepdims=True)
 
     return probabilities
 

@@ -157,6 +157,19 @@ def test_warping_equals_a_written_out_reference(warp):
         np.testing.assert_allclose(probabilities(row, warp), want, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("warp", [Warp(0.0), Warp(0.8), Warp(1.7, top_k=7), Warp(0.5, top_p=0.7),
+                                  Warp(1.2, top_k=5, top_p=0.6)])
+def test_several_rows_are_each_warped_alone(warp):
+    """A verify step warps K + 1 rows in one call: each row must come out as if alone. The rows
+    sit 300 apart, so a max or a sum taken over the whole matrix instead of each row (or an
+    argmax over the flattened rows) gives other numbers."""
+    rng = np.random.default_rng(5)
+    rows = (2 * rng.standard_normal((6, 30)) + 300 * np.arange(6)[:, None]).astype(np.float32)
+    rows[1, [4, 9]] = rows[1].max() + 1  # a tie at the top: the lowest id, as for one row
+    want = np.stack([reference_probabilities(row, warp) for row in rows])
+    np.testing.assert_allclose(probabilities(rows, warp), want, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(temperature=float("nan")),
                                  dict(temperature=float("inf")), dict(temperature=1e-300),
                                  dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)])
