@@ -13,12 +13,16 @@ forward and only for the rows that will be sampled from.
 import numpy as np
 
 
+def library_of(x) -> str:
+    """The top-level package whose array type `x` is: "numpy", "cupy", ..."""
+    return type(x).__module__.split(".")[0]
+
+
 def namespace_of(x):
     """The array namespace (module) that `x` belongs to."""
-    root = type(x).__module__.split(".")[0]
-    if root == "numpy":
+    if library_of(x) == "numpy":
         return np
-    if root == "cupy":
+    if library_of(x) == "cupy":
         import cupy
 
         return cupy
@@ -29,7 +33,7 @@ def to_numpy(x) -> np.ndarray:
     """Copy an array of any backend to a host NumPy array (a no-op view for NumPy)."""
     if isinstance(x, np.ndarray):
         return x
-    if hasattr(x, "get"):  # CuPy: an explicit device -> host copy (np.asarray would raise)
+    if library_of(x) == "cupy":  # an explicit device -> host copy (np.asarray would raise)
         return x.get()
     return np.from_dlpack(x)  # any other Array-API library
 
@@ -37,7 +41,7 @@ def to_numpy(x) -> np.ndarray:
 def synchronize(x) -> None:
     """Wait until the device has finished the work queued on it (GPU calls are asynchronous,
     so a timer stopped before this measures only the launch). A no-op on the CPU."""
-    if type(x).__module__.split(".")[0] == "cupy":
+    if library_of(x) == "cupy":
         import cupy
 
         cupy.cuda.get_current_stream().synchronize()
