@@ -20,12 +20,14 @@ Decoders, each greedy and at temperature 1:
                      A look back copies the logits of every token it judges, and here nothing
                      else costs anything, so this row overstates it (the GPU check's `overhead`
                      section times it with real forwards)
-Each runs twice, in fresh processes: with gpt2_numpy's malloc setting (gpt2_numpy/_malloc.py)
-and with glibc's defaults (GPT2_MALLOC_DEFAULT=1). Times are the best of --reps runs.
+Each runs in a fresh process of its own, twice: with gpt2_numpy's malloc setting
+(gpt2_numpy/_malloc.py) and with glibc's defaults (GPT2_MALLOC_DEFAULT=1). Times are the best of --reps runs; page
+faults (minor: memory the kernel maps in on first touch) are counted over all of them.
 """
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -82,57 +84,64 @@ def models(seed: int = 0):
     return NullModel(row), NullModel(-row)
 
 
-def measure(n_tokens: int, reps: int) -> list:
-    """One row per (decoder, warp): the best microseconds per token over reps runs."""
+DECODERS = ["autoregressive", "plain rounds", "policy", "adaptive"]
+
+
+def measure(decoder: str, temperature: float, n_tokens: int, reps: int) -> dict:
+    """The best microseconds per token of one decoder over reps runs."""
     target, draft = models()
-    prompt = list(range(PROMPT))
-    decoders = {
-        "autoregressive": lambda warp, rng: autoregressive_sample(target, prompt, n_tokens, warp, rng),
-        "plain rounds": lambda warp, rng: speculative_sample(target, draft, prompt, n_tokens,
-                                                             PlainRounds(), warp, rng),
-        "policy": lambda warp, rng: speculative_sample(
+    prompt, warp = list(range(PROMPT)), Warp(temperature)
+    decode = {
+        "autoregressive": lambda rng: autoregressive_sample(target, prompt, n_tokens, warp, rng),
+        "plain rounds": lambda rng: speculative_sample(target, draft, prompt, n_tokens,
+                                                       PlainRounds(), warp, rng),
+        "policy": lambda rng: speculative_sample(
             target, draft, prompt, n_tokens, AdaptiveK(8, explore=0, doubt=float("inf")), warp, rng),
-        "adaptive": lambda warp, rng: speculative_sample(target, draft, prompt, n_tokens,
-                                                         AdaptiveK(8), warp, rng),
-    }
-    rows = []
-    for temperature in (0.0, 1.0):
-        for name, decode in decoders.items():
-            runs = [decode(Warp(temperature), np.random.default_rng(i))[1] for i in range(reps)]
-            best = min(runs, key=lambda s: s.decode_seconds)
-            rows.append({"decoder": name, "temperature": temperature,
-                         "us_per_token": 1e6 * best.decode_seconds / best.n_generated,
-                         "K_per_round": np.bincount(best.K_per_round).tolist()
-                         if best.K_per_round else None})
-    return rows
+        "adaptive": lambda rng: speculative_sample(target, draft, prompt, n_tokens, AdaptiveK(8),
+                                                   warp, rng),
+    }[decoder]
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    runs = [decode(np.random.default_rng(i))[1] for i in range(reps)]
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    best = min(runs, key=lambda s: s.decode_seconds)
+    return {"decoder": decoder, "temperature": temperature,
+            "us_per_token": 1e6 * best.decode_seconds / best.n_generated,
+            "page_faults_per_token": faults / sum(s.n_generated for s in runs),
+            "K_per_round": np.bincount(best.K_per_round).tolist() if best.K_per_round else None}
 
 
-def run_worker(n_tokens: int, reps: int, malloc_default: bool) -> list:
-    """measure() in a fresh process (malloc's setting is made when gpt2_numpy is imported)."""
+def run_worker(decoder: str, temperature: float, n_tokens: int, reps: int,
+               malloc_default: bool) -> dict:
+    """measure() in a fresh process, as a user's run starts: malloc's setting is made when
+    gpt2_numpy is imported, and what glibc does by default depends on what the process freed
+    before (a large block freed raises its thresholds), so each row starts clean."""
     env = {k: v for k, v in os.environ.items() if k != "GPT2_MALLOC_DEFAULT"}
     if malloc_default:
         env["GPT2_MALLOC_DEFAULT"] = "1"
-    out = subprocess.run([sys.executable, "-m", "bench", "host", "--worker", "--tokens",
-                          str(n_tokens), "--reps", str(reps)], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-m", "bench", "host", "--worker", decoder,
+                          "--temperature", str(temperature), "--tokens", str(n_tokens),
+                          "--reps", str(reps)], cwd=ROOT, env=env,
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
 
 def table(kept: list, default: list) -> str:
-    lines = ["| decoder | temperature | µs/token, malloc kept | µs/token, glibc default | "
-             "over autoregressive (kept) |", "|---|---|---|---|---|"]
+    lines = ["| decoder | temperature | µs/token, malloc kept | over autoregressive | "
+             "µs/token, glibc default | page faults/token, kept / default |",
+             "|---|---|---|---|---|---|"]
     ar = {r["temperature"]: r["us_per_token"] for r in kept if r["decoder"] == "autoregressive"}
     for k, d in zip(kept, default):
         lines.append(f"| {k['decoder']} | {k['temperature']:g} | {k['us_per_token']:.0f} | "
-                     f"{d['us_per_token']:.0f} | "
-                     f"{k['us_per_token'] - ar[k['temperature']]:+.0f} |")
+                     f"{k['us_per_token'] - ar[k['temperature']]:+.0f} | {d['us_per_token']:.0f} | "
+                     f"{k['page_faults_per_token']:.1f} / {d['page_faults_per_token']:.1f} |")
     return "\n".join(lines)
 
 
 def host_section(n_tokens: int = 500, reps: int = 5) -> dict:
     """Both malloc settings, each in its own process; the table as Markdown too."""
-    kept = run_worker(n_tokens, reps, malloc_default=False)
-    default = run_worker(n_tokens, reps, malloc_default=True)
+    rows = [(decoder, temperature) for temperature in (0.0, 1.0) for decoder in DECODERS]
+    kept = [run_worker(*row, n_tokens, reps, malloc_default=False) for row in rows]
+    default = [run_worker(*row, n_tokens, reps, malloc_default=True) for row in rows]
     return {"cpu": cpu_name(), "n_tokens": n_tokens, "reps": reps, "malloc_kept": kept,
             "glibc_default": default, "markdown": table(kept, default)}
 
@@ -143,14 +152,15 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=500, help="tokens per run (at most 1004)")
     p.add_argument("--reps", type=int, default=5, help="runs per decoder; the best is kept")
     p.add_argument("--out", default="bench_out", help="where host.json goes")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=DECODERS, help=argparse.SUPPRESS)
+    p.add_argument("--temperature", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if not 1 <= args.tokens <= NullModel.HPARAMS["n_ctx"] - PROMPT:
         print(f"error: --tokens must be in 1..{NullModel.HPARAMS['n_ctx'] - PROMPT}",
               file=sys.stderr)
         return 2
     if args.worker:
-        print(json.dumps(measure(args.tokens, args.reps)))
+        print(json.dumps(measure(args.worker, args.temperature, args.tokens, args.reps)))
         return 0
     start = time.perf_counter()
     res = host_section(args.tokens, args.reps)
