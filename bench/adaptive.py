@@ -66,19 +66,21 @@ class ScriptedDrafter(ModelDrafter):
 
 
 def decode(target, make_drafter, prompt, n, K, K_max, seed=0):
-    """One timed run. K: None (autoregressive), an int, or "adaptive"; make_drafter(seed)."""
+    """One timed run. K: None (autoregressive), an int, or ("adaptive", stake);
+    make_drafter(seed)."""
     if K is None:
         return autoregressive_sample(target, prompt, n, Warp(0.0))
-    policy = AdaptiveK(K_max) if K == "adaptive" else K
+    policy = AdaptiveK(K_max, stake=K[1]) if isinstance(K, tuple) else K
     return speculative_sample(target, make_drafter(seed), prompt, n, policy, Warp(0.0))
 
 
-def row(name, K, n, runs, reference):
+def row(name, K, n, runs, reference, stake=None):
     """A table row from repeated runs: the median tokens/s, the first run's other numbers, and
-    each run's own in `runs` (the JSON's). K: 0 (autoregressive), the fixed K, or "adaptive"."""
+    each run's own in `runs` (the JSON's). K: 0 (autoregressive), the fixed K, or "adaptive"
+    (with AdaptiveK's `stake`)."""
     ids, stats = runs[0]
     acceptance = stats.acceptance_rate
-    return dict(name=name, K=K, n=n, repeats=len(runs),
+    return dict(name=name, K=K, stake=stake, n=n, repeats=len(runs),
                 tps=float(np.median([s.tokens_per_second for _, s in runs])),
                 acceptance=None if np.isnan(acceptance) else acceptance,
                 same=all(ids == reference[:n] for ids, _ in runs), Ks=K_counts(stats),
@@ -92,15 +94,17 @@ def K_counts(stats) -> str:
     return " ".join(f"{K}:{count}" for K, count in enumerate(Ks) if count)
 
 
-def run_situation(target, make_drafter, prompt, n, n_fixed, K_max, reference, repeats):
-    """Every fixed K once over n_fixed tokens; then autoregressive and adaptive over n tokens and
-    the best fixed K again over n_fixed, `repeats` times each, interleaved (so that a slow spell
-    of the machine hits all three). Repetition i uses the scripted draft's seed i for every
-    decoder (the fixed-K sweep is repetition 0), so that they meet the same wrong drafts."""
+def run_situation(target, make_drafter, prompt, n, n_fixed, K_max, reference, repeats,
+                  stakes=(1.0,)):
+    """Every fixed K once over n_fixed tokens; then autoregressive and adaptive (one row per
+    stake) over n tokens and the best fixed K again over n_fixed, `repeats` times each,
+    interleaved (so that a slow spell of the machine hits them all). Repetition i uses the
+    scripted draft's seed i for every decoder (the fixed-K sweep is repetition 0), so that they
+    meet the same wrong drafts."""
     fixed = {K: [decode(target, make_drafter, prompt, n_fixed, K, K_max)] for K in
              range(1, K_max + 1)}
     best = max(fixed, key=lambda K: fixed[K][0][1].tokens_per_second)
-    finals = {None: [], best: [], "adaptive": []}
+    finals = {None: [], best: [], **{("adaptive", stake): [] for stake in stakes}}
     for seed in range(repeats):
         for K in finals:
             finals[K].append(decode(target, make_drafter, prompt, n_fixed if K == best else n,
@@ -108,7 +112,9 @@ def run_situation(target, make_drafter, prompt, n, n_fixed, K_max, reference, re
     rows = [row("autoregressive", 0, n, finals[None], reference)]
     rows += [row(f"K={K} (best K >= 1)", K, n_fixed, finals[K], reference) if K == best else
              row(f"K={K}", K, n_fixed, fixed[K], reference) for K in fixed]
-    rows.append(row(f"adaptive, K_max={K_max}", "adaptive", n, finals["adaptive"], reference))
+    for stake in stakes:
+        name = f"adaptive, K_max={K_max}" + (f", stake {stake:g}" if stake != 1 else "")
+        rows.append(row(name, "adaptive", n, finals["adaptive", stake], reference, stake))
     return rows
 
 
@@ -124,9 +130,13 @@ def main(argv=None):
     p.add_argument("--target", default="355M")
     p.add_argument("--draft", default="124M")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
+    p.add_argument("--stakes", type=float, nargs="+", default=[1.0],
+                   help="an adaptive row for each AdaptiveK stake, in (0, 1]")
     p.add_argument("--out", default="bench_out", help="where adaptive.json goes (the table, "
                    "for python -m bench plot)")
     args = p.parse_args(argv)
+    if not all(0 < stake <= 1 for stake in args.stakes):
+        p.error("--stakes are shares of the budget, in (0, 1]")
 
     start = time.perf_counter()
     model_class, params, where = GPT2, random_params, device_name(args.backend)
@@ -167,9 +177,9 @@ def main(argv=None):
                "target": args.target, "draft": args.draft, "weights": "random", "situations": []}
     for title, n_fixed, make_drafter in situations:
         rows = run_situation(target, make_drafter, prompt, n, n_fixed, args.K_max, reference,
-                             args.repeats)
+                             args.repeats, args.stakes)
         ar = rows[0]["tps"]
-        best = max(r["tps"] for r in rows[:-1])  # autoregressive (K = 0) included
+        best = max(r["tps"] for r in rows if r["K"] != "adaptive")  # autoregressive included
         for r in rows:
             flag = "" if r["same"] else " (tokens differ!)"
             acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}"

@@ -340,7 +340,8 @@ def section_adaptive(res, out_dir):
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        adaptive.main(["--backend", "cupy", "--repeats", "2", "--out", str(out_dir)])
+        adaptive.main(["--backend", "cupy", "--repeats", "2", "--stakes", "1", "0.5",
+                       "--out", str(out_dir)])
     text = buf.getvalue()
     log(text)
     res["adaptive_table"] = text
@@ -492,15 +493,19 @@ def goal_table(res) -> str:
 
 def adaptive_ratios(res):
     """(situation, adaptive / autoregressive, adaptive / the best fixed K or autoregressive) for
-    each situation of the adaptive section but draft == target."""
+    each adaptive row (one per stake) of each situation of the adaptive section but draft ==
+    target."""
     out = []
     for situation in res.get("adaptive", {}).get("situations", []):
         rows = situation["rows"]
         if "acceptance 1" in situation["title"]:
             continue
-        ar, adaptive = rows[0]["tps"], rows[-1]["tps"]
-        best = max(r["tps"] for r in rows[:-1])
-        out.append((situation["title"], adaptive / ar, adaptive / best))
+        fixed = [r for r in rows if r["K"] != "adaptive"]  # autoregressive first
+        for r in rows:
+            if r["K"] == "adaptive":
+                stake = "" if r.get("stake") in (None, 1.0) else f", stake {r['stake']:g}"
+                out.append((situation["title"] + stake, r["tps"] / fixed[0]["tps"],
+                            r["tps"] / max(f["tps"] for f in fixed)))
     return out
 
 

@@ -102,12 +102,15 @@ def plot_adaptive(res: dict, plt):
     for ax, situation in zip(axes[0], res["situations"]):
         rows = situation["rows"]
         ar = rows[0]["tps"]
-        fixed, adaptive = rows[:-1], rows[-1]
+        fixed = [r for r in rows if r["K"] != "adaptive"]
         speed = [r["tps"] / ar for r in fixed]
         ax.bar(range(len(fixed)), speed, color=["gray"] + ["C0"] * (len(fixed) - 1))
         ax.axhline(0.95 * max(speed), color="black", ls=":", lw=1, label="5% below the best bar")
-        ax.axhline(adaptive["tps"] / ar, color="C3", lw=2,
-                   label=f"adaptive: {adaptive['tps'] / ar:.2f}x")
+        for i, adaptive in enumerate(r for r in rows if r["K"] == "adaptive"):  # one per stake
+            stake = adaptive.get("stake") or 1.0
+            ax.axhline(adaptive["tps"] / ar, color=f"C{3 + i}", lw=2, label=f"adaptive"
+                       + (f", stake {stake:g}" if stake != 1 else "")
+                       + f": {adaptive['tps'] / ar:.2f}x")
         ax.set_xticks(range(len(fixed)), ["AR"] + [str(r["K"]) for r in fixed[1:]])
         ax.set_title(situation["title"].replace(" (", "\n("), fontsize=8)
         ax.set_xlabel("fixed K (AR: autoregressive)", fontsize=8)

@@ -273,6 +273,8 @@ def main(argv=None):
     p.add_argument("--errors", type=float, nargs="+",
                    default=[0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0])
     p.add_argument("--K_max", type=int, default=8)
+    p.add_argument("--stake", type=float, default=1.0,
+                   help="AdaptiveK's stake: the share of its budget left one round may risk")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
                    help="where the costs are measured")
     p.add_argument("--costs", help="replay with these costs instead: a JSON file from "
@@ -284,6 +286,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.prompts < 1 or args.K_max < 1 or min(args.n_tokens) < 2:
         p.error("--prompts and --K_max must be >= 1, --n_tokens >= 2")
+    if not 0 < args.stake <= 1:
+        p.error("--stake is a share of the budget, in (0, 1]")
+    policy = lambda K_max: AdaptiveK(K_max, stake=args.stake)  # noqa: E731
     if not all(0 <= e <= 1 for e in args.errors):
         p.error("--errors are fractions of wrong drafts, in [0, 1]")
     if args.ngram:  # before the costs are measured: a wrong folder fails at once
@@ -311,7 +316,8 @@ def main(argv=None):
               f"(drafters.NGramDrafter, its lookups timed) on GPT-2 tokens")
     else:
         print(f"# replayed: 355M target / 124M draft costs {where}, "
-              f"greedy, {args.prompts} scripted prompts per row")
+              f"greedy, {args.prompts} scripted prompts per row"
+              + (f"; AdaptiveK(stake={args.stake:g})" if args.stake != 1 else ""))
     print("# ms: target T=1.." + str(args.K_max + 1) + ": "
           + " ".join(f"{1e3 * s:.1f}" for s in costs["target"].values())
           + f"; draft T=1,2: {1e3 * costs['draft'][1]:.1f} {1e3 * costs['draft'][2]:.1f}"
@@ -327,7 +333,8 @@ def main(argv=None):
     print("| --- | --- | --- | --- | --- | --- |")
     for n in args.n_tokens:
         for error in args.errors:
-            runs = [replay(costs, error, n, seed, args.K_max) for seed in range(args.prompts)]
+            runs = [replay(costs, error, n, seed, args.K_max, adaptive=policy)
+                    for seed in range(args.prompts)]
             names = [k for k in runs[0] if k != "adaptive"]
             rates = {k: np.array([r[k] for r in runs]) for k in runs[0]}
             best = max(names, key=lambda k: np.median(rates[k]))
@@ -338,7 +345,8 @@ def main(argv=None):
     print("\nThe prompts `python -m bench adaptive` runs (seeds 0, 1, 2; wrong drafts 0%, 10%, 30%, 100%), "
           f"{args.n_tokens[0]} tokens: adaptive vs autoregressive, replayed")
     for error in (0.0, 0.1, 0.3, 1.0):
-        ratios = [replay(costs, error, args.n_tokens[0], seed, args.K_max) for seed in range(3)]
+        ratios = [replay(costs, error, args.n_tokens[0], seed, args.K_max, adaptive=policy)
+                  for seed in range(3)]
         print(f"  {error:.0%} wrong: " + ", ".join(f"seed {i} {r['adaptive'] / r['autoregressive']:.2f}x"
                                                  for i, r in enumerate(ratios)))
     print(f"\ntotal {time.perf_counter() - start:.0f} s")

@@ -182,20 +182,29 @@ class AdaptiveK(KPolicy):
     or (on the Xeon of docs/performance.md, below ~40 tokens) never starts. Unmeasured costs
     are the estimates above (optimistic), so the first round of a new size, or a catch-up
     while only one lag is known, can overshoot its worst case. guard = inf: no guard.
+    stake: the share of what is left of the budget one round may risk (1: all of it). Below 1,
+    a failed round leaves room for smaller ones, which keeps a good draft drafting after an
+    unlucky round in a short run on a GPU; on a CPU, where every round risks a large share of
+    a short run's budget, it holds K below the best until gains raise the budget
+    (docs/adaptive.md, "Short runs on a GPU's costs").
 
     Round 1 is a plain step, which measures r(1). A policy carries its estimates from one call
     of speculative_sample to the next; make a new one for a cold start.
     """
 
     def __init__(self, K_max: int, explore: float = 0.01, decay: float = 0.95,
-                 prior: float = 0.25, guard: float = 0.04, doubt: float = 4.0):
+                 prior: float = 0.25, guard: float = 0.04, doubt: float = 4.0,
+                 stake: float = 1.0):
         if K_max < 1:
             raise GPT2Error(f"K_max (the most drafts per round) must be >= 1, got {K_max}")
         if guard < 0:
             raise GPT2Error(f"guard (the share of a run drafting may lose) must be >= 0, "
                             f"got {guard}")
         self.K_max, self.explore, self.decay = K_max, explore, decay
-        self.guard, self.doubt = guard, doubt
+        if not 0 < stake <= 1:
+            raise GPT2Error(f"stake (the share of the budget one round may risk) must be in "
+                            f"(0, 1], got {stake}")
+        self.guard, self.doubt, self.stake = guard, doubt, stake
         self.accepted, self.rejected = prior, prior  # pseudo-counts: a = 0.5 at first
         self.t_draft = RunningMean(decay)
         self.catch_up_seconds = None  # the last catch-up's time: t_draft until one is timed
@@ -348,12 +357,14 @@ class AdaptiveK(KPolicy):
     def affordable(self) -> int:
         """The largest K whose worst case keeps the run within guard of plain decoding: what
         drafting has lost so far (a catch-up just made included) plus the round's worst loss
-        must stay within guard x (n_new plain steps). Gains raise the budget."""
+        must stay within guard x (n_new plain steps), and the worst loss within `stake` of what
+        is left. Gains raise the budget."""
         if self.n_new is None:
             return self.K_max
         allowed = self.guard * self.n_new * self.target_seconds(1)
-        budget = allowed - self.loss - (self.look_seconds or 0.0)
-        return max([0] + [K for K in range(1, self.K_max + 1) if self.worst_loss(K) <= budget])
+        left = allowed - self.loss - (self.look_seconds or 0.0)
+        return max([0] + [K for K in range(1, self.K_max + 1)
+                          if self.worst_loss(K) <= self.stake * left])
 
     def look_back(self, acceptance, seconds: float) -> None:
         """The draft caught up on tokens it missed, in `seconds`; `acceptance` holds, for each

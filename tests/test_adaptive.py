@@ -441,6 +441,26 @@ def test_the_guard_bets_no_more_than_is_left():
     assert AdaptiveK(8).affordable() == 8  # no run begun: no guard
 
 
+@pytest.mark.parametrize("stake, K", [(1.0, 7), (0.5, 1), (0.25, 0)])
+def test_a_round_risks_at_most_the_stake_of_what_is_left(stake, K):
+    policy = Stubbed(8, CPU, stake=stake)  # a draft step 0.04 s, r(T > 1) = 0.24 + 0.005 T
+    policy.begin(175, lags=False)  # budget: 0.04 x 175 plain steps of 0.1 s = 0.7 s
+    policy.update(0, 0, 0.0, 0.0)
+    policy.update(2, 0, 0.0, 0.0)  # a failed round: 0.08 + 0.255 - 0.1 s lost
+    left = 0.7 - policy.loss  # 0.465 s
+    # Every draft rejected, a K-draft round loses 0.04 K + r(3) - 0.1 s (r(K + 1) unmeasured:
+    # the nearest measured below, r(3)): K = 7 risks 0.435 s, K = 1 0.195 s.
+    risk = lambda K: 0.04 * K + 0.255 - 0.1  # noqa: E731
+    assert policy.affordable() == K
+    assert risk(K + 1) > stake * left and (K == 0 or risk(K) <= stake * left)
+
+
+@pytest.mark.parametrize("stake", [0.0, -0.5, 1.5])
+def test_a_stake_outside_0_to_1_is_refused(stake):
+    with pytest.raises(gpt2.GPT2Error, match="stake"):
+        AdaptiveK(8, stake=stake)
+
+
 def test_a_bad_start_is_looked_back_on_soon():
     """A good draft on this Xeon's costs whose first drafting round fails: plain steps follow,
     and once they number doubt x the drafts judged so far the policy looks back (at a + 2 SE
@@ -512,12 +532,14 @@ def test_the_adaptive_benchmark_records_every_decoder_and_each_reproduces_the_ta
 
     adaptive_bench.main(["--target", "124M", "--draft", "124M", "--n_tokens", "6",
                          "--n_tokens_unrelated", "3", "--repeats", "1", "--K_max", "2",
-                         "--out", str(tmp_path)])
+                         "--stakes", "1", "0.5", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "adaptive.json").read_text())
     assert len(res["situations"]) == 4
     for situation in res["situations"]:
         rows = situation["rows"]
-        assert [r["K"] for r in rows] == [0, 1, 2, "adaptive"]
+        assert [(r["K"], r["stake"]) for r in rows] == [
+            (0, None), (1, None), (2, None), ("adaptive", 1.0), ("adaptive", 0.5)]
+        assert all(len(r["runs"]) == r["repeats"] for r in rows)  # every run's own numbers
         for r in rows:
             assert r["same"] and r["tps"] > 0
             Ks = {int(K): int(n) for K, n in (pair.split(":") for pair in r["Ks"].split())}

@@ -102,11 +102,14 @@ def test_gpu_check_report_states_every_goal_and_each_measured_value(tmp_path):
     res = {"command": "test", "gpu": "a GPU", "sections": {"peer": "skipped"}, "decode": decode,
            "speculative": [{"pair": "p", "K": K, "ar_ms_per_token": 4.0, "ms_per_token": 4.0 / x,
                             "speedup": x} for K, x in [(1, 1.4), (7, 2.7), (8, 2.6)]]}
-    situation = lambda title, tps: {"title": title, "rows": [{"tps": t} for t in tps]}  # noqa: E731
-    res["adaptive"] = {"situations": [  # rows: autoregressive, K = 1, 2, adaptive
-        situation("draft == target (scripted, acceptance 1)", [700, 800, 900, 880]),
-        situation("perturbed target (scripted, 10% of drafts wrong)", [700, 800, 760, 720]),
-        situation("unrelated random 124M draft", [700, 400, 300, 672])]}
+    situation = lambda title, tps: {"title": title, "rows": [  # noqa: E731
+        {"K": K, "stake": stake, "tps": t}
+        for (K, stake), t in zip([(0, None), (1, None), (2, None), ("adaptive", 1.0),
+                                  ("adaptive", 0.5)], tps)]}
+    res["adaptive"] = {"situations": [  # rows: autoregressive, K = 1, 2, adaptive, stake 0.5
+        situation("draft == target (scripted, acceptance 1)", [700, 800, 900, 880, 870]),
+        situation("perturbed target (scripted, 10% of drafts wrong)", [700, 800, 760, 720, 784]),
+        situation("unrelated random 124M draft", [700, 400, 300, 672, 665])]}
     gpu_check.write(res, tmp_path)
     md = (tmp_path / "gpu_check.md").read_text()
     table = md.split("## ")[0]
@@ -119,6 +122,8 @@ def test_gpu_check_report_states_every_goal_and_each_measured_value(tmp_path):
             "| 1.03x autoregressive, 0.90 of the best |") in table
     assert ("| adaptive K, unrelated random 124M draft | >= 0.95x autoregressive "
             "| 0.96x autoregressive, 0.96 of the best |") in table
+    assert ("| adaptive K, perturbed target (scripted, 10% of drafts wrong), stake 0.5 | >= 0.95 "
+            "of the best | 1.12x autoregressive, 0.98 of the best |") in table
     assert "draft == target" not in table  # no goal for it
     assert json.loads((tmp_path / "gpu_check.json").read_text())["decode"] == decode
 
