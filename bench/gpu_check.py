@@ -12,11 +12,11 @@ On a machine with an NVIDIA GPU and CuPy it runs, in this order, each section bo
     r_of_T       the cost of a forward over T new tokens relative to one (fused, float32)
     speculative  1558M target / 124M draft, every draft right (scripted), K = 1..8 vs plain
     overhead     the host time a plain round of the speculative decoder adds over a plain step
-    host         the host time per token alone, with a model that costs nothing (bench/host.py)
     kernels      each fused kernel of a 355M step timed alone, weights read from memory
     adaptive     the adaptive-K benchmark (python -m bench adaptive --backend cupy), shortened
     anchor       a plain PyTorch CUDA-graph step, if ../shared/tools/torch_graph_anchor.py or
                  .gpu_carry/torch_graph_anchor.py is there
+    host         the host time per token alone, with a model that costs nothing (bench/host.py)
 and writes DIR/gpu_check.json and DIR/gpu_check.md (the goal table first).
 """
 import argparse
@@ -331,7 +331,7 @@ def section_overhead(res, out_dir, models):
 def section_host(res):
     from bench.host import host_section
 
-    res["host"] = host_section(n_tokens=500, reps=3)
+    res["host"] = host_section(n_tokens=300, reps=3)
     log(res["host"]["markdown"])
 
 
@@ -583,10 +583,10 @@ def main(argv=None):
                 ("r_of_T", lambda: section_r_of_T(res, out_dir, get_models())),
                 ("speculative", lambda: section_speculative(res, out_dir, get_models())),
                 ("overhead", lambda: section_overhead(res, out_dir, get_models())),
-                ("host", lambda: section_host(res)),
                 ("kernels", lambda: section_kernels(res, out_dir)),
                 ("adaptive", lambda: section_adaptive(res, out_dir)),
-                ("anchor", lambda: section_anchor(res, out_dir))]
+                ("anchor", lambda: section_anchor(res, out_dir)),
+                ("host", lambda: section_host(res))]
     for name, fn in sections:
         elapsed = time.perf_counter() - started
         if name in skip or elapsed > args.budget:
