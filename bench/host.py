@@ -155,9 +155,9 @@ def main(argv=None) -> int:
     p.add_argument("--worker", choices=DECODERS, help=argparse.SUPPRESS)
     p.add_argument("--temperature", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if not 1 <= args.tokens <= NullModel.HPARAMS["n_ctx"] - PROMPT:
-        print(f"error: --tokens must be in 1..{NullModel.HPARAMS['n_ctx'] - PROMPT}",
-              file=sys.stderr)
+    if not 1 <= args.tokens <= NullModel.HPARAMS["n_ctx"] - PROMPT or args.reps < 1:
+        print(f"error: --tokens must be in 1..{NullModel.HPARAMS['n_ctx'] - PROMPT} and --reps "
+              f">= 1", file=sys.stderr)
         return 2
     if args.worker:
         print(json.dumps(measure(args.worker, args.temperature, args.tokens, args.reps)))
