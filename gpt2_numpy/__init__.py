@@ -7,9 +7,8 @@
     logits = model(ids, cache)                      # [1, 50257]: logits of the next token
     cache.rollback(3)                               # forget all but the first 3 tokens: O(1)
 """
-from ._openblas import prefer_haswell_kernels
-
 from ._malloc import keep_freed_memory
+from ._openblas import prefer_haswell_kernels
 
 prefer_haswell_kernels()  # before anything imports NumPy: OpenBLAS reads it once (_openblas.py)
 keep_freed_memory()  # each token's vocabulary-sized arrays reuse the same pages (_malloc.py)
