@@ -214,7 +214,9 @@ cuda = types.SimpleNamespace(
     Stream=Stream, MemoryPool=MemoryPool, get_current_stream=lambda: _streams[-1],
     using_allocator=lambda allocator=None: contextlib.nullcontext(),
     runtime=types.SimpleNamespace(CUDARuntimeError=CUDARuntimeError, getDeviceCount=lambda: 1,
-                                  getDeviceProperties=lambda i: {"name": b"fake GPU (NumPy)"}),
+                                  getDeviceProperties=lambda i: {"name": b"fake GPU (NumPy)",
+                                                                 "totalGlobalMem": 0},
+                                  runtimeGetVersion=lambda: 0, driverGetVersion=lambda: 0),
 )
 
 
