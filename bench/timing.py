@@ -94,10 +94,20 @@ def gpu_seconds(fn, n: int) -> float:
 
 class VirtualClock:
     """A clock for the replay (bench/replay.py): the decoders read it through their `clock`
-    argument, and only the stand-in models advance it, by the cost of each forward."""
+    argument, and the stand-in models advance it, by the cost of each forward (`now`).
 
-    def __init__(self):
-        self.now = 0.0
+    python_time=True also lets the wall clock run, less the stand-ins' own time (`exclude`), so
+    that what the decoders spend in Python between forwards counts as it does in a real run."""
+
+    def __init__(self, python_time: bool = False):
+        self.now, self.python_time = 0.0, python_time
+        self.start, self.excluded = time.perf_counter(), 0.0
+
+    def exclude(self, seconds: float) -> None:
+        """Wall time that is not the decoders' (a stand-in model's own bookkeeping)."""
+        self.excluded += seconds
 
     def __call__(self) -> float:
-        return self.now
+        if not self.python_time:
+            return self.now
+        return self.now + time.perf_counter() - self.start - self.excluded

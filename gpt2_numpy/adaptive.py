@@ -42,9 +42,12 @@ class KPolicy:
                                 for each token it missed, the chance a draft there would have
                                 been accepted, and the catch-up's time; next_K() is asked again
         update(K, accepted, draft_seconds, target_seconds)   after every round
+        overhead(seconds)       after every update: the round's host time outside its forwards
+                                and catch-up (choosing K, the round's bookkeeping), which
+                                plain autoregressive decoding does not spend
 
     Subclasses need only next_K. (An object that is not a KPolicy can serve as one if it has
-    next_K, look_back and update; it is not told when a run begins.)
+    next_K, look_back and update; it is not told when a run begins, nor the overheads.)
     """
 
     def begin(self, n_new: int, lags: bool = True) -> None:
@@ -57,6 +60,9 @@ class KPolicy:
         pass
 
     def update(self, K: int, accepted: int, draft_seconds: float, target_seconds: float) -> None:
+        pass
+
+    def overhead(self, seconds: float) -> None:
         pass
 
 
@@ -88,25 +94,35 @@ class Lookahead:
     def __init__(self, policy: KPolicy, drafter, warp, clock, n_new: int):
         self.policy, self.drafter, self.warp, self.clock = policy, drafter, warp, clock
         self.plain = {}  # index -> p(token), for tokens committed by rounds without drafts
+        self.began = self.caught_up = 0.0  # when next_K was asked; its catch-up's seconds
         if isinstance(policy, KPolicy):
             policy.begin(n_new, lags=drafter.lags)
 
     def next_K(self, tokens, most: int) -> int:
         """The policy's K for the next round, at most `most`."""
+        self.began = self.clock()
         K = min(self.policy.next_K(), most)
         if K and self.plain:  # the draft lags: it catches up first, and the policy may reconsider
             start = self.clock()
             looked = self.drafter.catch_up(tokens, self.plain, self.warp)
             self.plain.clear()
-            self.policy.look_back(list(looked.values()), self.clock() - start)
+            self.caught_up = self.clock() - start
+            self.policy.look_back(list(looked.values()), self.caught_up)
             K = min(self.policy.next_K(), most)
         return K
 
     def update(self, tokens, round) -> None:
-        """After a round (decoding.Round) that appended its tokens to `tokens`."""
+        """After a round (decoding.Round) that appended its tokens to `tokens`. The policy also
+        hears the round's host time outside its forwards and catch-up: from next_K to here, and
+        this update."""
+        entered = self.clock()
         self.policy.update(round.K, round.accepted, round.draft_seconds, round.target_seconds)
         if not round.K and self.drafter.lags:  # a token the draft has not seen: looked back on
             self.plain[len(tokens) - 1] = round.p_t
+        if isinstance(self.policy, KPolicy):
+            forwards = round.draft_seconds + round.target_seconds + self.caught_up
+            self.policy.overhead(max(0.0, entered - self.began - forwards) + self.clock() - entered)
+        self.caught_up = 0.0
 
 
 class RunningMean:
@@ -174,8 +190,9 @@ class AdaptiveK(KPolicy):
     longest (`catch_up_estimate`), and a probe also waits for that growth.
     Guard (a conservative bandit: Wu et al. 2016): a run of n_new tokens may lose at most
     `guard` (4%) of the time n_new plain steps take. The policy counts what drafting has lost
-    so far (each drafting round's and catch-up's time beyond plain steps for the same tokens;
-    gains count negative) and clips K to the largest K whose worst case (every draft
+    so far (each drafting round's and catch-up's time beyond plain steps for the same tokens,
+    gains counting negative, and every round's host time outside its forwards: choosing K and
+    the bookkeeping, which plain decoding does not spend) and clips K to the largest K whose worst case (every draft
     rejected, after a catch-up as estimated) still fits. So a run is never more than ~4%
     slower than plain decoding, whatever the prompt; the price is that in short runs on a CPU,
     where one failed round costs a few percent of the run, drafting stops after early failures
@@ -377,6 +394,11 @@ class AdaptiveK(KPolicy):
         self.unjudged = 0
         self.look_seconds = self.catch_up_seconds = seconds
         self.known_costs, self.known_rates = None, {}  # draft_seconds may have changed
+
+    def overhead(self, seconds: float) -> None:
+        """A round's host time outside its forwards (choosing K, bookkeeping): plain decoding
+        does not spend it, so the guard counts it as lost, in plain rounds too."""
+        self.loss += seconds
 
     def update(self, K: int, accepted: int, draft_seconds: float, target_seconds: float) -> None:
         """Record a finished round: K drafts proposed, `accepted` of them kept, and its times

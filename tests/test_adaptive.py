@@ -545,3 +545,51 @@ def test_the_adaptive_benchmark_records_every_decoder_and_each_reproduces_the_ta
             Ks = {int(K): int(n) for K, n in (pair.split(":") for pair in r["Ks"].split())}
             assert set(Ks) <= {0, 1, 2} and sum(Ks.values()) >= 1
     assert "| autoregressive | 6 | 1 |" in capsys.readouterr().out
+
+
+class ScriptedClock:
+    """Returns the given times, one per call."""
+
+    def __init__(self, *times):
+        self.times = list(times)
+
+    def __call__(self):
+        return self.times.pop(0)
+
+
+def test_the_policy_hears_each_rounds_host_time_outside_its_forwards():
+    from gpt2_numpy.adaptive import KPolicy, Lookahead
+    from gpt2_numpy.decoding import Round
+
+    class Listening(KPolicy):
+        def __init__(self):
+            self.overheads = []
+
+        def next_K(self):
+            return 2
+
+        def overhead(self, seconds):
+            self.overheads.append(seconds)
+
+    class Steady:  # a drafter that never lags, so no catch-up
+        lags = False
+
+    policy = Listening()
+    # next_K asked at 10.0; update entered at 10.5 and done at 10.6; the round's forwards took
+    # 0.1 + 0.3 s of the 0.5 between: 0.1 s outside them, and 0.1 s in the update
+    lookahead = Lookahead(policy, Steady(), Warp(0.0), ScriptedClock(10.0, 10.5, 10.6), 10)
+    assert lookahead.next_K([1, 2, 3], most=5) == 2
+    lookahead.update([1, 2, 3, 4], Round(2, 0, 1.0, draft_seconds=0.1, target_seconds=0.3))
+    assert policy.overheads == [pytest.approx(0.2)]
+
+
+def test_host_overhead_counts_against_the_guard():
+    policy = Stubbed(8, CPU)  # r(1) = 0.1 s: a budget of 0.04 x 100 x 0.1 = 0.4 s
+    policy.begin(100, lags=False)
+    policy.update(0, 0, 0.0, 0.0)
+    policy.update(2, 2, 0.0, 0.0)  # 0.035 s lost; a K-draft round risks 0.155 + 0.04 K s
+    assert policy.affordable() == 5
+    policy.overhead(0.15)  # a slow host: 0.215 s left
+    assert policy.loss == pytest.approx(0.185) and policy.affordable() == 1
+    policy.overhead(0.1)
+    assert policy.next_K() == 0  # nothing left to risk: plain steps to the end
