@@ -378,6 +378,25 @@ def test_replayed_autoregressive_costs_one_target_step_per_token():
     assert rates["autoregressive"] == pytest.approx(1 / (0.05 + 0.001))
 
 
+def test_the_replay_clock_adds_the_wall_time_but_the_stand_ins_own(monkeypatch):
+    """--python_time: the replay's clock is the modelled forwards plus the wall clock, less the
+    stand-in models' own wall time (a wall clock that ticks one second per reading here)."""
+    import time
+
+    from bench import replay as replay_module
+    from bench.timing import VirtualClock
+
+    ticks = iter(range(100, 200))
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(ticks)))
+    virtual, wall = VirtualClock(), VirtualClock(python_time=True)  # wall starts at 100
+    model = replay_module.CostModel(wall, lambda T, n_logits: 0.25, [1, 2, 3], n_prompt=2)
+    model([5], model.new_cache(4))  # reads the wall clock at 101 and 102: 1 s excluded
+    virtual.now += 0.25
+    assert wall.now == 0.25 and wall.excluded == 1.0
+    assert wall() == 0.25 + (103 - 100) - 1.0  # the modelled 0.25 s, plus 2 s of "Python"
+    assert virtual() == 0.25  # without python_time, only the modelled cost
+
+
 def test_replayed_rejections_cost_one_draft_step_and_one_verify_per_token():
     from bench.replay import replay
 
