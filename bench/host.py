@@ -21,8 +21,9 @@ Decoders, each greedy and at temperature 1:
                      else costs anything, so this row overstates it (the GPU check's `overhead`
                      section times it with real forwards)
 Each runs in a fresh process of its own, twice: with gpt2_numpy's malloc setting
-(gpt2_numpy/_malloc.py) and with glibc's defaults (GPT2_MALLOC_DEFAULT=1). Times are the best of --reps runs; page
-faults (minor: memory the kernel maps in on first touch) are counted over all of them.
+(gpt2_numpy/_malloc.py) and with glibc's defaults (GPT2_MALLOC_DEFAULT=1). Times are the best of
+--reps runs; page faults (minor: memory the kernel maps in on first touch) are counted over all
+of them.
 """
 import argparse
 import json

@@ -21,6 +21,12 @@ def plot(out_dir: Path, img_dir: Path):
         bad_input("plotting needs matplotlib (an optional extra): pip install matplotlib")
     img_dir.mkdir(parents=True, exist_ok=True)
     written = []
+
+    def save(fig, name, title, fontsize=8):
+        fig.suptitle(title, fontsize=fontsize)
+        fig.tight_layout()
+        fig.savefig(img_dir / name, dpi=110)
+        written.append(name)
     if (out_dir / "adaptive.json").exists():  # python -m bench adaptive
         plot_adaptive(json.loads((out_dir / "adaptive.json").read_text()), plt)
         plt.savefig(img_dir / "adaptive.png", dpi=110)
@@ -51,10 +57,7 @@ def plot(out_dir: Path, img_dir: Path):
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
         ax2.set(xlabel="K", ylabel="acceptance rate", ylim=(-0.05, 1.05), title="Acceptance")
         ax2.legend(fontsize=8)
-        fig.suptitle(f"{cpu}; {res['speculative'][0]['weights']}", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(img_dir / "speculative_speedup.png", dpi=110)
-        written.append("speculative_speedup.png")
+        save(fig, "speculative_speedup.png", f"{cpu}; {res['speculative'][0]['weights']}", fontsize=9)
 
     if res.get("r_of_T"):
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -67,10 +70,7 @@ def plot(out_dir: Path, img_dir: Path):
         ax.set(xlabel="T (new tokens in one forward)", ylabel="r(T) = cost(T) / cost(1)",
                title="Cost of a T-token forward at cache length 64")
         ax.legend(fontsize=8)
-        fig.suptitle(f"{cpu}; {res['r_of_T'][0]['weights']}", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(img_dir / "r_of_T.png", dpi=110)
-        written.append("r_of_T.png")
+        save(fig, "r_of_T.png", f"{cpu}; {res['r_of_T'][0]['weights']}")
 
     if res.get("no_cache"):
         rows = res["no_cache"]
@@ -84,10 +84,7 @@ def plot(out_dir: Path, img_dir: Path):
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xticks(p, [str(x) for x in p])
         ax.legend(fontsize=8)
-        fig.suptitle(f"{cpu}; {rows[0]['weights']}", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(img_dir / "no_cache.png", dpi=110)
-        written.append("no_cache.png")
+        save(fig, "no_cache.png", f"{cpu}; {rows[0]['weights']}")
     for name in written:
         print(f"wrote {img_dir / name}")
     if not written:

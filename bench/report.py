@@ -76,18 +76,19 @@ def summary_markdown(res) -> str:
                     f"1 logit row) / target step = {res['c2']:.3f}"]
     if "what_if" in res:
         Ks = sorted({r["K"] for r in res["what_if"]})
-        out += ["", "### Predicted speedup of a 124M draft for this 355M target, if acceptance were a",
-                "(from the measured c, c2 and r(K+1); formula with the draft's catch-up step)", "",
-                "| a | " + " | ".join(f"K={K}" for K in Ks) + " |", "|---|" + "---|" * len(Ks)]
-        for a in sorted({r["acceptance"] for r in res["what_if"]}):
-            row = {r["K"]: r for r in res["what_if"] if r["acceptance"] == a}
-            out.append(f"| {a:.1f} | " + " | ".join(f"{row[K]['with_catch_up']:.2f}" for K in Ks) + " |")
-        out += ["", "The same with a verify step as cheap as one decoding step, r(K+1) = 1 (what a GPU, or",
-                "a BLAS whose few-row product is bandwidth-bound, would give), and the same c:", "",
-                "| a | " + " | ".join(f"K={K}" for K in Ks) + " |", "|---|" + "---|" * len(Ks)]
-        for a in sorted({r["acceptance"] for r in res["what_if"]}):
-            row = {r["K"]: r for r in res["what_if"] if r["acceptance"] == a}
-            out.append(f"| {a:.1f} | " + " | ".join(f"{row[K]['if_verify_were_free']:.2f}" for K in Ks) + " |")
+        intros = {
+            "with_catch_up": ["### Predicted speedup of a 124M draft for this 355M target, if "
+                              "acceptance were a", "(from the measured c, c2 and r(K+1); formula "
+                              "with the draft's catch-up step)"],
+            "if_verify_were_free": ["The same with a verify step as cheap as one decoding step, "
+                                    "r(K+1) = 1 (what a GPU, or", "a BLAS whose few-row product is "
+                                    "bandwidth-bound, would give), and the same c:"]}
+        for key, intro in intros.items():
+            out += ["", *intro, "", "| a | " + " | ".join(f"K={K}" for K in Ks) + " |",
+                    "|---|" + "---|" * len(Ks)]
+            for a in sorted({r["acceptance"] for r in res["what_if"]}):
+                row = {r["K"]: r for r in res["what_if"] if r["acceptance"] == a}
+                out.append(f"| {a:.1f} | " + " | ".join(f"{row[K][key]:.2f}" for K in Ks) + " |")
     if "knobs" in res:
         out += ["", "### Padding and weight layout (random weights)", "",
                 md_table(res["knobs"], [("model", "model", None), ("configuration", "configuration", None),

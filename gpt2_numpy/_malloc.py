@@ -3,11 +3,13 @@
 Why: every decoded token makes a few arrays the size of the vocabulary: the logits' host copy
 (50,257 float32, 200 KB) and float64 distributions (400 KB each). By default glibc returns the
 freed space at the top of its heap to the OS as soon as it exceeds a threshold that these arrays
-cross, so the next token's arrays fault their pages back in, ~100 page faults each. On the 2-core
-Xeon of docs/performance.md that costs 0.1-0.2 ms of host time per token (`python -m bench
-host`): nothing beside a 30 ms CPU forward, an eighth of a 1.3 ms GPU step. M_TOP_PAD makes
-malloc keep TOP_PAD bytes at the top of the heap when it trims, so the same pages serve every
-token; the price is up to TOP_PAD of freed memory that stays mapped to the process.
+cross, so the next token's arrays fault their pages back in. Sampling at temperature 1 in a fresh
+process, on the 2-core Xeon of docs/performance.md, that was ~165 page faults and 0.4-0.8 ms of
+host time per token (`python -m bench host`): noise beside a 30 ms CPU forward, a third or more
+of a 1.3 ms GPU step. M_TOP_PAD makes malloc keep TOP_PAD bytes at the top of the heap when it
+trims, so the same pages serve every token; the price is up to TOP_PAD of freed memory that stays
+mapped to the process, and 10-25 µs per greedy token (memory that would have come zeroed from the
+OS is cleared by calloc).
 
 `import gpt2_numpy` calls keep_freed_memory(). It does nothing unless the C library is glibc,
 or if GPT2_MALLOC_DEFAULT=1 (keep malloc's defaults). It changes no result, only where memory

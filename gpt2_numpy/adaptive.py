@@ -192,8 +192,8 @@ class AdaptiveK(KPolicy):
     `guard` (4%) of the time n_new plain steps take. The policy counts what drafting has lost
     so far (each drafting round's and catch-up's time beyond plain steps for the same tokens,
     gains counting negative, and every round's host time outside its forwards: choosing K and
-    the bookkeeping, which plain decoding does not spend) and clips K to the largest K whose worst case (every draft
-    rejected, after a catch-up as estimated) still fits. So a run is never more than ~4%
+    the bookkeeping, which plain decoding does not spend) and clips K to the largest K whose
+    worst case (every draft rejected, after a catch-up as estimated) still fits. So a run is never more than ~4%
     slower than plain decoding, whatever the prompt; the price is that in short runs on a CPU,
     where one failed round costs a few percent of the run, drafting stops after early failures
     or (on the Xeon of docs/performance.md, below ~40 tokens) never starts. Unmeasured costs
@@ -296,9 +296,11 @@ class AdaptiveK(KPolicy):
         passes with probability a. Computed once per round and acceptance (the costs once)."""
         if self.known_costs is None:  # cost(K), with t_draft looked up once
             t_draft = self.draft_seconds()
-            self.known_costs = [K * t_draft + self.target_seconds(K + 1) for K in range(self.K_max + 1)]
+            self.known_costs = [K * t_draft + self.target_seconds(K + 1)
+                                for K in range(self.K_max + 1)]
         if a not in self.known_rates:
-            self.known_rates[a] = [expected_tokens(K, a) / c for K, c in enumerate(self.known_costs)]
+            self.known_rates[a] = [expected_tokens(K, a) / cost
+                                   for K, cost in enumerate(self.known_costs)]
         return self.known_rates[a]
 
     def next_K(self) -> int:

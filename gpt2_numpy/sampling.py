@@ -1,8 +1,9 @@
 """From logits to a token: warping, sampling, and the speculative accept/resample rule.
 
 Everything here runs on the host in NumPy, on rows of V logits (a verify step warps its K + 1
-rows in one call; a token is drawn from one row at a time). Distributions are float64: the model's float32 logits are exact in float64, and normalising there means a
-distribution sums to 1 to ~1e-16, which the ratio p/q and the residual max(0, p - q) rely on.
+rows in one call; a token is drawn from one row at a time). Distributions are float64: the
+model's float32 logits are exact in float64, and normalising there means a distribution sums to
+1 to ~1e-16, which the ratio p/q and the residual max(0, p - q) rely on.
 
 Naming follows Leviathan et al. (2023): p is the TARGET model's distribution, q the DRAFT's.
 """
