@@ -3,10 +3,11 @@
     python main.py --K 4 --temperature 0
 
 The draft (124M by default) proposes K tokens per round; the target (355M) checks them all in one
-forward. Both runs sample from the same target distribution with the same seed; with
---temperature 0 they must print the same text, and the speculative one should be faster.
---mode all adds a third run, the draft alone: the speed ceiling, and the report says where
-speculative decoding lands between the target's speed and the draft's.
+forward. Both runs sample from the same target distribution with the same seed, so with
+--temperature 0 they print the same text; whether speculative decoding is faster depends on the
+hardware and on how often the target accepts the draft (docs/performance.md). --mode all adds a
+third run, the draft alone, and says where speculative decoding lands between the two speeds.
+Flags, errors and output: docs/cli.md.
 """
 import argparse
 import json
@@ -17,14 +18,25 @@ import time
 
 import gpt2_numpy  # noqa: F401  first: it picks OpenBLAS's kernels before NumPy loads OpenBLAS
 import numpy as np
+from gpt2_numpy.errors import GPT2Error
 from gpt2_numpy.sampling import MIN_TEMPERATURE
 from gpt2_numpy.show import visible
 
 DEFAULT_PROMPT = "Alan Turing theorized that computers would one day become"
+MODES = {"both": ["autoregressive", "speculative"],
+         "all": ["autoregressive", "draft_alone", "speculative"],
+         "autoregressive": ["autoregressive"], "speculative": ["speculative"]}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one `error:` line (exit 2) like every other bad input."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (python main.py --help lists the flags)\n")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--n_tokens_to_generate", type=int, default=60)
     p.add_argument("--draft_model_size", default="124M", help="a size or a folder of official files")
@@ -50,21 +62,19 @@ def parse_args(argv=None):
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="how the GPU stores the weights (--backend cupy); sums stay float32")
-    p.add_argument("--mode", choices=["both", "autoregressive", "speculative", "all"],
-                   default="both",
+    p.add_argument("--mode", choices=list(MODES), default="both",
                    help="both (the default): the target alone, then speculative decoding, the "
                    "comparison that matters (the same distribution, and how much faster); all: "
                    "also the draft model alone, the speed ceiling, at the cost of one more run; "
                    "autoregressive or speculative: one of them")
     p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
-    return args
+    return p.parse_args(argv)
 
 
-def check_args(args, GPT2Error):
+def check_args(args):
     """Reject flags that do not go together, and values the library does not check, before
-    anything is downloaded or loaded. (The other values are checked by the library: see run.)"""
+    anything is downloaded or loaded. (The library checks the rest: see decoding_settings.)"""
     if args.seed < 0:
         raise GPT2Error(f"--seed must be >= 0, got {args.seed}")
     if args.show and args.json:
@@ -82,14 +92,59 @@ def check_args(args, GPT2Error):
                             "or both")
 
 
+def decoding_settings(args):
+    """The warp and the K policy, built by the library's own classes, which check the values."""
+    from gpt2_numpy import AdaptiveK, FixedK, Warp
+    from gpt2_numpy.decoding import check_n_new
+
+    check_n_new(args.n_tokens_to_generate)
+    return Warp(args.temperature, args.top_k, args.top_p), (AdaptiveK if args.adaptive
+                                                            else FixedK)(args.K)
+
+
 def backend_module(name):
     if name == "cupy":
         import gpt2_cupy
 
         return gpt2_cupy
-    import gpt2_numpy
-
     return gpt2_numpy
+
+
+def model_names(args, modes):
+    """The models the runs need: the target, and the draft unless n-gram lookup drafts."""
+    uses_draft = ("speculative" in modes and args.draft == "model") or "draft_alone" in modes
+    return [args.target_model_size] + ([args.draft_model_size] if uses_draft else [])
+
+
+def load_models(args, modes, gpt2):
+    """Download what is missing (every failure named at once), check the weights' CRC-32Cs if
+    --verify asks, and load. Returns (target, draft or None, seconds spent loading)."""
+    from gpt2_numpy.download import resolve_model_dirs
+    from gpt2_numpy.load import repair_advice
+    from gpt2_numpy.verify import verify_checkpoint
+
+    names = model_names(args, modes)
+    progress = not args.no_progress
+    folders = resolve_model_dirs(dict.fromkeys(names), args.models_dir, progress=progress)
+    if args.verify:  # check now, whatever was recorded; load_model then finds the fresh record
+        for name, folder in zip(dict.fromkeys(names), folders):
+            with repair_advice(name):
+                verify_checkpoint(folder, progress)
+    start = time.perf_counter()
+    on_gpu = {"dtype": args.dtype} if args.backend == "cupy" else {}
+    target, *draft = [gpt2.load_model(name, args.models_dir, progress=progress, **on_gpu)
+                      for name in names]
+    if "speculative" in modes and args.draft == "ngram":
+        draft = [gpt2_numpy.NGramDrafter(target.n_vocab)]
+    return target, (draft[0] if draft else None), time.perf_counter() - start
+
+
+def encode_prompt(target, args):
+    prompt = target.tokenizer.encode(args.prompt, allowed_special="all")
+    if len(prompt) + args.n_tokens_to_generate > target.n_ctx:
+        raise GPT2Error(f"prompt ({len(prompt)} tokens) + --n_tokens_to_generate "
+                        f"({args.n_tokens_to_generate}) exceeds the context of {target.n_ctx} tokens")
+    return prompt
 
 
 def progress_bar(total, desc, enabled):
@@ -99,94 +154,75 @@ def progress_bar(total, desc, enabled):
     return bar, (lambda ids, kinds: bar.update(len(ids)))
 
 
-def run(args):
-    import gpt2_numpy
-    from gpt2_numpy import AdaptiveK, FixedK, NGramDrafter
-    from gpt2_numpy.decoding import check_n_new
-    from gpt2_numpy.errors import GPT2Error
+def decode(mode, gpt2, target, draft, prompt, args, warp, policy):
+    """One run, seeded alike for every mode: (new token ids, Stats)."""
     from gpt2_numpy.show import show_stream
 
-    check_args(args, GPT2Error)
-    # The library's own objects check the values, before anything is downloaded or loaded.
-    warp = gpt2_numpy.Warp(args.temperature, args.top_k, args.top_p)
-    policy = (AdaptiveK if args.adaptive else FixedK)(args.K)
-    check_n_new(args.n_tokens_to_generate)
-    gpt2 = backend_module(args.backend)
-    progress = not args.no_progress
-    modes = {"both": ["autoregressive", "speculative"],
-             "all": ["autoregressive", "draft_alone", "speculative"]}.get(args.mode, [args.mode])
+    rng = np.random.default_rng(args.seed)  # the same stream for every mode: same seed, same draws
+    showing = args.show and mode == "speculative"
+    bar, on_tokens = progress_bar(args.n_tokens_to_generate, mode,
+                                  not (args.no_progress or args.json or showing))
+    if showing:  # the coloured text is the progress display
+        on_tokens = show_stream(target.tokenizer, target.tokenizer.decode(prompt))
+    n = args.n_tokens_to_generate
+    if mode in ("autoregressive", "draft_alone"):  # the target alone, or the draft alone
+        model = target if mode == "autoregressive" else draft
+        ids, stats = gpt2.autoregressive_sample(model, prompt, n, warp, rng, on_tokens)
+    else:
+        ids, stats = gpt2.speculative_sample(target, draft, prompt, n, policy, warp, rng,
+                                             on_tokens)
+    bar.close()
+    if showing:
+        on_tokens.close()
+        print()
+    return ids, stats
 
-    if args.verify:  # check now, whatever was recorded; load_model then finds the fresh record
-        from gpt2_numpy.download import resolve_model_dir
-        from gpt2_numpy.verify import verify_checkpoint
 
-        for model in [args.target_model_size] + ([args.draft_model_size] if "speculative" in modes
-                                                 and args.draft == "model" else []):
-            verify_checkpoint(resolve_model_dir(model, args.models_dir, progress=progress), progress)
-
-    start = time.perf_counter()
-    on_gpu = {"dtype": args.dtype} if args.backend == "cupy" else {}
-    target = gpt2.load_model(args.target_model_size, args.models_dir, progress=progress, **on_gpu)
-    draft = None
-    if "speculative" in modes and args.draft == "ngram":
-        draft = NGramDrafter(target.n_vocab)
-    elif "speculative" in modes:
-        draft = gpt2.load_model(args.draft_model_size, args.models_dir, progress=progress, **on_gpu)
-    load_seconds = time.perf_counter() - start
-
-    prompt = target.tokenizer.encode(args.prompt, allowed_special="all")
-    if len(prompt) + args.n_tokens_to_generate > target.n_ctx:
-        raise GPT2Error(f"prompt ({len(prompt)} tokens) + --n_tokens_to_generate "
-                        f"({args.n_tokens_to_generate}) exceeds the context of {target.n_ctx} tokens")
-
+def run(args):
+    """Check the flags, load the models, decode in every mode asked for, and report."""
+    check_args(args)
+    warp, policy = decoding_settings(args)  # checked before anything is downloaded or loaded
+    gpt2, modes = backend_module(args.backend), MODES[args.mode]
+    target, draft, load_seconds = load_models(args, modes, gpt2)
+    prompt = encode_prompt(target, args)
     # Untimed: page every weight in (or, on a GPU, compile the kernels and record the CUDA graphs
     # the timed runs replay, for caches of the capacity the decoders ask for: gpt2_cupy/graphs.py).
-    for model in [target] + ([draft] if args.draft == "model" and draft else []):
+    for model in [target] + ([draft] if draft is not None and args.draft == "model" else []):
         model.warm_up(len(prompt) + args.n_tokens_to_generate - 1)
-
     results = {}
     for mode in modes:
-        rng = np.random.default_rng(args.seed)  # the same stream for both: same seed, same draws
-        showing = args.show and mode == "speculative"
-        bar, on_tokens = progress_bar(args.n_tokens_to_generate, mode,
-                                      progress and not args.json and not showing)
-        if showing:  # the coloured text is the progress display
-            on_tokens = show_stream(target.tokenizer, args.prompt)
-        if mode in ("autoregressive", "draft_alone"):  # the target alone, or the draft alone
-            model = target if mode == "autoregressive" else draft
-            ids, stats = gpt2.autoregressive_sample(model, prompt, args.n_tokens_to_generate,
-                                                    warp, rng, on_tokens)
-        else:
-            ids, stats = gpt2.speculative_sample(target, draft, prompt, args.n_tokens_to_generate,
-                                                 policy, warp, rng, on_tokens)
-        bar.close()
-        if showing:
-            on_tokens.close()
-            print()
+        ids, stats = decode(mode, gpt2, target, draft, prompt, args, warp, policy)
         results[mode] = {"token_ids": ids, "text": target.tokenizer.decode(ids), **stats.as_dict()}
+    return make_report(args, target.tokenizer.decode(prompt), prompt, draft, load_seconds,
+                       results)
 
+
+def make_report(args, prompt_text, prompt, draft, load_seconds, results):
+    """The runs' results, the settings, and what compares them. `prompt_text` is the prompt as
+    its tokens decode (an invalid UTF-8 byte on the command line becomes U+FFFD, as it was fed)."""
     report = {
-        "prompt": args.prompt, "prompt_token_ids": prompt, "backend": args.backend,
+        "prompt": prompt_text, "prompt_token_ids": prompt, "backend": args.backend,
         "dtype": args.dtype,
         "draft": (args.draft_model_size if args.draft == "model" else "ngram") if draft else None,
         "target": args.target_model_size, "K": args.K, "adaptive": args.adaptive,
         "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
         "seed": args.seed, "load_seconds": load_seconds, **results,
     }
-    both = "autoregressive" in results and "speculative" in results
-    if both:
+    if "autoregressive" in results and "speculative" in results:
         ar, sp = results["autoregressive"], results["speculative"]
-        report["speedup"] = ar["decode_seconds"] / sp["decode_seconds"]
         report["same_tokens"] = ar["token_ids"] == sp["token_ids"]
-    if both and not (args.adaptive or args.draft == "ngram") and sp["drafted"]:
-        # With a draft model and a fixed K, the papers' prediction from the measured acceptance
-        # and cost ratio c = draft / target forward time: (1 - a^(K+1)) / ((1 - a)(K c + 1)),
-        # i.e. tokens per round / round cost. (With --adaptive or ngram, K varies by round.)
-        c = (sp["draft_seconds"] / max(sp["draft_calls"], 1)) / (ar["target_seconds"] / ar["target_calls"])
-        tokens = gpt2_numpy.expected_tokens(args.K, sp["acceptance_rate"])
-        report["c"], report["predicted_speedup"] = c, tokens / (args.K * c + 1)
+        # Nothing drafted: both runs were plain target steps, and their ratio is only noise.
+        report["speedup"] = ar["decode_seconds"] / sp["decode_seconds"] if sp["drafted"] else None
+        if not (args.adaptive or args.draft == "ngram") and sp["drafted"]:
+            # With a draft model and a fixed K, the papers' prediction from the measured
+            # acceptance a and the cost ratio c of one draft forward to one target forward:
+            # (1 - a^(K+1)) / ((1 - a)(K c + 1)), i.e. tokens per round / round cost.
+            c = ((sp["draft_seconds"] / sp["draft_calls"])
+                 / (ar["target_seconds"] / ar["target_calls"]))
+            tokens = gpt2_numpy.expected_tokens(args.K, sp["acceptance_rate"])
+            report["c"], report["predicted_speedup"] = c, tokens / (args.K * c + 1)
     if "draft_alone" in results:
-        speeds = (results[m]["tokens_per_second"] for m in modes)  # target, draft, speculative
+        speeds = (results[m]["tokens_per_second"] for m in MODES["all"])  # target, draft, spec.
         report["speculative_position"] = position_between(*speeds)
     return report
 
@@ -232,8 +268,9 @@ def print_report(r):
         m = r[mode]
         print(title)
         print("-" * len(title))
-        print(f"Time = {m['decode_seconds']:.2f}s  ({m['tokens_per_second']:.1f} tokens/s, "
-              f"prefill {m['prefill_seconds']:.2f}s)")
+        print(f"Time = {m['decode_seconds']:.2f}s for {m['n_generated']} tokens "
+              f"({m['tokens_per_second']:.1f} tokens/s), after {m['prefill_seconds']:.2f}s "
+              "reading the prompt (prefill)")
         print(f"Text = {visible(r['prompt'] + m['text'])}")  # control characters shown, not sent
         if mode == "speculative":
             hist = " ".join(f"{k}:{n}" for k, n in enumerate(m["accepted_histogram"]))
@@ -250,13 +287,15 @@ def print_report(r):
         if m["stopped_at_context"]:
             print("(stopped: the context is full)")
         print()
-    if "predicted_speedup" in r:
+    if "speedup" in r and r["speedup"] is None:
+        print("Speedup: none to report, nothing was drafted (every round was a plain target step)")
+    elif "predicted_speedup" in r:
         print(f"Speedup = {r['speedup']:.2f}x  (the formula predicts {r['predicted_speedup']:.2f}x "
               f"for acceptance {r['speculative']['acceptance_rate']:.2f}, K={r['K']}, "
               f"c={r['c']:.2f})")
     elif "speedup" in r:  # K varied from round to round: no single-K prediction
         print(f"Speedup = {r['speedup']:.2f}x")
-    if "speedup" in r and r["temperature"] == 0:
+    if "same_tokens" in r and r["temperature"] == 0:
         print("Same tokens = " + ("yes" if r["same_tokens"] else "NO"))
     if three:
         print(describe_position(r))
@@ -276,22 +315,19 @@ def strict_json(value):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from gpt2_numpy.errors import GPT2Error
-
     try:
         report = run(args)
+        if args.json:
+            print(json.dumps(strict_json(report), allow_nan=False))
+        else:
+            print_report(report)
     except GPT2Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    try:
-        if args.json:
-            print(json.dumps(strict_json(report), allow_nan=False))
-        else:
-            print_report(report)
-    except BrokenPipeError:  # e.g. piped into `head`: the reader has what it wanted
+    except BrokenPipeError:  # e.g. piped into `head`, which has read what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
     return 0
 

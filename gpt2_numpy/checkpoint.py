@@ -35,7 +35,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from .crc32c import crc32c, mask_crc, unmask_crc
-from .errors import GPT2Error
+from .errors import DamagedFile, GPT2Error
 
 INDEX_FILE = "model.ckpt.index"
 DATA_FILE = "model.ckpt.data-00000-of-00001"
@@ -47,7 +47,6 @@ NO_COMPRESSION = 0  # TensorFlow writes the .index uncompressed; we support noth
 DT_FLOAT = 1  # TensorFlow's DataType enum value for float32
 LITTLE_ENDIAN = 0  # BundleHeaderProto.Endianness.LITTLE
 
-REDOWNLOAD = "delete it and run again to re-download"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +272,7 @@ def read_index(index_path) -> dict[str, TensorEntry]:
         if not saw_header:
             raise _Corrupt("no bundle header entry")
     except _Corrupt as e:
-        raise GPT2Error(f"{path} is corrupt: {e}; {REDOWNLOAD}") from None
+        raise DamagedFile(f"{path} is corrupt: {e}") from None
     return entries
 
 
@@ -314,47 +313,42 @@ def expected_shapes(hparams: dict) -> dict[str, tuple[int, ...]]:
 HPARAM_KEYS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")  # hparams.json's order
 
 
-def _check_hparams(hparams: dict, where: Path, advice: str = REDOWNLOAD) -> None:
+def _check_hparams(hparams: dict, where: Path, advice=DamagedFile.REDOWNLOAD) -> None:
     for key in HPARAM_KEYS:
         value = hparams.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise GPT2Error(f"{where}: {key} must be a positive integer, not {value!r}")
     if hparams["n_embd"] % hparams["n_head"]:
-        raise GPT2Error(
-            f"{where}: n_embd={hparams['n_embd']} is not divisible by n_head={hparams['n_head']}; "
-            f"{advice}"
-        )
+        raise DamagedFile(
+            f"{where}: n_embd={hparams['n_embd']} is not divisible by n_head={hparams['n_head']}",
+            advice)
 
 
 def _check_entries(entries: dict, shapes: dict, hparams: dict, index_path: Path) -> None:
     """Every expected tensor present as float32 with exactly the expected shape and byte size."""
     hparams_path = index_path.parent / "hparams.json"
-    mismatch = (
-        f"{index_path} does not match {hparams_path} ({{}}); "
-        "delete the model folder and run again to re-download"
-    )
+    mismatch = f"{index_path} does not match {hparams_path} ({{}})"
+    folder_advice = "delete the model folder and run again to re-download"
     for name, shape in shapes.items():
         if name not in entries:
-            raise GPT2Error(mismatch.format(f"tensor {name} is missing"))
+            raise DamagedFile(mismatch.format(f"tensor {name} is missing"), folder_advice)
         entry = entries[name]
         if entry.shape != shape:
-            raise GPT2Error(
-                mismatch.format(f"{name} has shape {list(entry.shape)}, expected {list(shape)}")
-            )
+            raise DamagedFile(
+                mismatch.format(f"{name} has shape {list(entry.shape)}, expected {list(shape)}"),
+                folder_advice)
         if entry.dtype != DT_FLOAT:
-            raise GPT2Error(
-                f"{index_path}: {name} has dtype code {entry.dtype}, not float32; {REDOWNLOAD}"
-            )
+            raise DamagedFile(f"{index_path}: {name} has dtype code {entry.dtype}, not float32")
         if entry.size != 4 * int(np.prod(shape)) or entry.offset < 0 or entry.shard_id != 0:
-            raise GPT2Error(f"{index_path} is corrupt: bad byte range for {name}; {REDOWNLOAD}")
+            raise DamagedFile(f"{index_path} is corrupt: bad byte range for {name}")
     # Extra tensors (a global step, optimizer slots) are harmless and ignored, except layers
     # beyond n_layer: then hparams.json describes a smaller model than the checkpoint holds.
     for name in entries:
         match = _LAYER_NAME.fullmatch(name)
         if match and int(match[1]) >= hparams["n_layer"] and match[2] in _BLOCK_TENSORS:
-            raise GPT2Error(
-                mismatch.format(f"it has layer h{match[1]} but n_layer={hparams['n_layer']}")
-            )
+            raise DamagedFile(
+                mismatch.format(f"it has layer h{match[1]} but n_layer={hparams['n_layer']}"),
+                folder_advice)
 
 
 def load_checkpoint(model_dir, hparams: dict, verify_crc: bool = False) -> dict:
@@ -379,9 +373,7 @@ def load_checkpoint(model_dir, hparams: dict, verify_crc: bool = False) -> dict:
     file_size = data_path.stat().st_size
     needed = max(entries[name].offset + entries[name].size for name in shapes)
     if file_size < needed:
-        raise GPT2Error(
-            f"{data_path} is truncated ({file_size} bytes, the index needs {needed}); {REDOWNLOAD}"
-        )
+        raise DamagedFile(f"{data_path} is truncated ({file_size} bytes, the index needs {needed})")
     # mode="r": the pages are shared with the OS file cache and writing to them is an error.
     data = np.memmap(data_path, dtype=np.uint8, mode="r")
 
@@ -390,7 +382,7 @@ def load_checkpoint(model_dir, hparams: dict, verify_crc: bool = False) -> dict:
         entry = entries[name]
         raw = data[entry.offset : entry.offset + entry.size]  # uint8 view, no copy
         if verify_crc and mask_crc(crc32c(raw)) != entry.crc32c:
-            raise GPT2Error(f"{data_path}: checksum mismatch in tensor {name}; {REDOWNLOAD}")
+            raise DamagedFile(f"{data_path}: checksum mismatch in tensor {name}")
         tensors[name] = raw.view("<f4").reshape(shape)  # still a view into the memmap
 
     def conv(prefix):  # "Conv1D" layer: squeeze [1, nx, nf] -> [nx, nf] (a view, not a copy)

@@ -102,11 +102,42 @@ def download_model(size, models_dir=None, base_url=None, progress=True, timeout=
             download_file(url, folder / name, progress=progress, timeout=timeout, retries=retries,
                           sha256=TOKENIZER_SHA256.get(name))
         except DownloadError as e:
-            raise GPT2Error(
-                f"could not download {size}/{name} from {url} ({e.reason}); check your network, "
-                f"set {BASE_URL_ENV} to a mirror, or put the files {', '.join(missing[i:])} "
-                f"into {folder}") from e
+            _remove_if_empty(folder)  # a folder that holds nothing is not left behind
+            raise ModelDownloadError(size, folder, missing[i:], url, e.reason) from e
     return folder
+
+
+class ModelDownloadError(GPT2Error):
+    """A model size could not be fetched: which, where its files go, and why."""
+
+    def __init__(self, size: str, folder: Path, missing: list, url: str, reason: str):
+        self.size, self.folder, self.missing, self.url, self.reason = (size, folder, missing,
+                                                                        url, reason)
+        super().__init__(f"could not download {size}/{missing[0]} from {url} ({reason}); "
+                         f"{ModelDownloadError.advice([self])}")
+
+    @staticmethod
+    def advice(failures) -> str:
+        places = " and ".join(f"{', '.join(f.missing)} into {f.folder}" for f in failures)
+        return (f"check your network, set {BASE_URL_ENV} to a mirror, or put the files "
+                f"{places}")
+
+
+def resolve_model_dirs(models, models_dir=None, download=True, progress=True) -> list:
+    """resolve_model_dir for each model, downloading every missing size before giving up on any,
+    so that one error names all of them: [Path] in the order of `models`."""
+    folders, failures = [], []
+    for model in models:
+        try:
+            folders.append(resolve_model_dir(model, models_dir, download, progress))
+        except ModelDownloadError as e:
+            failures.append(e)
+    if len(failures) == 1:
+        raise failures[0]
+    if failures:
+        reasons = "; ".join(f"{f.size} from {f.url} ({f.reason})" for f in failures)
+        raise GPT2Error(f"could not download {reasons}; {ModelDownloadError.advice(failures)}")
+    return folders
 
 
 def download_file(url, dest: Path, progress=True, timeout=30, retries=3, sha256=None) -> None:
@@ -255,6 +286,13 @@ def _make_folder(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise GPT2Error(f"cannot create the download folder {folder}: {e.strerror or e}") from None
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()  # only succeeds on an empty folder: a resumable .part keeps it
+    except OSError:
+        pass
 
 
 def _missing_files(folder: Path) -> list:

@@ -5,6 +5,7 @@ almost free, nothing is copied, and the OS pages bytes in as the first forward t
 On another backend (CuPy) each tensor is copied to the device once, here, and never again.
 """
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -12,7 +13,7 @@ import numpy as np
 
 from .checkpoint import HPARAM_KEYS, load_checkpoint
 from .download import resolve_model_dir
-from .errors import GPT2Error
+from .errors import DamagedFile, GPT2Error
 from .model import GPT2
 from .tokenizer import load_tokenizer
 
@@ -56,6 +57,19 @@ def to_backend(params: dict, xp=np, dtype=None) -> dict:
     return tree_map(lambda a: xp.asarray(a, dtype=dtype or xp.float32), params)
 
 
+@contextmanager
+def repair_advice(model: str):
+    """Say how to repair a damaged file in a way that fits where its folder came from: a size is
+    downloaded again once the file is deleted, a folder the user named is not."""
+    try:
+        yield
+    except DamagedFile as e:
+        if Path(str(model)).expanduser().is_dir():  # resolve_model_dir's rule: a folder wins
+            e.advice = ("replace it with an intact copy of OpenAI's file (or name a size, such "
+                        "as 124M, to have the files downloaded)")
+        raise
+
+
 def load_model(model: str = "124M", models_dir=None, xp=np, dtype=None, download: bool = True,
                progress: bool = True, verify: Optional[bool] = None) -> GPT2:
     """Load GPT-2 by size ("124M", "355M", "774M", "1558M"; downloaded on first use into
@@ -66,13 +80,14 @@ def load_model(model: str = "124M", models_dir=None, xp=np, dtype=None, download
     them now whatever was recorded, False skips the check.
     """
     model_dir = resolve_model_dir(str(model), models_dir, download=download, progress=progress)
-    hparams = load_hparams(model_dir)
-    checkpoint = load_checkpoint(model_dir, hparams)  # the index agrees with hparams.json
-    if verify is not False:
-        from .verify import ensure_verified  # here, so `python -m gpt2_numpy.verify` runs cleanly
+    with repair_advice(model):
+        hparams = load_hparams(model_dir)
+        checkpoint = load_checkpoint(model_dir, hparams)  # the index agrees with hparams.json
+        if verify is not False:
+            from .verify import ensure_verified  # here: `python -m gpt2_numpy.verify` runs clean
 
-        ensure_verified(model_dir, force=bool(verify), progress=progress)
-    tokenizer = load_tokenizer(model_dir)
+            ensure_verified(model_dir, force=bool(verify), progress=progress)
+        tokenizer = load_tokenizer(model_dir)
     if tokenizer.n_vocab != hparams["n_vocab"]:  # a token id without text, or text without an id
         raise GPT2Error(f"{model_dir / 'hparams.json'} says n_vocab {hparams['n_vocab']} but the "
                         f"tokenizer (encoder.json, vocab.bpe) has {tokenizer.n_vocab} tokens")

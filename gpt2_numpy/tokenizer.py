@@ -14,7 +14,7 @@ from pathlib import Path
 
 import tiktoken
 
-from .errors import GPT2Error
+from .errors import DamagedFile, GPT2Error
 
 # GPT-2's pre-tokenizer: contractions, runs of letters, of digits, of other symbols (each with
 # an optional leading space), and whitespace. BPE never merges across these pieces.
@@ -57,8 +57,7 @@ def load_tokenizer(model_dir, verify_official: bool = None) -> tiktoken.Encoding
     if verify_official:
         for name, path in paths.items():
             if sha256_of(path) != OFFICIAL_SHA256[name]:
-                raise GPT2Error(f"{path} is not OpenAI's GPT-2 {name} (SHA-256 mismatch); "
-                                "delete it and run again to re-download")
+                raise DamagedFile(f"{path} is not OpenAI's GPT-2 {name} (SHA-256 mismatch)")
 
     to_byte = byte_alphabet()
 

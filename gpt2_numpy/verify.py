@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import DATA_FILE, INDEX_FILE, crc32c, mask_crc, read_index
-from .errors import GPT2Error
+from .errors import DamagedFile, GPT2Error
 
 RECORD_FILE = "crc32c-verified.json"
 CHECKED_FILES = (DATA_FILE, INDEX_FILE)
@@ -79,13 +79,11 @@ def verify_checkpoint(model_dir, progress: bool = False) -> None:
               unit_divisor=1024, disable=not progress, leave=False) as bar:
         for name, entry in sorted(entries.items(), key=lambda item: item[1].offset):
             if entry.offset + entry.size > file_size:
-                raise GPT2Error(f"{data_path} is truncated ({file_size} bytes, tensor {name} "
-                                f"ends at byte {entry.offset + entry.size}); delete it and run "
-                                "again to re-download")
+                raise DamagedFile(f"{data_path} is truncated ({file_size} bytes, tensor {name} "
+                                  f"ends at byte {entry.offset + entry.size})")
             if mask_crc(crc(data[entry.offset : entry.offset + entry.size])) != entry.crc32c:
-                raise GPT2Error(f"{data_path}: tensor {name} does not match its CRC-32C in "
-                                f"{INDEX_FILE}, so the file is damaged (it was left as it is: "
-                                "delete it and run again to re-download)")
+                raise DamagedFile(f"{data_path}: tensor {name} does not match its CRC-32C in "
+                                  f"{INDEX_FILE}, so the file is damaged (it was left as it is)")
             bar.update(entry.size)
     del data  # unmap before anything else reads the file
     if file_versions(model_dir) == before:  # unchanged while it was read: worth remembering

@@ -257,7 +257,7 @@ def test_text_lines_show_control_characters_instead_of_sending_them(capsys):
 
 def test_print_report_shows_every_control_character():
     r = {"prompt": "p", "adaptive": False, "draft": None, "temperature": 1.0,
-         "autoregressive": {"decode_seconds": 1.0, "tokens_per_second": 1.0,
+         "autoregressive": {"decode_seconds": 1.0, "tokens_per_second": 1.0, "n_generated": 1,
                             "prefill_seconds": 0.0, "stopped_at_context": False,
                             "text": "".join(map(chr, range(0xA0))) + "\x1b]0;title\x07"}}
     out = io_of(main.print_report, r)
@@ -274,3 +274,63 @@ def io_of(fn, *args):
     with contextlib.redirect_stdout(buffer):
         fn(*args)
     return buffer.getvalue()
+
+
+@pytest.mark.parametrize("flags", [["--K", "1.5"], ["--temprature", "1"], ["--mode", "fast"]])
+def test_a_flag_argparse_rejects_is_one_line_too(capsys, flags):
+    with pytest.raises(SystemExit) as exit_:
+        main.main(BASE + flags)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "--help" in err
+
+
+@pytest.mark.parametrize("flags", [["--show"], ["--json"], []])
+def test_a_closed_pipe_ends_quietly(flags):
+    """`python main.py ... | head -c 1`: the reader is gone before the output is written."""
+    read, write = os.pipe()
+    os.close(read)  # every write to the pipe now fails with EPIPE
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), *BASE, *flags],
+                          stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write)
+    assert proc.returncode in (0, 141) and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr == ""
+
+
+def test_repair_advice_fits_where_the_folder_came_from(capsys, tmp_path):
+    folder, _ = damaged_copy(tmp_path)  # a folder the user names: nothing would re-download it
+    assert main.main(BASE + ["--target_model_size", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "replace it with an intact copy" in err and "run again" not in err
+    cache = tmp_path / "cache"  # the same damage in a size's download folder
+    shutil.copytree(folder, cache / "124M")
+    assert main.main(BASE + ["--target_model_size", "124M", "--models_dir", str(cache)]) == 2
+    err = capsys.readouterr().err
+    assert "delete it and run again to re-download" in err and "replace it" not in err
+
+
+def test_an_invalid_utf8_prompt_is_shown_as_it_was_fed():
+    """The shell hands over bytes; \\xff is not UTF-8, is tokenized as U+FFFD, and is shown so."""
+    argv = [sys.executable.encode(), str(ROOT / "main.py").encode(),
+            *[a.encode() for a in BASE if a != "the cat sat"]]
+    argv[argv.index(b"--prompt") + 1 : argv.index(b"--prompt") + 1] = [b"the c\xffat"]
+    proc = subprocess.run(argv, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.decode("utf-8")  # valid UTF-8: no raw byte echoed back
+    texts = [line for line in out.split("\n") if line.startswith("Text = ")]
+    assert len(texts) == 2 and all(line.startswith("Text = the c\ufffdat") for line in texts)
+    r = strict_loads(subprocess.run(argv + [b"--json"], capture_output=True, timeout=120).stdout)
+    tokenizer = gpt2.load_model(TARGET, progress=False).tokenizer
+    assert r["prompt"] == "the c\ufffdat" == tokenizer.decode(r["prompt_token_ids"])
+
+
+def test_c_is_the_cost_ratio_of_one_forward(capsys):
+    """c compares one draft forward with one target forward: a round makes K draft forwards and
+    one target forward, so the ratio of the two totals would be K times too large."""
+    r = run_json(capsys, "--K", "4")
+    ar, sp = r["autoregressive"], r["speculative"]
+    assert r["c"] == pytest.approx((sp["draft_seconds"] / sp["draft_calls"])
+                                   / (ar["target_seconds"] / ar["target_calls"]))
+    assert sp["draft_calls"] >= 2 * ar["target_calls"]  # the fixtures' draft is rarely right,
+    totals = sp["draft_seconds"] / ar["target_seconds"]  # so the ratio of the totals differs
+    assert abs(r["c"] - totals) > 0.2 * r["c"]

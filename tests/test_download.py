@@ -238,7 +238,30 @@ def test_nothing_listening_fails_fast_with_one_line(tmp_path):
     msg = str(err.value)
     assert "\n" not in msg and "connection refused" in msg
     assert all(name in msg for name in dl.MODEL_FILES)
-    assert not list((tmp_path / SIZE).iterdir())  # nothing half-written
+    assert not (tmp_path / SIZE).exists()  # nothing half-written, and no empty folder left
+
+
+def test_every_size_that_fails_is_named_in_one_error(tmp_path, monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv(dl.BASE_URL_ENV, f"http://127.0.0.1:{port}")
+    with pytest.raises(GPT2Error) as err:
+        dl.resolve_model_dirs(["355M", "124M"], tmp_path, progress=False)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.count("connection refused") == 2
+    assert str(tmp_path / "355M") in msg and str(tmp_path / "124M") in msg
+    assert not (tmp_path / "355M").exists() and not (tmp_path / "124M").exists()
+
+
+def test_a_failed_download_keeps_what_was_downloaded(bucket, tmp_path):
+    data = "model.ckpt.data-00000-of-00001"
+    (tmp_path / SIZE).mkdir()
+    (tmp_path / SIZE / (data + ".part")).write_bytes(fake_model()[data][:100])  # an earlier run's
+    bucket.fail_500[f"/{SIZE}/{data}"] = 10  # the server fails every attempt
+    with pytest.raises(GPT2Error):
+        fetch(bucket, tmp_path, retries=2)
+    assert (tmp_path / SIZE / (data + ".part")).read_bytes() == fake_model()[data][:100]
 
 
 def test_complete_folder_makes_no_request(bucket, tmp_path):

@@ -58,7 +58,7 @@ def test_human_readable_report_has_three_blocks(capsys):
                     "Speculative Decoding", "Speedup = ", "Same tokens = yes",
                     "Between the bounds: "):
         assert heading in out
-    assert out.count("Text = the cat sat") == 3 and out.count(" tokens/s, prefill") == 3
+    assert out.count("Text = the cat sat") == 3 and out.count(" tokens/s), after ") == 3
 
 
 def test_mode_all_with_an_ngram_draft_is_an_error(capsys):
@@ -117,3 +117,15 @@ def test_mode_all_on_the_cupy_backend_gives_the_numpy_backends_tokens(capsys):
     for mode in ("autoregressive", "draft_alone", "speculative"):
         assert runs["cupy"][mode]["token_ids"] == runs["numpy"][mode]["token_ids"]
     assert runs["cupy"]["backend"] == "cupy"
+
+
+def test_the_draft_alone_run_honours_top_k_and_top_p(capsys):
+    assert main.main(BASE + ["--json", "--temperature", "1.5", "--top_k", "5", "--top_p", "0.9",
+                             "--seed", "3"]) == 0
+    r = strict_json(capsys.readouterr().out)
+    draft = gpt2.load_model(DRAFT, progress=False)
+    prompt = draft.tokenizer.encode("the cat sat")
+    runs = {warp: gpt2.autoregressive_sample(draft, prompt, 17, warp, np.random.default_rng(3))[0]
+            for warp in (gpt2.Warp(1.5, 5, 0.9), gpt2.Warp(1.5))}
+    assert r["draft_alone"]["token_ids"] == runs[gpt2.Warp(1.5, 5, 0.9)]
+    assert runs[gpt2.Warp(1.5, 5, 0.9)] != runs[gpt2.Warp(1.5)]  # the test can tell them apart

@@ -4,7 +4,7 @@ import shutil
 import pytest
 
 from gpt2_numpy import GPT2Error
-from gpt2_numpy.tokenizer import load_tokenizer
+from gpt2_numpy.tokenizer import byte_alphabet, load_tokenizer
 from conftest import FIXTURES, SHARED_TOKENIZER
 
 needs_shared = pytest.mark.skipif(not SHARED_TOKENIZER.is_dir(),
@@ -51,3 +51,44 @@ def test_official_vocabulary_with_a_wrong_hash_is_refused(tmp_path):
     (tmp_path / "vocab.bpe").write_bytes((SHARED_TOKENIZER / "vocab.bpe").read_bytes() + b"\n")
     with pytest.raises(GPT2Error, match="SHA-256"):
         load_tokenizer(tmp_path)
+
+
+def reference_encode(text: str, folder) -> list:
+    """GPT-2's encoding as OpenAI's encoder.py defines it, written out plainly: split the text
+    with the pre-tokenizer pattern, spell each piece's bytes in the files' alphabet, then merge
+    the adjacent pair with the lowest rank in vocab.bpe until none is left."""
+    import json
+
+    import regex
+
+    pattern = regex.compile(
+        r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+    encoder = json.loads((folder / "encoder.json").read_text(encoding="utf-8"))
+    merges = (folder / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]
+    rank = {tuple(line.split()): i for i, line in enumerate(merges) if line}
+    char_of = {b: c for c, b in byte_alphabet().items()}
+    ids = []
+    for piece in pattern.findall(text):
+        word = [char_of[b] for b in piece.encode("utf-8")]
+        while len(word) > 1:
+            pairs = [(rank.get(pair, float("inf")), i) for i, pair in enumerate(zip(word, word[1:]))]
+            best, i = min(pairs)
+            if best == float("inf"):
+                break
+            word[i : i + 2] = [word[i] + word[i + 1]]
+        ids += [encoder[token] for token in word]
+    return ids
+
+
+@needs_shared
+@pytest.mark.parametrize("text", [
+    "in 1999 there were 42 cats",
+    "I'm sure they'll say it's 3.14, isn't it? We've 100s of 'em, and you'd agree.",
+    "1,000,000 and 0.5%: 2024-12-03 at 10:30am",
+    "  two leading spaces,  double  spaces\n\nand a blank line\t tab",
+    "naïve café 日本語 🙂",
+])
+def test_official_vocabulary_matches_the_reference_bpe(text):
+    """Digits, contractions and whitespace: where a pre-tokenizer that differs from GPT-2's (one
+    that drops the optional space before numbers, say) shows."""
+    assert load_tokenizer(SHARED_TOKENIZER).encode(text) == reference_encode(text, SHARED_TOKENIZER)
