@@ -15,10 +15,13 @@ import os
 import sys
 import time
 
-import gpt2_numpy  # noqa: F401  first: it picks OpenBLAS's kernels before NumPy loads OpenBLAS
-import numpy as np
-from gpt2_numpy.sampling import MIN_TEMPERATURE
-from gpt2_numpy.show import visible
+import gpt2_numpy
+
+gpt2_numpy.tune_process()  # first, before NumPy loads OpenBLAS: its kernels, malloc (tuning.py)
+
+import numpy as np  # noqa: E402
+from gpt2_numpy.sampling import MIN_TEMPERATURE  # noqa: E402
+from gpt2_numpy.show import visible  # noqa: E402
 
 DEFAULT_PROMPT = "Alan Turing theorized that computers would one day become"
 
@@ -101,15 +104,16 @@ def progress_bar(total, desc, enabled):
 
 def run(args):
     import gpt2_numpy
-    from gpt2_numpy import AdaptiveK, FixedK, NGramDrafter
-    from gpt2_numpy.decoding import check_n_new
+    from gpt2_numpy import AdaptiveK, NGramDrafter
+    from gpt2_numpy.decoding import check_K, check_n_new
     from gpt2_numpy.errors import GPT2Error
     from gpt2_numpy.show import show_stream
 
     check_args(args, GPT2Error)
     # The library's own objects check the values, before anything is downloaded or loaded.
     warp = gpt2_numpy.Warp(args.temperature, args.top_k, args.top_p)
-    policy = (AdaptiveK if args.adaptive else FixedK)(args.K)
+    check_K(args.K)
+    policy = AdaptiveK(args.K) if args.adaptive else None
     check_n_new(args.n_tokens_to_generate)
     gpt2 = backend_module(args.backend)
     progress = not args.no_progress
@@ -156,9 +160,13 @@ def run(args):
             model = target if mode == "autoregressive" else draft
             ids, stats = gpt2.autoregressive_sample(model, prompt, args.n_tokens_to_generate,
                                                     warp, rng, on_tokens)
+        elif args.adaptive:
+            ids, stats = gpt2.adaptive_speculative_sample(target, draft, prompt,
+                                                          args.n_tokens_to_generate, policy, warp,
+                                                          rng, on_tokens)
         else:
             ids, stats = gpt2.speculative_sample(target, draft, prompt, args.n_tokens_to_generate,
-                                                 policy, warp, rng, on_tokens)
+                                                 args.K, warp, rng, on_tokens)
         bar.close()
         if showing:
             on_tokens.close()

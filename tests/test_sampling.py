@@ -193,7 +193,7 @@ def test_the_smallest_temperature_allowed_gives_the_argmax():
 def test_probability_of_reads_each_rows_distribution_at_its_token(warp):
     """The look back's shortcut (greedy: an argmax test, no distribution) gives what the full
     distribution says, ties included (both pick the lowest id)."""
-    from gpt2_numpy.sampling import probability_of
+    from gpt2_numpy.adaptive import probability_of
 
     rng = np.random.default_rng(3)
     logits = rng.standard_normal((40, 9)).astype(np.float32)
