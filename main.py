@@ -112,8 +112,9 @@ def run(args):
     check_args(args, GPT2Error)
     # The library's own objects check the values, before anything is downloaded or loaded.
     warp = gpt2_numpy.Warp(args.temperature, args.top_k, args.top_p)
-    check_K(args.K)
     policy = AdaptiveK(args.K) if args.adaptive else None
+    if not args.adaptive:
+        check_K(args.K)
     check_n_new(args.n_tokens_to_generate)
     gpt2 = backend_module(args.backend)
     progress = not args.no_progress
