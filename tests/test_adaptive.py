@@ -636,3 +636,84 @@ def test_host_overhead_counts_against_the_guard():
     assert policy.guard.loss == pytest.approx(0.185) and policy.affordable() == 1
     policy.overhead(0.1)
     assert policy.next_K() == 0  # nothing left to risk: plain steps to the end
+
+
+def test_optimistic_acceptance_is_a_plus_its_standard_error():
+    """Written out for given counts: four rounds that each accepted 1 of 4 drafts, after the prior
+    of 0.25 each, leave 4.25 acceptances and 4.25 rejections: a = 0.5, n = 8.5, and a plus one
+    standard error is a + sqrt(a (1 - a) / (n + 1)); the doubt adds two."""
+    policy = AdaptiveK(8, decay=1.0, prior=0.25)
+    policy.update(0, 0, 0.0, 0.1)
+    for _ in range(4):
+        policy.update(4, 1, 0.1, 0.2)
+    standard_error = math.sqrt(0.5 * 0.5 / 9.5)  # 0.162
+    assert policy.estimates.acceptance == pytest.approx(0.5)
+    assert policy.estimates.optimistic_acceptance == pytest.approx(0.5 + standard_error)
+    assert policy.estimates.acceptance_plus(2) == pytest.approx(0.5 + 2 * standard_error)
+
+
+class PlainThenMany(gpt2.KPolicy):
+    """Plain rounds until `plain` tokens, then asks for `many` drafts, again after the look back."""
+
+    def __init__(self, plain, many):
+        super().__init__()
+        self.plain, self.many, self.rounds, self.asked = plain, many, 0, []
+
+    def next_K(self):
+        K = 0 if self.rounds < self.plain else self.many
+        self.asked.append(K)
+        return K
+
+    def update(self, K, *args):
+        self.rounds += 1
+
+
+class RoomyCaches:
+    """A model whose caches have room for its whole context, whatever the decoder asks for: a
+    round that proposes too many drafts shows as too many tokens, not as a full cache."""
+
+    def __init__(self, model):
+        self.model, self.n_vocab, self.n_ctx = model, model.n_vocab, model.n_ctx
+
+    def new_cache(self, capacity=None):
+        return self.model.new_cache(self.n_ctx)
+
+    def __call__(self, ids, cache, n_logits=1):
+        return self.model(ids, cache, n_logits)
+
+
+@pytest.mark.parametrize("n_new", [10, 11, 12])
+def test_a_look_back_near_the_end_drafts_no_more_than_remain(target, drafts, n_new):
+    """After 8 plain rounds the policy asks for 6 drafts, before and after the look back; with
+    2 to 4 tokens left, every round's K is capped to what remains, and exactly n_new tokens
+    come out."""
+    policy = PlainThenMany(8, 6)
+    committed = []
+
+    def after_round(ids, kinds):
+        committed.extend(ids)
+
+    ids, stats = adaptive_speculative_sample(RoomyCaches(target), RoomyCaches(drafts["always"]),
+                                             PROMPT, n_new, policy, on_tokens=after_round)
+    assert policy.asked.count(6) >= 2  # asked again after the look back
+    assert len(ids) == stats.n_generated == len(committed) == n_new
+    assert ids == autoregressive_sample(target, PROMPT, n_new)[0]
+    done = 0
+    for K, accepted in zip(stats.K_per_round, stats.accepted_per_round):
+        assert K <= n_new - done - 1  # K + 1 tokens at most: no more than remain
+        done += accepted + 1
+
+
+def test_a_look_back_is_charged_to_the_guard():
+    """A catch-up of s seconds adds s to what drafting has lost, whether the round after it
+    drafts or stays plain."""
+    policy = Stubbed(8, CPU)  # r(1) = 0.1 s
+    policy.begin(100)
+    policy.update(0, 0, 0.0, 0.0)
+    before = policy.guard.loss
+    policy.look_back([0.0, 0.0], 0.07)
+    policy.update(0, 0, 0.0, 0.0)  # the look back said no: a plain round, the catch-up lost
+    assert policy.guard.loss == pytest.approx(before + 0.07)
+    policy.look_back([1.0], 0.03)
+    policy.update(2, 2, 0.0, 0.0)  # drafted: 3 tokens for 2 x 0.04 + r(3), and the catch-up
+    assert policy.guard.loss == pytest.approx(before + 0.07 + 0.03 + 0.08 + 0.255 - 0.3)
