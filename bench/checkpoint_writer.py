@@ -20,8 +20,8 @@ from typing import Iterator
 import numpy as np
 
 from gpt2_numpy.checkpoint import (DATA_FILE, DT_FLOAT, FOOTER_LEN, HPARAM_KEYS, INDEX_FILE,
-                                   LITTLE_ENDIAN, NO_COMPRESSION, TABLE_MAGIC, _check_hparams, _FIXED32,
-                                   _LENGTH_DELIMITED, _VARINT, expected_shapes)
+                                   LITTLE_ENDIAN, NO_COMPRESSION, TABLE_MAGIC, _check_hparams,
+                                   _FIXED32, _LENGTH_DELIMITED, _VARINT, expected_shapes)
 from gpt2_numpy.crc32c import crc32c, mask_crc
 from gpt2_numpy.errors import GPT2Error
 

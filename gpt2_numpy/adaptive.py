@@ -136,17 +136,6 @@ class LookBackDrafter(ModelDrafter):
         return {i: min(1.0, q_i / p) for (i, p), q_i in zip(plain.items(), q)}
 
 
-class Remembered:
-    """The target, keeping the logits of its last forward (a plain round's p, for the look back)."""
-
-    def __init__(self, model):
-        self.model, self.logits = model, None
-
-    def __call__(self, ids, cache, n_logits=1):
-        self.logits = self.model(ids, cache, n_logits)
-        return self.logits
-
-
 class TimedProposals(Drafter):
     """A drafter whose proposals are timed (propose: a Timed), everything else passed through."""
 
@@ -191,8 +180,7 @@ def adaptive_speculative_sample(target, draft, prompt: List[int], n_new: int, po
     drafter.start(tokens, n_stop - 1)
     stats.prefill_seconds = clock() - start
 
-    remembered = Remembered(target)
-    verifying, drafting = Timed(remembered, clock), TimedProposals(drafter, clock)
+    timed_target, timed_drafter = Timed(target, clock), TimedProposals(drafter, clock)
     plain = {}  # index -> p(token), for tokens committed by rounds without drafts, not yet seen
     policy.begin(n_new, lags)
     start = clock()
@@ -209,17 +197,16 @@ def adaptive_speculative_sample(target, draft, prompt: List[int], n_new: int, po
             policy.look_back(list(acceptance.values()), caught_up)
             K = min(policy.next_K(), most)
         # 2. The round, its draft and target forwards timed (this round's seconds only).
-        drafting.propose.seconds = verifying.seconds = 0.0
-        r = speculative_round(tokens, K, drafting, verifying, cache, warp, rng)
+        timed_drafter.propose.seconds = timed_target.seconds = 0.0
+        r = speculative_round(tokens, K, timed_drafter, timed_target, cache, warp, rng)
         # 3. The policy hears the round, and its host time outside the forwards and catch-up.
         entered = clock()
-        policy.update(r.K, r.accepted, drafting.propose.seconds, verifying.seconds)
+        policy.update(r.K, r.accepted, timed_drafter.propose.seconds, timed_target.seconds)
         if not r.K and lags:  # a token the draft has not seen: p(token), for the look back
-            last = to_numpy(remembered.logits)  # [1, V]: the plain round's one row
-            plain[len(tokens) - 1] = float(probability_of(last, tokens[-1:], warp)[0])
-        forwards = drafting.propose.seconds + verifying.seconds + caught_up
+            plain[len(tokens) - 1] = float(r.p[0, tokens[-1]])
+        forwards = timed_drafter.propose.seconds + timed_target.seconds + caught_up
         policy.overhead(max(0.0, entered - began - forwards) + clock() - entered)
-        stats.target_seconds += verifying.seconds
+        stats.target_seconds += timed_target.seconds
         stats.add_round(r.K, r.accepted)
         if on_tokens:
             on_tokens(tokens[-(r.accepted + 1) :], r.kinds())
@@ -328,7 +315,8 @@ class Estimates:
     def add_look_back(self, acceptance, seconds: float) -> None:
         """Each judged token counts as a draft: that many acceptances in expectation."""
         passed = float(sum(acceptance))
-        self.accepted, self.rejected = self.accepted + passed, self.rejected + len(acceptance) - passed
+        self.accepted += passed
+        self.rejected += len(acceptance) - passed
         self.catch_ups[max(1, len(acceptance))] = seconds
         self.catch_up_seconds = seconds
 

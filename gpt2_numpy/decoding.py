@@ -139,6 +139,7 @@ class Round(NamedTuple):
 
     K: int
     accepted: int
+    p: np.ndarray  # [K + 1, V]: p_1..p_{K+1}, the target's distributions it verified against
 
     def kinds(self) -> List[str]:
         """How each emitted token came about (on_tokens' kinds)."""
@@ -170,7 +171,7 @@ def speculative_round(tokens: List[int], K: int, drafter: Drafter, target, cache
     cache.rollback(len(tokens) - 1)
     drafter.rollback(tokens)
     assert cache.length == len(tokens) - 1  # never the newest token: the next round feeds it
-    return Round(K, m)
+    return Round(K, m, p)
 
 
 def speculative_sample(target, draft, prompt: List[int], n_new: int, K: int = 4,

@@ -59,9 +59,10 @@ def test_acceptance_counts_only_the_drafts_the_target_judged():
     policy.update(0, 0, 0.0, 0.1)
     policy.next_K()
     policy.update(4, 2, 0.1, 0.3)  # drafts 1, 2 accepted, 3 rejected, 4 never looked at
-    assert policy.estimates.accepted == pytest.approx(2.25) and policy.estimates.rejected == pytest.approx(1.25)
+    est = policy.estimates
+    assert est.accepted == pytest.approx(2.25) and est.rejected == pytest.approx(1.25)
     policy.update(3, 3, 0.1, 0.3)  # all accepted: no rejection
-    assert policy.estimates.accepted == pytest.approx(5.25) and policy.estimates.rejected == pytest.approx(1.25)
+    assert est.accepted == pytest.approx(5.25) and est.rejected == pytest.approx(1.25)
 
 
 @pytest.mark.parametrize("K_max", [1, 3, 8])
@@ -86,7 +87,8 @@ def test_the_choice_is_the_argmax_of_expected_tokens_per_second():
             return expected_tokens(K, a) / (K * CPU["t_draft"] + CPU["r"](K + 1))
         # draft at all if an optimistic a says so; then the K that is best for a itself
         draft = np.argmax([rate(K, policy.estimates.optimistic_acceptance) for K in range(9)]) > 0
-        expected = 1 + int(np.argmax([rate(K, policy.estimates.acceptance) for K in range(1, 9)])) if draft else 0
+        a = policy.estimates.acceptance
+        expected = 1 + int(np.argmax([rate(K, a) for K in range(1, 9)])) if draft else 0
         chosen.append(policy.next_K())
         assert chosen[-1] == expected, policy.estimates.acceptance
         policy.update(8, accepted, 8 * CPU["t_draft"], CPU["r"](9))
@@ -235,13 +237,15 @@ def test_optimism_shrinks_as_drafts_are_judged():
     before = (policy.estimates.acceptance, policy.estimates.optimistic_acceptance)
     for _ in range(50):
         policy.update(0, 0, 0.0, 0.1)
-    assert (policy.estimates.acceptance, policy.estimates.optimistic_acceptance) == before  # plain rounds learn nothing
+    est = policy.estimates
+    assert (est.acceptance, est.optimistic_acceptance) == before  # plain rounds learn nothing
 
 
 def play_looking_back(policy, costs, acceptance, n_rounds, seed=0, catch_up=0.05):
-    """`play`, with the draft catching up after plain rounds as adaptive_speculative_sample does: each
-    token a plain round committed is looked back on (it would have passed with probability
-    `acceptance`), the catch-up takes `catch_up` seconds, then the policy is asked again.
+    """`play`, with the draft catching up after plain rounds as adaptive_speculative_sample
+    does: each token a plain round committed is looked back on (it would have passed with
+    probability `acceptance`), the catch-up takes `catch_up` seconds, then the policy is asked
+    again.
     Returns the K of every round and the number of look backs."""
     rng = np.random.default_rng(seed)
     Ks, missed, looks = [], 0, 0
@@ -262,8 +266,9 @@ def play_looking_back(policy, costs, acceptance, n_rounds, seed=0, catch_up=0.05
 def test_a_look_back_counts_every_missed_token_as_a_judged_draft():
     policy = AdaptiveK(8, decay=1.0, prior=0.25)
     policy.look_back([1.0, 0.0, 1.0, 0.5], 0.05)
-    assert policy.estimates.accepted == pytest.approx(2.75) and policy.estimates.rejected == pytest.approx(1.75)
-    assert policy.estimates.draft_seconds(policy.lags) == 0.05  # no draft step timed yet: the catch-up bounds it
+    est = policy.estimates
+    assert est.accepted == pytest.approx(2.75) and est.rejected == pytest.approx(1.75)
+    assert est.draft_seconds(policy.lags) == 0.05  # no draft step timed yet: the catch-up bounds it
 
 
 def test_a_probe_whose_look_back_says_no_costs_only_the_catch_up():
@@ -334,8 +339,8 @@ def test_the_catch_up_looks_back_with_min_1_q_over_p(target, drafts, temperature
 
 class Listening(Stubbed):
     """AdaptiveK (on made-up costs, so that what it decides does not depend on the machine's
-    speed) that checks what adaptive_speculative_sample tells it: a look back covers exactly the plain
-    rounds since the previous one."""
+    speed) that checks what adaptive_speculative_sample tells it: a look back covers exactly the
+    plain rounds since the previous one."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
@@ -518,8 +523,8 @@ def test_a_catch_up_is_projected_to_the_current_lag():
     policy.begin(100)
     for _ in range(26):
         policy.update(0, 0, 0.0, 0.003)
-    assert policy.worst_loss(1) == pytest.approx(policy.estimates.catch_up_estimate(26) + policy.cost(1)
-                                                 - 0.003)
+    assert policy.worst_loss(1) == pytest.approx(policy.estimates.catch_up_estimate(26)
+                                                 + policy.cost(1) - 0.003)
 
 
 # Costs shaped like the H100's of docs/gpu.md (CUDA graphs; seconds): r(T) nearly flat, a draft
