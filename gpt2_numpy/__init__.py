@@ -28,7 +28,8 @@ __all__ = ["AdaptiveK", "Drafter", "FixedK", "GPT2", "GPT2Error", "KPolicy", "KV
 
 def __getattr__(name):
     """gpt2_numpy.X for X in api.py: loads the library (and NumPy) the first time."""
-    api = importlib.import_module(".api", __name__)
-    if name in api.__all__:
-        return getattr(api, name)
+    if name in __all__:
+        value = getattr(importlib.import_module(".api", __name__), name)
+        globals()[name] = value  # found by the ordinary lookup from now on
+        return value
     raise AttributeError(f"module 'gpt2_numpy' has no attribute {name!r}")

@@ -19,10 +19,3 @@ def load_model(model="124M", models_dir=None, dtype=None, download=True, progres
     return _load_model(model, models_dir, xp=xp, dtype=dtype, download=download, progress=progress,
                        verify=verify)
 
-
-__all__ = ["AdaptiveK", "Drafter", "FixedK", "GPT2", "GPT2Error", "KPolicy", "KVCache",
-           "ModelDrafter", "NGramDrafter", "OFFICIAL_HPARAMS", "Stats", "Warp",
-           "accept_or_resample", "adaptive_speculative_sample", "autoregressive_sample",
-           "expected_tokens", "forward",
-           "load_hparams", "load_model", "official_hparams", "probabilities", "random_params",
-           "residual", "sample", "speculative_sample", "xp"]

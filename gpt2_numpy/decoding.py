@@ -17,7 +17,6 @@ Each round therefore emits between 1 and K + 1 tokens for one target forward, an
 token is distributed exactly as the (warped) target alone would have sampled it.
 """
 import numbers
-import time
 from typing import Callable, List, NamedTuple
 
 import numpy as np
@@ -50,6 +49,14 @@ def check_n_new(n_new: int) -> None:
         raise GPT2Error(f"the number of tokens to generate must be >= 1, got {n_new}")
 
 
+def check_K(K) -> None:
+    if not isinstance(K, numbers.Integral):
+        raise GPT2Error(f"K (draft tokens per round) must be an int, got {K!r} (a policy that "
+                        f"chooses K goes to adaptive.adaptive_speculative_sample)")
+    if K < 1:
+        raise GPT2Error(f"K (draft tokens per round) must be >= 1, got {K}")
+
+
 def check_vocabularies(drafter, target) -> None:
     if drafter.n_vocab != target.n_vocab:
         raise GPT2Error(f"draft and target vocabularies differ ({drafter.n_vocab} vs "
@@ -78,20 +85,18 @@ def autoregressive_sample(model, prompt: List[int], n_new: int, warp: Warp = War
     tokens, n_new, stats = checked_request(model, prompt, n_new, "autoregressive")
     cache = model.new_cache(len(tokens) + n_new - 1)  # the last new token is never fed
 
-    start = time.perf_counter()
-    prefill(model, cache, tokens)
-    stats.prefill_seconds = time.perf_counter() - start
+    with stats.timing("prefill_seconds"):
+        prefill(model, cache, tokens)
 
     target = Timed(model)  # counts the decoding forwards and their seconds
-    start = time.perf_counter()
-    for _ in range(n_new):
-        logits = to_numpy(target(tokens[cache.length :], cache))  # [1, V]: the newest token only
-        tokens.append(sample(probabilities(logits[-1], warp), rng))
-        assert cache.length == len(tokens) - 1
-        if on_tokens:
-            on_tokens(tokens[-1:], ["target"])
-    stats.decode_seconds = time.perf_counter() - start
-    stats.target_seconds, stats.target_calls = target.seconds, target.calls
+    with stats.timing("decode_seconds"):
+        for _ in range(n_new):
+            logits = to_numpy(target(tokens[cache.length :], cache))  # [1, V]: the newest token
+            tokens.append(sample(probabilities(logits[-1], warp), rng))
+            assert cache.length == len(tokens) - 1
+            if on_tokens:
+                on_tokens(tokens[-1:], ["target"])
+    stats.count_forwards(target)
     stats.rounds = stats.n_generated = len(tokens) - stats.n_prompt
     return tokens[stats.n_prompt :], stats
 
@@ -197,28 +202,19 @@ def speculative_sample(target, draft, prompt: List[int], n_new: int, K: int = 4,
     n_stop = len(tokens) + n_new
     cache = target.new_cache(n_stop - 1)
 
-    start = time.perf_counter()
-    prefill(target, cache, tokens)
-    drafter.start(tokens, n_stop - 1)
-    stats.prefill_seconds = time.perf_counter() - start
+    with stats.timing("prefill_seconds"):
+        prefill(target, cache, tokens)
+        drafter.start(tokens, n_stop - 1)
 
     timed_target = Timed(target)  # counts the decoding forwards and their seconds
-    start = time.perf_counter()
-    while len(tokens) < n_stop:
-        most = n_stop - len(tokens) - 1  # a round emits K + 1 tokens at most
-        r = speculative_round(tokens, min(K, most), drafter, timed_target, cache, warp, rng)
-        stats.add_round(r.K, r.accepted)
-        if on_tokens:
-            on_tokens(tokens[-(r.accepted + 1) :], r.kinds())
-    stats.decode_seconds = time.perf_counter() - start
-    stats.target_seconds, stats.target_calls = timed_target.seconds, timed_target.calls
-    stats.draft_seconds, stats.draft_calls = drafter.seconds, drafter.calls
+    with stats.timing("decode_seconds"):
+        while len(tokens) < n_stop:
+            most = n_stop - len(tokens) - 1  # a round emits K + 1 tokens at most
+            r = speculative_round(tokens, min(K, most), drafter, timed_target, cache, warp, rng)
+            stats.add_round(r.K, r.accepted)
+            if on_tokens:
+                on_tokens(tokens[-(r.accepted + 1) :], r.kinds())
+    stats.count_forwards(timed_target, drafter)
     stats.n_generated = len(tokens) - stats.n_prompt
     return tokens[stats.n_prompt :], stats
 
-
-def check_K(K) -> None:
-    if not isinstance(K, numbers.Integral):
-        raise GPT2Error(f"K (draft tokens per round) must be an int, got {K!r}")
-    if K < 1:
-        raise GPT2Error(f"K (draft tokens per round) must be >= 1, got {K}")

@@ -1,10 +1,11 @@
 """What a decoding run did and how long it took (`Stats`), and the models' share of that time
 (`Timed`).
 
-The decoders read the wall clock only around the prefill and the decoding loop; the seconds and
+The decoders time two blocks, the prefill and the decoding loop (`Stats.timing`); the seconds and
 calls of the forwards come from `Timed`, a wrapper the decoders put around each model.
 """
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, List
 
@@ -51,6 +52,19 @@ class Stats:
     def tokens_per_round(self) -> float:
         """tau: emitted tokens per target forward (1 for autoregressive decoding)."""
         return self.n_generated / self.rounds if self.rounds else float("nan")
+
+    @contextmanager
+    def timing(self, name: str):
+        """Adds the wall-clock seconds the with-block takes to the field `name`."""
+        start = time.perf_counter()
+        yield
+        setattr(self, name, getattr(self, name) + time.perf_counter() - start)
+
+    def count_forwards(self, target, drafter=None) -> None:
+        """The decoding forwards' seconds and calls: target a Timed model, drafter a Drafter."""
+        self.target_seconds, self.target_calls = target.seconds, target.calls
+        if drafter is not None:
+            self.draft_seconds, self.draft_calls = drafter.seconds, drafter.calls
 
     def add_round(self, K: int, accepted: int) -> None:
         self.rounds += 1

@@ -133,3 +133,11 @@ def test_the_library_ships_only_what_it_uses():
     # The search sees an unused module: one that nothing imports.
     assert "gpt2_numpy.unused" not in reachable({**graph, "gpt2_numpy.unused": set()},
                                                 ["gpt2_numpy", "gpt2_numpy.api", "main"])
+
+
+def test_the_tutorials_decoders_know_nothing_of_adaptive_K():
+    """decoding.py (the papers' loop) reaches neither adaptive.py nor anything that imports it:
+    adaptive K is a layer on top of the round."""
+    graph = import_graph()
+    assert "gpt2_numpy.decoding" in graph["gpt2_numpy.adaptive"]  # the layer above sees it
+    assert "gpt2_numpy.adaptive" not in reachable(graph, ["gpt2_numpy.decoding"])
