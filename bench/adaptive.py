@@ -66,15 +66,15 @@ class ScriptedDrafter(LookBackDrafter):
         return {i: 0.0 if self.wrong[i - self.n_prompt] else 1.0 for i in looked}
 
 
-def decode(target, make_drafter, prompt, n, K, K_max, seed=0):
-    """One timed run. K: None (autoregressive), an int, or ("adaptive", stake);
-    make_drafter(seed)."""
-    if K is None:
+def decode(target, make_drafter, prompt, n, decoder, K_max, seed=0):
+    """One timed run. decoder: None (autoregressive), an int K (speculative, fixed K), or
+    ("adaptive", stake); make_drafter(seed)."""
+    if decoder is None:
         return autoregressive_sample(target, prompt, n, Warp(0.0))
-    if isinstance(K, tuple):
+    if isinstance(decoder, tuple):
         return adaptive_speculative_sample(target, make_drafter(seed), prompt, n,
-                                           AdaptiveK(K_max, stake=K[1]), Warp(0.0))
-    return speculative_sample(target, make_drafter(seed), prompt, n, K, Warp(0.0))
+                                           AdaptiveK(K_max, stake=decoder[1]), Warp(0.0))
+    return speculative_sample(target, make_drafter(seed), prompt, n, decoder, Warp(0.0))
 
 
 def row(name, K, n, runs, reference, stake=None):
@@ -109,9 +109,9 @@ def run_situation(target, make_drafter, prompt, n, n_fixed, K_max, reference, re
     best = max(fixed, key=lambda K: fixed[K][0][1].tokens_per_second)
     finals = {None: [], best: [], **{("adaptive", stake): [] for stake in stakes}}
     for seed in range(repeats):
-        for K in finals:
-            finals[K].append(decode(target, make_drafter, prompt, n_fixed if K == best else n,
-                                    K, K_max, seed))
+        for decoder in finals:
+            finals[decoder].append(decode(target, make_drafter, prompt,
+                                          n_fixed if decoder == best else n, decoder, K_max, seed))
     rows = [row("autoregressive", 0, n, finals[None], reference)]
     rows += [row(f"K={K} (best K >= 1)", K, n_fixed, finals[K], reference) if K == best else
              row(f"K={K}", K, n_fixed, fixed[K], reference) for K in fixed]
