@@ -15,8 +15,9 @@ the form a graph can record, the fallback where the fused kernels do not compile
 """
 from gpt2_numpy import (OFFICIAL_HPARAMS, AdaptiveK, FixedK, GPT2Error, KVCache,
                         ModelDrafter, NGramDrafter, Stats, Warp, accept_or_resample,
-                        adaptive_speculative_sample, autoregressive_sample, forward, load_hparams, official_hparams,
-                        probabilities, residual, sample, speculative_sample)
+                        adaptive_speculative_sample, autoregressive_sample, forward,
+                        load_hparams, official_hparams, probabilities, residual, sample,
+                        speculative_sample)
 from gpt2_numpy import load as _load
 
 try:
