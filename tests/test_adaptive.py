@@ -722,3 +722,25 @@ def test_a_look_back_is_charged_to_the_guard():
     policy.look_back([1.0], 0.03)
     policy.update(2, 2, 0.0, 0.0)  # drafted: 3 tokens for 2 x 0.04 + r(3), and the catch-up
     assert policy.guard.loss == pytest.approx(before + 0.07 + 0.03 + 0.08 + 0.255 - 0.3)
+
+
+class Hearing(Scripted):
+    """Scripted, keeping every acceptance a look back reports."""
+
+    def __init__(self, Ks):
+        super().__init__(Ks)
+        self.heard = []
+
+    def look_back(self, acceptance, seconds):
+        self.heard += acceptance
+
+
+def test_with_the_target_as_its_own_draft_every_look_back_passes(target):
+    """Sampling at temperature 1, the target drafting for itself: at every token a plain round
+    chose, q = p, so min(1, q / p) = 1 (up to float32 rounding between a one-token and a
+    many-token forward). The decoder must pass the catch-up p at the very token chosen."""
+    policy = Hearing([0, 0, 0, 2])
+    ids, stats = adaptive_speculative_sample(target, target, PROMPT, 30, policy, Warp(1.0),
+                                             np.random.default_rng(1))
+    assert len(policy.heard) >= 10 and stats.n_generated == 30
+    assert policy.heard == [pytest.approx(1.0, abs=1e-3)] * len(policy.heard)
