@@ -16,11 +16,14 @@ import os
 import sys
 import time
 
-import gpt2_numpy  # noqa: F401  first: it picks OpenBLAS's kernels before NumPy loads OpenBLAS
-import numpy as np
-from gpt2_numpy.errors import GPT2Error
-from gpt2_numpy.sampling import MIN_TEMPERATURE
-from gpt2_numpy.show import visible
+import gpt2_numpy
+
+gpt2_numpy.tune_process()  # first, before NumPy loads OpenBLAS: its kernels, malloc (tuning.py)
+
+import numpy as np  # noqa: E402
+from gpt2_numpy.errors import GPT2Error  # noqa: E402
+from gpt2_numpy.sampling import MIN_TEMPERATURE  # noqa: E402
+from gpt2_numpy.show import visible  # noqa: E402
 
 DEFAULT_PROMPT = "Alan Turing theorized that computers would one day become"
 MODES = {"both": ["autoregressive", "speculative"],
@@ -93,13 +96,17 @@ def check_args(args):
 
 
 def decoding_settings(args):
-    """The warp and the K policy, built by the library's own classes, which check the values."""
-    from gpt2_numpy import AdaptiveK, FixedK, Warp
-    from gpt2_numpy.decoding import check_n_new
+    """The warp, and with --adaptive the K policy, built by the library's own classes and
+    checks. Returns (warp, policy or None)."""
+    from gpt2_numpy import AdaptiveK, Warp
+    from gpt2_numpy.decoding import check_K, check_n_new
 
     check_n_new(args.n_tokens_to_generate)
-    return Warp(args.temperature, args.top_k, args.top_p), (AdaptiveK if args.adaptive
-                                                            else FixedK)(args.K)
+    warp = Warp(args.temperature, args.top_k, args.top_p)
+    if args.adaptive:
+        return warp, AdaptiveK(args.K)
+    check_K(args.K)
+    return warp, None
 
 
 def backend_module(name):
@@ -168,8 +175,11 @@ def decode(mode, gpt2, target, draft, prompt, args, warp, policy):
     if mode in ("autoregressive", "draft_alone"):  # the target alone, or the draft alone
         model = target if mode == "autoregressive" else draft
         ids, stats = gpt2.autoregressive_sample(model, prompt, n, warp, rng, on_tokens)
+    elif policy is not None:  # --adaptive: the policy chooses each round's K
+        ids, stats = gpt2.adaptive_speculative_sample(target, draft, prompt, n, policy, warp,
+                                                      rng, on_tokens)
     else:
-        ids, stats = gpt2.speculative_sample(target, draft, prompt, n, policy, warp, rng,
+        ids, stats = gpt2.speculative_sample(target, draft, prompt, n, args.K, warp, rng,
                                              on_tokens)
     bar.close()
     if showing:

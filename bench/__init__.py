@@ -5,7 +5,11 @@ The library never imports this package: bench/ sits on top of gpt2_cupy and gpt2
 """
 from pathlib import Path
 
-import gpt2_numpy  # noqa: F401  first: it picks OpenBLAS's kernels before NumPy loads OpenBLAS
+import gpt2_numpy
+
+# bench/ is an application, like main.py: it tunes its process (and every worker process it
+# starts, `python -m bench.workers` included) before any of its modules imports NumPy.
+gpt2_numpy.tune_process()
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: img/, weights/, .git
 

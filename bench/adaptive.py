@@ -23,17 +23,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-from gpt2_numpy.adaptive import AdaptiveK
-from gpt2_numpy.decoding import ModelDrafter, autoregressive_sample, speculative_sample
+from gpt2_numpy.adaptive import AdaptiveK, LookBackDrafter, adaptive_speculative_sample
+from gpt2_numpy.decoding import autoregressive_sample, speculative_sample
 from gpt2_numpy.load import official_hparams, random_params
 from gpt2_numpy.model import GPT2
 from gpt2_numpy.sampling import Warp, probabilities
+from gpt2_numpy.backend import to_numpy
 
 from . import command
 from .machine import device_name
 
 
-class ScriptedDrafter(ModelDrafter):
+class ScriptedDrafter(LookBackDrafter):
     """Pays for the draft model's forwards but proposes `script` (the target's greedy output),
     with the token at each position wrong with probability `error`. Which positions are wrong is
     drawn once per seed, like the places where a real draft model disagrees with the target: it
@@ -49,7 +50,7 @@ class ScriptedDrafter(ModelDrafter):
         drafts, q = [], np.zeros((K, self.n_vocab))
         new = tokens[self.cache.length :]
         for i in range(K):
-            probabilities(self.model(new, self.cache)[-1], warp)  # the draft's work, discarded
+            probabilities(to_numpy(self.forward(new, self.cache))[-1], warp)  # work, discarded
             position = len(tokens) - self.n_prompt + i
             x = self.script[position]  # rounds never propose past the requested tokens
             if self.wrong[position]:
@@ -65,13 +66,15 @@ class ScriptedDrafter(ModelDrafter):
         return {i: 0.0 if self.wrong[i - self.n_prompt] else 1.0 for i in looked}
 
 
-def decode(target, make_drafter, prompt, n, K, K_max, seed=0):
-    """One timed run. K: None (autoregressive), an int, or ("adaptive", stake);
-    make_drafter(seed)."""
-    if K is None:
+def decode(target, make_drafter, prompt, n, decoder, K_max, seed=0):
+    """One timed run. decoder: None (autoregressive), an int K (speculative, fixed K), or
+    ("adaptive", stake); make_drafter(seed)."""
+    if decoder is None:
         return autoregressive_sample(target, prompt, n, Warp(0.0))
-    policy = AdaptiveK(K_max, stake=K[1]) if isinstance(K, tuple) else K
-    return speculative_sample(target, make_drafter(seed), prompt, n, policy, Warp(0.0))
+    if isinstance(decoder, tuple):
+        return adaptive_speculative_sample(target, make_drafter(seed), prompt, n,
+                                           AdaptiveK(K_max, stake=decoder[1]), Warp(0.0))
+    return speculative_sample(target, make_drafter(seed), prompt, n, decoder, Warp(0.0))
 
 
 def row(name, K, n, runs, reference, stake=None):
@@ -106,9 +109,9 @@ def run_situation(target, make_drafter, prompt, n, n_fixed, K_max, reference, re
     best = max(fixed, key=lambda K: fixed[K][0][1].tokens_per_second)
     finals = {None: [], best: [], **{("adaptive", stake): [] for stake in stakes}}
     for seed in range(repeats):
-        for K in finals:
-            finals[K].append(decode(target, make_drafter, prompt, n_fixed if K == best else n,
-                                    K, K_max, seed))
+        for decoder in finals:
+            finals[decoder].append(decode(target, make_drafter, prompt,
+                                          n_fixed if decoder == best else n, decoder, K_max, seed))
     rows = [row("autoregressive", 0, n, finals[None], reference)]
     rows += [row(f"K={K} (best K >= 1)", K, n_fixed, finals[K], reference) if K == best else
              row(f"K={K}", K, n_fixed, fixed[K], reference) for K in fixed]
@@ -161,7 +164,7 @@ def main(argv=None):
         ("perturbed target (scripted, 30% of drafts wrong)", n,
          lambda seed: ScriptedDrafter(draft, reference, len(prompt), error=0.3, seed=seed)),
         (f"unrelated random {args.draft} draft", args.n_tokens_unrelated,
-         lambda seed: ModelDrafter(draft)),
+         lambda seed: LookBackDrafter(draft)),
     ]
     print("| situation | decoder | tokens | runs | tokens/s | vs autoregressive | "
           "vs best fixed K | acceptance | K:rounds |")

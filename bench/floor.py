@@ -77,79 +77,99 @@ def matmuls_only(model, reps):
     return best([quiet_sample(step, min_seconds=0.3) for _ in range(reps)])["best"]
 
 
+class Parts:
+    """Adds up the seconds of each named part of a decoding step (`time(name, fn, *args)`)."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    def time(self, name, fn, *args, **kwargs):
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        return out
+
+
+class Untimed(Parts):
+    """Runs each part without a timer."""
+
+    def time(self, name, fn, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+
+def step_in_parts(model, token: int, cache, parts: Parts, product=None):
+    """One decoding step (one new token, NumPy weights), written out from model.py's forward,
+    transformer_block, causal_self_attention and mlp, calling model.py's own functions, with
+    each part timed by `parts`. product(x, w): the weight products (model.matmul; the caller
+    may pass another), timed apart from their bias adds. Returns the logits [1, V]."""
+    import gpt2_numpy.model as mm
+
+    d, n_head = model.hparams["n_embd"], model.hparams["n_head"]
+    kinds = {(d, 3 * d): "matmul c_attn", (d, d): "matmul attn.c_proj",
+             (d, 4 * d): "matmul mlp.c_fc", (4 * d, d): "matmul mlp.c_proj"}
+    product = product or mm.matmul
+
+    def linear(x, w, b):  # mm.linear, the product and the bias add timed apart
+        return parts.time("bias adds", np.add, parts.time(kinds[w.shape], product, x, w), b)
+
+    params, n_past = model.params, cache.length
+    L = n_past + 1
+    x = params["wte"][[token]] + params["wpe"][n_past : L]  # [1, d]
+    for i, block in enumerate(params["blocks"]):
+        h = parts.time("layer norms", mm.layer_norm, x, **block["ln_1"])
+        heads = mm.split_heads(linear(h, **block["attn"]["c_attn"]), 3 * n_head)  # [3H, 1, D]
+        q, k, v = heads[:n_head], heads[n_head : 2 * n_head], heads[2 * n_head :]
+        cache.k[i, :, n_past:L, :], cache.v[i, :, n_past:L, :] = k, v
+        out = parts.time("attention (scores, softmax, weighted values)", mm.attention,
+                         q, cache.k[i, :, :L, :], cache.v[i, :, :L, :])  # [H, 1, D]
+        x = x + linear(mm.merge_heads(out), **block["attn"]["c_proj"])
+        h = parts.time("layer norms", mm.layer_norm, x, **block["ln_2"])
+        h = parts.time("GELU", mm.gelu, linear(h, **block["mlp"]["c_fc"]))
+        x = x + linear(h, **block["mlp"]["c_proj"])
+    cache.length = L
+    x = parts.time("layer norms", mm.layer_norm, x, **params["ln_f"])
+    return parts.time("LM head (x @ wte.T)", product, x, params["wte"].T)  # mm.lm_head: [1, V]
+
+
 def breakdown(model, label, n_past, n_steps, gbps):
-    """Where the milliseconds of a decoding step go: model.py's functions wrapped with timers.
-    The wrappers cost a microsecond or so per call, which the instrumented total includes. Each
-    product is shown next to its floor: its weight bytes at the floor's rate, `gbps` GB/s.
-    Then the same steps again with the weight products skipped (each returns its first
-    output): what everything else costs when no weight stream evicts its data from the caches."""
+    """Where the milliseconds of a decoding step go: the step written out from model.py's
+    functions (step_in_parts), each part timed. The timers cost a microsecond or so per call,
+    which the instrumented total includes. Each product is shown next to its floor: its weight
+    bytes at the floor's rate, `gbps` GB/s. Then the same steps again with the weight products
+    skipped (each returns its first output): what everything else costs when no weight stream
+    evicts its data from the caches (no timers there)."""
     import gpt2_numpy.model as mm
 
     d = model.hparams["n_embd"]
     kinds = {(d, 3 * d): "matmul c_attn", (d, d): "matmul attn.c_proj",
              (d, 4 * d): "matmul mlp.c_fc", (4 * d, d): "matmul mlp.c_proj"}
-    seconds = {}
-    originals = {name: getattr(mm, name) for name in ("linear", "attention", "layer_norm", "gelu",
-                                                      "lm_head")}
-
-    def timed(name, fn):
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            out = fn(*args, **kwargs)
-            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
-            return out
-        return wrapper
-
-    def linear(x, w, b):  # the product and the bias add, timed apart
-        start = time.perf_counter()
-        y = mm.matmul(x, w)
-        middle = time.perf_counter()
-        y = y + b
-        end = time.perf_counter()
-        kind = kinds[tuple(w.shape)]
-        seconds[kind] = seconds.get(kind, 0.0) + middle - start
-        seconds["bias adds"] = seconds.get("bias adds", 0.0) + end - middle
-        return y
-
     ids = prompt_ids(model, n_past + n_steps, seed=3)
     cache = model.new_cache(n_past + n_steps)
     model(ids[:n_past], cache, n_logits=0)
-    try:
-        mm.linear = linear
-        mm.attention = timed("attention (scores, softmax, weighted values)", originals["attention"])
-        mm.layer_norm = timed("layer norms", originals["layer_norm"])
-        mm.gelu = timed("GELU", originals["gelu"])
-        mm.lm_head = timed("LM head (x @ wte.T)", originals["lm_head"])
-        model(ids[n_past : n_past + 1], cache)  # warm-up
-        seconds.clear()
-        start = time.perf_counter()
-        for i in range(1, n_steps):
-            model(ids[n_past + i : n_past + i + 1], cache)
-        total = time.perf_counter() - start
-    finally:
-        for name, fn in originals.items():
-            setattr(mm, name, fn)
-    steps = n_steps - 1
+    logits = step_in_parts(model, ids[n_past], cache, Parts())  # warm-up, and a check:
+    cache.rollback(n_past)  # the step written out gives the forward's own logits
+    np.testing.assert_allclose(logits, model(ids[n_past : n_past + 1], cache), rtol=1e-4,
+                               atol=1e-4)
+    parts = Parts()
+    start = time.perf_counter()
+    for i in range(1, n_steps):
+        step_in_parts(model, ids[n_past + i], cache, parts)
+    total = time.perf_counter() - start
+    seconds, steps = parts.seconds, n_steps - 1
 
-    matmul, reused = mm.matmul, {}
+    reused = {}
 
-    def skipped(x, w):  # a weight product (2-D by 2-D) returns its first output; attention's run
-        if x.ndim != 2 or w.ndim != 2:
-            return matmul(x, w)
+    def skipped(x, w):  # a weight product returns its first output
         if (x.shape, w.shape) not in reused:
-            reused[x.shape, w.shape] = matmul(x, w)
+            reused[x.shape, w.shape] = mm.matmul(x, w)
         return reused[x.shape, w.shape]
 
-    try:
-        mm.matmul = skipped
-        cache.rollback(n_past)
-        model(ids[n_past : n_past + 1], cache)  # warm-up: records one output per product
-        start = time.perf_counter()
-        for i in range(1, n_steps):
-            model(ids[n_past + i : n_past + i + 1], cache)
-        hot = time.perf_counter() - start
-    finally:
-        mm.matmul = matmul
+    cache.rollback(n_past)
+    step_in_parts(model, ids[n_past], cache, Untimed(), skipped)  # warm-up: one output each
+    start = time.perf_counter()
+    for i in range(1, n_steps):
+        step_in_parts(model, ids[n_past + i], cache, Untimed(), skipped)
+    hot = time.perf_counter() - start
     rest = total - sum(seconds.values())
     n_layer, V = model.hparams["n_layer"], model.hparams["n_vocab"]
     weight_bytes_of = {kind: 4 * n_layer * rows * cols for (rows, cols), kind in kinds.items()}

@@ -12,8 +12,8 @@ be, and computes nothing, so each microsecond a decoder spends per token is host
 
 Decoders, each greedy and at temperature 1:
     autoregressive   one forward and one draw per token
-    plain rounds     speculative_sample with a policy that always says K = 0: what a round
-                     adds over a plain step
+    plain rounds     adaptive_speculative_sample with a policy that always says K = 0: what
+                     a round adds over a plain step
     policy           AdaptiveK(8, explore=0, doubt=inf) with a draft that never agrees with
                      the target: every round plain, and no look backs: what choosing K adds
     adaptive         AdaptiveK(8), the same draft: plain rounds and now and then a look back.
@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from gpt2_numpy.adaptive import AdaptiveK, KPolicy
-from gpt2_numpy.decoding import autoregressive_sample, speculative_sample
+from gpt2_numpy.adaptive import AdaptiveK, KPolicy, adaptive_speculative_sample
+from gpt2_numpy.decoding import autoregressive_sample
 from gpt2_numpy.model import KVCache
 from gpt2_numpy.sampling import Warp
 
@@ -94,12 +94,13 @@ def measure(decoder: str, temperature: float, n_tokens: int, reps: int) -> dict:
     prompt, warp = list(range(PROMPT)), Warp(temperature)
     decode = {
         "autoregressive": lambda rng: autoregressive_sample(target, prompt, n_tokens, warp, rng),
-        "plain rounds": lambda rng: speculative_sample(target, draft, prompt, n_tokens,
-                                                       PlainRounds(), warp, rng),
-        "policy": lambda rng: speculative_sample(
-            target, draft, prompt, n_tokens, AdaptiveK(8, explore=0, doubt=float("inf")), warp, rng),
-        "adaptive": lambda rng: speculative_sample(target, draft, prompt, n_tokens, AdaptiveK(8),
-                                                   warp, rng),
+        "plain rounds": lambda rng: adaptive_speculative_sample(target, draft, prompt, n_tokens,
+                                                                PlainRounds(), warp, rng),
+        "policy": lambda rng: adaptive_speculative_sample(
+            target, draft, prompt, n_tokens, AdaptiveK(8, explore=0, doubt=float("inf")), warp,
+            rng),
+        "adaptive": lambda rng: adaptive_speculative_sample(target, draft, prompt, n_tokens,
+                                                            AdaptiveK(8), warp, rng),
     }[decoder]
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     runs = [decode(np.random.default_rng(i))[1] for i in range(reps)]

@@ -14,10 +14,11 @@ every cost once, then replays the decoders over 50 scripted prompts per situatio
      of judging one row in a look back (`--backend cupy`: the forwards on the GPU, CUDA graphs
      recorded first). Or take them from a JSON file (`--costs FILE`, written by `--save_costs`),
      or use `--costs h100`: the forwards docs/gpu.md's H100 tables report (`h100_costs`).
-  2. Replay `autoregressive_sample` and `speculative_sample` (the real functions, AdaptiveK and
-     FixedK unchanged) with `CostModel`s: stand-ins that return one-hot logits for a script and
-     advance a virtual clock, which the decoders read (their `clock` argument), by the measured
-     cost of each forward instead of computing it. The
+  2. Replay `autoregressive_sample`, `speculative_sample` for every fixed K and
+     `adaptive_speculative_sample` with AdaptiveK (the real functions) with `CostModel`s:
+     stand-ins that return one-hot logits for a script and advance a virtual clock by the
+     measured cost of each forward instead of computing it. A run's time is the virtual time
+     that passed during it; AdaptiveK reads the same clock (its `clock` argument). The
      draft's argmax is wrong at a random fraction `error` of the positions (a new draw per
      prompt), its look back judges the same script.
 
@@ -38,11 +39,11 @@ import time
 
 import numpy as np
 from gpt2_numpy import backend as backend_module
-from gpt2_numpy.adaptive import AdaptiveK, FixedK
+from gpt2_numpy.adaptive import AdaptiveK, adaptive_speculative_sample, probability_of
 from gpt2_numpy.decoding import autoregressive_sample, speculative_sample
 from gpt2_numpy.load import official_hparams
 from gpt2_numpy.model import KVCache
-from gpt2_numpy.sampling import Warp, probabilities, probability_of
+from gpt2_numpy.sampling import Warp, probabilities
 
 from .machine import cpu_name, device_name
 from .timing import VirtualClock
@@ -50,7 +51,7 @@ from .timing import VirtualClock
 
 class CostModel:
     """Quacks like a GPT2 for the decoders: the logits of position i are one-hot at
-    next_token(i), and each call costs `seconds(T, n_logits)` of virtual time.
+    next_token(i), and each call advances the virtual clock by `seconds(T, n_logits)`.
 
     The sequence is the prompt followed by `script`; the token after position i (i >= n_prompt - 1)
     is script[i + 1 - n_prompt], except where `wrong` says this model gets it wrong."""
@@ -180,8 +181,8 @@ def cost_functions(costs):
 def replay(costs, error: float, n: int, seed: int, K_max: int, n_prompt: int = 20,
            adaptive=AdaptiveK, python_time: bool = False):
     """tokens/s of autoregressive, of every fixed K and of adaptive K (the policy
-    adaptive(K_max) makes) on one scripted prompt. python_time: the decoders' own Python time
-    between forwards counts too, as this machine spends it (VirtualClock)."""
+    adaptive(K_max, clock=...) makes) on one scripted prompt. python_time: the decoders' own
+    Python time between forwards counts too, as this machine spends it (VirtualClock)."""
     # Wrong positions drawn as ScriptedDrafter draws them: seed s replays the s-th repetition
     # of `python -m bench adaptive` (another prompt, the same pattern of wrong drafts).
     wrong = np.append(np.random.default_rng(seed).random(n) < error, False)
@@ -191,16 +192,18 @@ def replay(costs, error: float, n: int, seed: int, K_max: int, n_prompt: int = 2
     target_cost, draft_cost = cost_functions(costs)
     target = CostModel(clock, target_cost, script, n_prompt)
     draft = CostModel(clock, draft_cost, script, n_prompt, wrong)
-    rates = {}
-    ids, stats = autoregressive_sample(target, prompt, n, Warp(0.0), clock=clock)
-    rates["autoregressive"] = stats.tokens_per_second
-    reference = ids
-    policies = {f"K={K}": FixedK(K) for K in range(1, K_max + 1)}
-    policies["adaptive"] = adaptive(K_max)
-    for name, policy in policies.items():
-        ids, stats = speculative_sample(target, draft, prompt, n, policy, Warp(0.0), clock=clock)
+    decoders = {"autoregressive": lambda: autoregressive_sample(target, prompt, n, Warp(0.0))}
+    for K in range(1, K_max + 1):
+        decoders[f"K={K}"] = lambda K=K: speculative_sample(target, draft, prompt, n, K, Warp(0.0))
+    decoders["adaptive"] = lambda: adaptive_speculative_sample(
+        target, draft, prompt, n, adaptive(K_max, clock=clock), Warp(0.0))
+    rates, reference = {}, None
+    for name, decode in decoders.items():
+        start = clock()  # the prefill costs no virtual time (cost_functions)
+        ids, stats = decode()
+        rates[name] = stats.n_generated / (clock() - start)
+        reference = reference or ids
         assert ids == reference, "a replayed decoder changed the output"
-        rates[name] = stats.tokens_per_second
     return rates
 
 
@@ -250,16 +253,18 @@ def ngram_replay(costs, tokenizer, K_max: int, n_max: int = 3):
         target = CostModel(clock, target_cost, script + [0], len(prompt),
                            n_vocab=tokenizer.n_vocab)
         rates, runs = {}, {}
-        ids, stats = autoregressive_sample(target, prompt, n, Warp(0.0), clock=clock)
-        assert ids == script, "the stand-in target did not emit its text"
-        rates["autoregressive"] = stats.tokens_per_second
-        decoders = {f"K={K}": FixedK(K) for K in range(1, K_max + 1)}
-        decoders[f"adaptive, K_max={K_max}"] = AdaptiveK(K_max)
-        for label, policy in decoders.items():
-            ids, stats = speculative_sample(target, TimedLookup(target.n_vocab, n_max), prompt,
-                                            n, policy, Warp(0.0), clock=clock)
+        decoders = {"autoregressive": lambda: autoregressive_sample(target, prompt, n, Warp(0.0))}
+        for K in range(1, K_max + 1):
+            decoders[f"K={K}"] = lambda K=K: speculative_sample(
+                target, TimedLookup(target.n_vocab, n_max), prompt, n, K, Warp(0.0))
+        decoders[f"adaptive, K_max={K_max}"] = lambda: adaptive_speculative_sample(
+            target, TimedLookup(target.n_vocab, n_max), prompt, n, AdaptiveK(K_max, clock=clock),
+            Warp(0.0))
+        for label, decode in decoders.items():
+            start = clock()
+            ids, stats = decode()
             assert ids == script, "a replayed decoder changed the output"
-            rates[label], runs[label] = stats.tokens_per_second, stats
+            rates[label], runs[label] = stats.n_generated / (clock() - start), stats
         best = max((k for k in rates if k.startswith("K=")), key=rates.get)
         rows.append(dict(text=name, n_prompt=len(prompt), n=n, rates=rates, best=best,
                          stats=runs))
@@ -296,7 +301,7 @@ def main(argv=None):
         p.error("--prompts and --K_max must be >= 1, --n_tokens >= 2")
     if not 0 < args.stake <= 1:
         p.error("--stake is a share of the budget, in (0, 1]")
-    policy = lambda K_max: AdaptiveK(K_max, stake=args.stake)  # noqa: E731
+    policy = lambda K_max, clock: AdaptiveK(K_max, stake=args.stake, clock=clock)  # noqa: E731
     if not all(0 <= e <= 1 for e in args.errors):
         p.error("--errors are fractions of wrong drafts, in [0, 1]")
     if args.ngram:  # before the costs are measured: a wrong folder fails at once

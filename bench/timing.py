@@ -93,8 +93,9 @@ def gpu_seconds(fn, n: int) -> float:
 
 
 class VirtualClock:
-    """A clock for the replay (bench/replay.py): the decoders read it through their `clock`
-    argument, and the stand-in models advance it, by the cost of each forward (`now`).
+    """A clock for the replay (bench/replay.py): the stand-in models advance it by the cost of
+    each forward (`now`); the replay reads it around each run, and AdaptiveK reads it (its
+    `clock` argument) for the timings it learns from.
 
     python_time=True also lets the wall clock run, less the stand-ins' own time (`exclude`), so
     that what the decoders spend in Python between forwards counts as it does in a real run."""

@@ -63,7 +63,7 @@ def worker_write_random(a):
     import shutil
 
     import gpt2_numpy as gpt2
-    from gpt2_numpy.checkpoint_writer import write_checkpoint
+    from .checkpoint_writer import write_checkpoint
 
     h = gpt2.official_hparams(a["size"])
     start = time.perf_counter()

@@ -11,9 +11,10 @@ trims, so the same pages serve every token; the price is up to TOP_PAD of freed 
 mapped to the process, and 10-25 µs per greedy token (memory that would have come zeroed from the
 OS is cleared by calloc).
 
-`import gpt2_numpy` calls keep_freed_memory(). It does nothing unless the C library is glibc,
-or if GPT2_MALLOC_DEFAULT=1 (keep malloc's defaults). It changes no result, only where memory
-comes from; like the OpenBLAS setting (_openblas.py), it holds for the whole process.
+gpt2_numpy.tune_process() calls keep_freed_memory(); importing the package does not. It does
+nothing unless the C library is glibc, or if GPT2_MALLOC_DEFAULT=1 (keep malloc's defaults). It
+changes no result, only where memory comes from; like the OpenBLAS setting (_openblas.py), it
+holds for the whole process.
 """
 import ctypes
 import os

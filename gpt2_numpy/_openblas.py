@@ -8,8 +8,9 @@ the weights, run at the same speed either way. What may be lost: AVX2 does half 
 per instruction of AVX-512, so products bound by arithmetic (a long prefill) can be slower.
 
 OpenBLAS reads OPENBLAS_CORETYPE once, when it is loaded, so this only works if it runs before
-the first `import numpy` of the process; `import gpt2_numpy` does it first thing. It does
-nothing if OPENBLAS_CORETYPE is already set (your choice wins), if GPT2_OPENBLAS_DEFAULT=1 (keep
+the first `import numpy` of the process: gpt2_numpy.tune_process() calls it, and an application
+calls that first thing (main.py, bench/); importing gpt2_numpy alone does not. It does nothing
+if OPENBLAS_CORETYPE is already set (your choice wins), if GPT2_OPENBLAS_DEFAULT=1 (keep
 the kernels OpenBLAS picks for this CPU), if NumPy is already imported, or unless the CPU is
 x86-64 with AVX2 and FMA on Linux (where /proc/cpuinfo says so). The kernels change no result
 beyond float32 rounding.

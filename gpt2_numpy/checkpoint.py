@@ -21,8 +21,9 @@ Everything on disk is little-endian. Tensors are stored densely in C order, so e
 NumPy view straight into a memory map of the data file: loading 1.4 GB costs no copy and no time
 until the forward pass touches the pages.
 
-checkpoint_writer.py is the mirror image: it writes a params tree back out in the same format,
-byte for byte what TensorFlow's Saver writes for the same tensors. The CRC-32C is crc32c.py.
+bench/checkpoint_writer.py (the tests' and benchmarks', not the library's) is the mirror image:
+it writes a params tree back out in the same format, byte for byte what TensorFlow's Saver writes
+for the same tensors. The CRC-32C is crc32c.py.
 """
 
 from __future__ import annotations

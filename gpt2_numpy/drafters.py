@@ -42,14 +42,11 @@ class Drafter:
         propose(tokens, K, warp, rng)  -> (drafts, q): at most K token ids, and q [len(drafts),
                                        V], the distributions they were drawn from
         rollback(tokens)               after every round; `tokens` is the committed sequence
-        catch_up(tokens, plain, warp)  only if `lags`: see ModelDrafter.catch_up
 
-    and reads n_vocab (the vocabulary size), seconds and calls (time spent and calls made
-    proposing). `lags`: rounds without drafts leave the drafter behind (a draft model's cache),
-    so before it drafts again it catches up on their tokens.
+    and reads n_vocab (the vocabulary size), and for its stats seconds and calls (time spent and
+    calls made proposing).
     """
 
-    lags = False
     n_vocab: int
     seconds, calls = 0.0, 0
 
@@ -61,9 +58,6 @@ class Drafter:
 
     def rollback(self, tokens: List[int]) -> None:
         pass
-
-    def catch_up(self, tokens: List[int], plain: dict, warp) -> dict:
-        return {}
 
 
 class NGramDrafter(Drafter):

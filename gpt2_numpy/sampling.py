@@ -74,18 +74,6 @@ def probabilities(logits: np.ndarray, warp: Warp) -> np.ndarray:
     return p
 
 
-def probability_of(logits: np.ndarray, tokens, warp: Warp) -> np.ndarray:
-    """probabilities(row, warp)[token] for each row of logits and its token.  [n, V], [n] -> [n]
-
-    A look back judges many rows at once (decoding.ModelDrafter.catch_up). Greedy needs no
-    distribution: a token has probability 1 where it is its row's argmax, else 0.
-    """
-    tokens = np.asarray(tokens, dtype=np.int64)
-    if warp.greedy:
-        return (np.argmax(logits, axis=-1) == tokens).astype(np.float64)
-    return probabilities(logits, warp)[np.arange(len(tokens)), tokens]
-
-
 def sample(p: np.ndarray, rng: np.random.Generator) -> int:
     """Draw one token from the distribution p [V] by inverting its CDF with u ~ U[0, 1)."""
     u = rng.random()  # drawn in every case, so that a seed gives one stream of draws
@@ -114,10 +102,12 @@ def accept_or_resample(drafts, q: np.ndarray, p: np.ndarray, rng: np.random.Gene
 
     drafts: K token ids, draft i sampled from q[i].
     q: [K, V] draft distributions; p: [K + 1, V] target distributions, where row i is the
-    target's distribution for the position of draft i (row K: the position after the last one).
+    target's distribution for the position of draft i (0-based here; the papers' and
+    decoding.py's p_1..p_{K+1} are rows 0..K).
     Returns (n_accepted, next_token): the first n_accepted drafts stand, followed by next_token,
-    which is a resample from norm(max(0, p_i - q_i)) at the first rejection i, or, if all K are
-    accepted, a bonus token from p_K. Every draft and the bonus are distributed exactly as p.
+    which is a resample from norm(max(0, p[i] - q[i])) at the first rejection i, or, if all K
+    are accepted, a bonus token from p[K] (p_{K+1}: the position after the last draft). Every
+    draft and the bonus are distributed exactly as p.
     """
     for i, x in enumerate(drafts):
         # q[i, x] > 0 because x was sampled from q[i]; p[i, x] may be 0 (then always rejected).

@@ -1,13 +1,13 @@
-"""Adaptive K: the policy's decisions under injected timings, and speculative_sample driven by it
-(still exact: greedy tokens equal autoregressive ones, caches stay consistent)."""
+"""Adaptive K: the policy's decisions under injected timings, and adaptive_speculative_sample
+driven by it (still exact: greedy tokens equal autoregressive ones, caches stay consistent)."""
 import math
 
 import numpy as np
 import pytest
 
 import gpt2_numpy as gpt2
-from gpt2_numpy import AdaptiveK, Warp, autoregressive_sample, speculative_sample
-from gpt2_numpy.adaptive import expected_tokens
+from gpt2_numpy import AdaptiveK, Warp, adaptive_speculative_sample, autoregressive_sample
+from gpt2_numpy.adaptive import LookBackDrafter, expected_tokens
 from gpt2_numpy.sampling import probabilities
 from test_decoding import PROMPT, Recording
 
@@ -51,7 +51,7 @@ def test_first_a_plain_step_then_a_probe_of_half_K_max(K_max, first_probe):
     policy = AdaptiveK(K_max)
     assert policy.next_K() == 0  # nothing measured yet: a plain step measures r(1)
     policy.update(0, 0, 0.0, 0.1)
-    assert policy.next_K() == first_probe and policy.probing
+    assert policy.next_K() == first_probe and policy.probes.probing
 
 
 def test_acceptance_counts_only_the_drafts_the_target_judged():
@@ -59,9 +59,10 @@ def test_acceptance_counts_only_the_drafts_the_target_judged():
     policy.update(0, 0, 0.0, 0.1)
     policy.next_K()
     policy.update(4, 2, 0.1, 0.3)  # drafts 1, 2 accepted, 3 rejected, 4 never looked at
-    assert policy.accepted == pytest.approx(2.25) and policy.rejected == pytest.approx(1.25)
+    est = policy.estimates
+    assert est.accepted == pytest.approx(2.25) and est.rejected == pytest.approx(1.25)
     policy.update(3, 3, 0.1, 0.3)  # all accepted: no rejection
-    assert policy.accepted == pytest.approx(5.25) and policy.rejected == pytest.approx(1.25)
+    assert est.accepted == pytest.approx(5.25) and est.rejected == pytest.approx(1.25)
 
 
 @pytest.mark.parametrize("K_max", [1, 3, 8])
@@ -85,10 +86,11 @@ def test_the_choice_is_the_argmax_of_expected_tokens_per_second():
         def rate(K, a):
             return expected_tokens(K, a) / (K * CPU["t_draft"] + CPU["r"](K + 1))
         # draft at all if an optimistic a says so; then the K that is best for a itself
-        draft = np.argmax([rate(K, policy.optimistic_acceptance) for K in range(9)]) > 0
-        expected = 1 + int(np.argmax([rate(K, policy.acceptance) for K in range(1, 9)])) if draft else 0
+        draft = np.argmax([rate(K, policy.estimates.optimistic_acceptance) for K in range(9)]) > 0
+        a = policy.estimates.acceptance
+        expected = 1 + int(np.argmax([rate(K, a) for K in range(1, 9)])) if draft else 0
         chosen.append(policy.next_K())
-        assert chosen[-1] == expected, policy.acceptance
+        assert chosen[-1] == expected, policy.estimates.acceptance
         policy.update(8, accepted, 8 * CPU["t_draft"], CPU["r"](9))
     assert chosen[0] == 0 and chosen[-1] == 8
 
@@ -100,7 +102,7 @@ def test_an_expensive_verify_and_a_useless_draft_fall_back_to_plain_steps():
     assert sum(K > 0 for K in Ks) >= 3  # probes now and then keep the estimate current...
     spent, total = probe_seconds(Ks, CPU)
     assert spent / total < 0.03  # ...at a small price: about `explore` of the time
-    assert policy.acceptance < 0.1
+    assert policy.estimates.acceptance < 0.1
 
 
 def test_a_draft_that_pays_is_used_at_once():
@@ -142,7 +144,7 @@ def test_greedy_adaptive_equals_greedy_autoregressive(target, drafts, agreement,
     n = 40
     policy = AdaptiveK(6) if costs is None else Stubbed(6, costs)
     ar, _ = autoregressive_sample(target, PROMPT, n)
-    sp, stats = speculative_sample(target, drafts[agreement], PROMPT, n, K=policy)
+    sp, stats = adaptive_speculative_sample(target, drafts[agreement], PROMPT, n, policy)
     assert sp == ar and stats.n_generated == n
     assert all(0 <= K <= 6 for K in stats.K_per_round) and stats.K_per_round[0] == 0
     assert sum(stats.accepted_per_round) + stats.rounds == n
@@ -157,8 +159,8 @@ def test_plain_rounds_draw_exactly_what_autoregressive_sampling_draws(target, dr
     warp = Warp(1.0, top_k=20)
     ar, _ = autoregressive_sample(target, PROMPT, 30, warp, np.random.default_rng(5))
     policy = Stubbed(4, CPU, explore=0)
-    sp, stats = speculative_sample(target, drafts["rarely"], PROMPT, 30, policy, warp,
-                                   np.random.default_rng(5))
+    sp, stats = adaptive_speculative_sample(target, drafts["rarely"], PROMPT, 30, policy, warp,
+                                            np.random.default_rng(5))
     assert sp == ar and set(stats.K_per_round) == {0} and stats.draft_calls == 0
 
 
@@ -166,6 +168,7 @@ class Scripted(gpt2.KPolicy):
     """A policy that plays a fixed list of K (then repeats it)."""
 
     def __init__(self, Ks):
+        super().__init__()
         self.Ks, self.i = Ks, 0
 
     def next_K(self):
@@ -191,9 +194,9 @@ def test_caches_stay_the_committed_prefix_when_plain_rounds_let_the_draft_lag(ta
             np.testing.assert_allclose(model.cache.k[:, :, :n], fresh.k, atol=1e-4, rtol=0)
             np.testing.assert_allclose(model.cache.v[:, :, :n], fresh.v, atol=1e-4, rtol=0)
 
-    speculative_sample(t, d, PROMPT, 40, K=Scripted([0, 0, 0, 3, 0, 5, 0, 0, 0, 0, 2, 4]),
-                       warp=Warp(temperature), rng=np.random.default_rng(0),
-                       on_tokens=after_round)
+    adaptive_speculative_sample(t, d, PROMPT, 40, Scripted([0, 0, 0, 3, 0, 5, 0, 0, 0, 0, 2, 4]),
+                                warp=Warp(temperature), rng=np.random.default_rng(0),
+                                on_tokens=after_round)
     assert max(lags) >= 4 and min(lags) >= 1  # the draft caught up after lagging
 
 
@@ -216,11 +219,11 @@ def test_unmeasured_costs_are_the_nearest_measured_below():
     policy = AdaptiveK(8, explore=0)
     for K, seconds in ((0, 0.1), (2, 0.2), (6, 0.3)):  # T = 1, 3, 7
         policy.update(K, 0, 0.01 * K, seconds)
-    assert [round(policy.target_seconds(T), 3) for T in range(1, 10)] == \
+    assert [round(policy.estimates.target_seconds(T), 3) for T in range(1, 10)] == \
         [0.1, 0.2, 0.2, 0.2, 0.2, 0.2, 0.3, 0.3, 0.3]  # T = 2: from T = 3, not from one row
     only_one_row = AdaptiveK(8, explore=0)
     only_one_row.update(0, 0, 0.0, 0.1)
-    assert only_one_row.target_seconds(5) == 0.1
+    assert only_one_row.estimates.target_seconds(5) == 0.1
 
 
 def test_optimism_shrinks_as_drafts_are_judged():
@@ -229,18 +232,20 @@ def test_optimism_shrinks_as_drafts_are_judged():
     doubts = []
     for _ in range(20):
         policy.update(4, 3, 0.1, 0.2)
-        doubts.append(policy.optimistic_acceptance - policy.acceptance)
+        doubts.append(policy.estimates.optimistic_acceptance - policy.estimates.acceptance)
     assert all(b < a for a, b in zip(doubts, doubts[1:])) and doubts[-1] < 0.05
-    before = (policy.acceptance, policy.optimistic_acceptance)
+    before = (policy.estimates.acceptance, policy.estimates.optimistic_acceptance)
     for _ in range(50):
         policy.update(0, 0, 0.0, 0.1)
-    assert (policy.acceptance, policy.optimistic_acceptance) == before  # plain rounds learn nothing
+    est = policy.estimates
+    assert (est.acceptance, est.optimistic_acceptance) == before  # plain rounds learn nothing
 
 
 def play_looking_back(policy, costs, acceptance, n_rounds, seed=0, catch_up=0.05):
-    """`play`, with the draft catching up after plain rounds as speculative_sample does: each
-    token a plain round committed is looked back on (it would have passed with probability
-    `acceptance`), the catch-up takes `catch_up` seconds, then the policy is asked again.
+    """`play`, with the draft catching up after plain rounds as adaptive_speculative_sample
+    does: each token a plain round committed is looked back on (it would have passed with
+    probability `acceptance`), the catch-up takes `catch_up` seconds, then the policy is asked
+    again.
     Returns the K of every round and the number of look backs."""
     rng = np.random.default_rng(seed)
     Ks, missed, looks = [], 0, 0
@@ -261,24 +266,25 @@ def play_looking_back(policy, costs, acceptance, n_rounds, seed=0, catch_up=0.05
 def test_a_look_back_counts_every_missed_token_as_a_judged_draft():
     policy = AdaptiveK(8, decay=1.0, prior=0.25)
     policy.look_back([1.0, 0.0, 1.0, 0.5], 0.05)
-    assert policy.accepted == pytest.approx(2.75) and policy.rejected == pytest.approx(1.75)
-    assert policy.draft_seconds() == 0.05  # no draft step timed yet: the catch-up bounds it
+    est = policy.estimates
+    assert est.accepted == pytest.approx(2.75) and est.rejected == pytest.approx(1.75)
+    assert est.draft_seconds(policy.lags) == 0.05  # no draft step timed yet: the catch-up bounds it
 
 
 def test_a_probe_whose_look_back_says_no_costs_only_the_catch_up():
     policy = AdaptiveK(8)
     policy.update(0, 0, 0.0, 0.1)  # round 1, plain: r(1) = 0.1 s
-    assert policy.next_K() == 4 and policy.probing  # the first probe...
+    assert policy.next_K() == 4 and policy.probes.probing  # the first probe...
     policy.update(4, 0, 0.16, 0.265)  # ...meets a useless draft: it lost 0.16 + 0.265 - 0.1 s
     waited = 0
     while policy.next_K() == 0:
         policy.update(0, 0, 0.0, 0.1)
         waited += 1
-    assert waited == pytest.approx(0.325 / 0.01 / 0.1, abs=1) and policy.probing
+    assert waited == pytest.approx(0.325 / 0.01 / 0.1, abs=1) and policy.probes.probing
     policy.look_back([0.0] * waited, 0.03)  # none of the missed tokens would have passed
     assert policy.next_K() == 0  # asked again: the look back cancels the drafts
     policy.update(0, 0, 0.0, 0.1)
-    assert not policy.probing and policy.probe_loss == 0.03 and policy.idle == 0
+    assert not policy.probes.probing and policy.probes.last_loss == 0.03 and policy.probes.idle == 0
     waited = 0
     while policy.next_K() == 0:  # the next probe waits until plain steps took 0.03 / explore
         policy.update(0, 0, 0.0, 0.1)
@@ -305,18 +311,18 @@ def test_looking_back_on_a_useless_draft_costs_little():
     assert looks >= 3  # the draft is checked now and then...
     spent, total = probe_seconds(Ks, CPU)
     assert (spent + 0.05 * looks) / total < 0.03  # ...at about `explore` of the time
-    assert policy.acceptance < 0.05  # every plain token judged: a is known to be ~0
+    assert policy.estimates.acceptance < 0.05  # every plain token judged: a is known to be ~0
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_the_catch_up_looks_back_with_min_1_q_over_p(target, drafts, temperature):
-    """ModelDrafter.catch_up feeds what the draft missed in one forward and returns, per token a
+    """LookBackDrafter.catch_up feeds what the draft missed in one forward and returns, per token a
     plain round chose, min(1, q(token) / p(token)), q from the draft's own forward over the
     prefix; the draft == target gives 1 everywhere."""
     warp = Warp(temperature)
     tokens = PROMPT + [5, 17, 3, 29, 42]
     plain = {len(PROMPT) + 1: 0.5, len(PROMPT) + 3: 0.25, len(PROMPT) + 4: 1.0}
-    drafter = gpt2.ModelDrafter(drafts["often"])
+    drafter = LookBackDrafter(drafts["often"])
     drafter.start(PROMPT, 40)
     looked = drafter.catch_up(tokens, plain, warp)
     assert drafter.cache.length == len(tokens) - 1  # everything but the newest fed
@@ -324,7 +330,7 @@ def test_the_catch_up_looks_back_with_min_1_q_over_p(target, drafts, temperature
     for i, p in plain.items():
         q = probabilities(drafts["often"](tokens[:i], drafts["often"].new_cache(i))[-1], warp)
         assert looked[i] == pytest.approx(min(1.0, q[tokens[i]] / p), abs=1e-6)
-    same = gpt2.ModelDrafter(target)
+    same = LookBackDrafter(target)
     same.start(PROMPT, 40)
     agreed = PROMPT + autoregressive_sample(target, PROMPT, 5)[0]  # the target's greedy choices
     scores = same.catch_up(agreed, {i: 1.0 for i in range(len(PROMPT) + 1, len(agreed))}, Warp(0.0))
@@ -333,8 +339,8 @@ def test_the_catch_up_looks_back_with_min_1_q_over_p(target, drafts, temperature
 
 class Listening(Stubbed):
     """AdaptiveK (on made-up costs, so that what it decides does not depend on the machine's
-    speed) that checks what speculative_sample tells it: a look back covers exactly the plain
-    rounds since the previous one."""
+    speed) that checks what adaptive_speculative_sample tells it: a look back covers exactly the
+    plain rounds since the previous one."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
@@ -352,13 +358,13 @@ class Listening(Stubbed):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_speculative_sample_looks_back_on_every_plain_token_once(target, drafts, temperature):
+def test_adaptive_sample_looks_back_on_every_plain_token_once(target, drafts, temperature):
     # Probes often: many look backs (no guard: it would soon stop drafting so useless a draft)
     policy = Listening(6, CPU, explore=1.0, guard=float("inf"))
     warp = Warp(temperature)
     ar, _ = autoregressive_sample(target, PROMPT, 40, warp, np.random.default_rng(3))
-    sp, stats = speculative_sample(target, drafts["rarely"], PROMPT, 40, policy, warp,
-                                   np.random.default_rng(3))
+    sp, stats = adaptive_speculative_sample(target, drafts["rarely"], PROMPT, 40, policy, warp,
+                                            np.random.default_rng(3))
     assert len(policy.heard) >= 3 and sum(policy.heard) > 10
     if temperature == 0:
         assert sp == ar
@@ -429,7 +435,8 @@ def test_the_guard_keeps_every_prompt_within_5_percent_of_autoregressive():
 
     def ratios(**kw):
         runs = [replay(XEON, error=0.3, n=96, seed=s, K_max=8,
-                       adaptive=lambda K_max: AdaptiveK(K_max, **kw)) for s in range(12)]
+                       adaptive=lambda K_max, clock: AdaptiveK(K_max, clock=clock, **kw))
+                for s in range(12)]
         return [r["adaptive"] / r["autoregressive"] for r in runs]
 
     assert min(ratios(guard=float("inf"))) < 1 / 1.05  # what the guard is for
@@ -441,12 +448,12 @@ def test_the_guard_bets_no_more_than_is_left():
     policy.begin(100, lags=False)  # budget: 0.04 x 100 plain steps of 0.1 s = 0.4 s
     policy.update(0, 0, 0.0, 0.0)
     policy.update(2, 2, 0.0, 0.0)  # 3 tokens for 0.08 + 0.255 s: 0.035 s more than plain steps
-    assert policy.loss == pytest.approx(0.08 + 0.255 - 0.3)
+    assert policy.guard.loss == pytest.approx(0.08 + 0.255 - 0.3)
 
     def largest_affordable():
         # Every draft rejected, a K-draft round loses 0.04 K + r(K + 1) - 0.1 s, where an
         # unmeasured r(K + 1) is taken as the nearest measured below: here r(3) = 0.255 s.
-        left = 0.4 - policy.loss
+        left = 0.4 - policy.guard.loss
         return max([0] + [K for K in range(1, 9) if 0.04 * K + 0.255 - 0.1 <= left])
 
     assert policy.affordable() == largest_affordable() == 5
@@ -454,9 +461,9 @@ def test_the_guard_bets_no_more_than_is_left():
     assert policy.affordable() == largest_affordable() < 5
     for _ in range(3):  # more failures, while it can afford them
         policy.update(policy.next_K(), 0, 0.0, 0.0)
-    assert 0 < policy.loss <= 0.4 and policy.next_K() == 0  # spent: plain steps to the end
+    assert 0 < policy.guard.loss <= 0.4 and policy.next_K() == 0  # spent: plain steps to the end
     policy.begin(100, lags=False)  # the next run has a budget of its own
-    assert policy.loss == 0 and policy.affordable() == largest_affordable() > 0
+    assert policy.guard.loss == 0 and policy.affordable() == largest_affordable() > 0
     assert AdaptiveK(8).affordable() == 8  # no run begun: no guard
 
 
@@ -466,7 +473,7 @@ def test_a_round_risks_at_most_the_stake_of_what_is_left(stake, K):
     policy.begin(175, lags=False)  # budget: 0.04 x 175 plain steps of 0.1 s = 0.7 s
     policy.update(0, 0, 0.0, 0.0)
     policy.update(2, 0, 0.0, 0.0)  # a failed round: 0.08 + 0.255 - 0.1 s lost
-    left = 0.7 - policy.loss  # 0.465 s
+    left = 0.7 - policy.guard.loss  # 0.465 s
     # Every draft rejected, a K-draft round loses 0.04 K + r(3) - 0.1 s (r(K + 1) unmeasured:
     # the nearest measured below, r(3)): K = 7 risks 0.435 s, K = 1 0.195 s.
     risk = lambda K: 0.04 * K + 0.255 - 0.1  # noqa: E731
@@ -492,7 +499,7 @@ def test_a_bad_start_is_looked_back_on_soon():
         policy.next_K()
         policy.look_back([1.0], 0.036)  # the catch-up: the one plain token would have passed
         policy.update(policy.next_K(), 0, 0.0, 0.0)  # the first drafting round: all rejected
-        judged = policy.accepted + policy.rejected
+        judged = policy.estimates.accepted + policy.estimates.rejected
         Ks, _ = play_looking_back(policy, xeon, acceptance=0.95, n_rounds=1000)
         return next(i for i, K in enumerate(Ks) if K), judged
 
@@ -508,16 +515,16 @@ def test_a_catch_up_is_projected_to_the_current_lag():
     policy.update(0, 0, 0.0, 0.003)  # r(1) = 3 ms
     policy.look_back([1.0], 0.002)  # a catch-up over 1 token: 2 ms
     policy.update(0, 0, 0.0, 0.003)
-    assert policy.catch_up_estimate(40) == 0.002  # one lag seen: no slope yet
+    assert policy.estimates.catch_up_estimate(40) == 0.002  # one lag seen: no slope yet
     policy.look_back([0.0] * 6, 0.004)  # over 6: 4 ms, i.e. 0.4 ms per token more
-    assert policy.catch_up_estimate(3) == 0.004  # within what was seen: the last one
-    assert policy.catch_up_estimate(26) == pytest.approx(0.004 + 20 * 0.0004)
+    assert policy.estimates.catch_up_estimate(3) == 0.004  # within what was seen: the last one
+    assert policy.estimates.catch_up_estimate(26) == pytest.approx(0.004 + 20 * 0.0004)
     policy.update(0, 0, 0.0, 0.003)
     policy.begin(100)
     for _ in range(26):
         policy.update(0, 0, 0.0, 0.003)
-    assert policy.worst_loss(1) == pytest.approx(policy.catch_up_estimate(26) + policy.cost(1)
-                                                 - 0.003)
+    assert policy.worst_loss(1) == pytest.approx(policy.estimates.catch_up_estimate(26)
+                                                 + policy.cost(1) - 0.003)
 
 
 # Costs shaped like the H100's of docs/gpu.md (CUDA graphs; seconds): r(T) nearly flat, a draft
@@ -566,40 +573,62 @@ def test_the_adaptive_benchmark_records_every_decoder_and_each_reproduces_the_ta
     assert "| autoregressive | 6 | 1 |" in capsys.readouterr().out
 
 
-class ScriptedClock:
-    """Returns the given times, one per call."""
+class Clock:
+    """A clock that stands still until told to advance."""
 
-    def __init__(self, *times):
-        self.times = list(times)
+    def __init__(self):
+        self.now = 10.0
 
     def __call__(self):
-        return self.times.pop(0)
+        return self.now
 
 
-def test_the_policy_hears_each_rounds_host_time_outside_its_forwards():
-    from gpt2_numpy.adaptive import KPolicy, Lookahead
-    from gpt2_numpy.decoding import Round
+class Costly:
+    """A model whose every forward advances `clock` by `seconds`."""
+
+    def __init__(self, model, clock, seconds):
+        self.model, self.clock, self.seconds = model, clock, seconds
+        self.n_vocab, self.n_ctx = model.n_vocab, model.n_ctx
+
+    def new_cache(self, capacity=None):
+        return self.model.new_cache(capacity)
+
+    def __call__(self, ids, cache, n_logits=1):
+        self.clock.now += self.seconds
+        return self.model(ids, cache, n_logits)
+
+
+def test_the_policy_hears_each_rounds_forwards_and_its_host_time_outside_them(target, drafts):
+    """The round's draft and target seconds are its forwards' (draft steps 0.05 s, a target
+    forward 0.3 s), and the host time around them (0.1 s in next_K and 0.1 s in update here,
+    outside every forward) is reported as overhead, in every round."""
+    from gpt2_numpy.adaptive import KPolicy
+
+    clock = Clock()
 
     class Listening(KPolicy):
         def __init__(self):
-            self.overheads = []
+            super().__init__(clock)
+            self.heard, self.overheads = [], []
 
         def next_K(self):
+            clock.now += 0.1
             return 2
+
+        def update(self, K, accepted, draft_seconds, target_seconds):
+            self.heard.append((K, draft_seconds, target_seconds))
+            clock.now += 0.1
 
         def overhead(self, seconds):
             self.overheads.append(seconds)
 
-    class Steady:  # a drafter that never lags, so no catch-up
-        lags = False
-
     policy = Listening()
-    # next_K asked at 10.0; update entered at 10.5 and done at 10.6; the round's forwards took
-    # 0.1 + 0.3 s of the 0.5 between: 0.1 s outside them, and 0.1 s in the update
-    lookahead = Lookahead(policy, Steady(), Warp(0.0), ScriptedClock(10.0, 10.5, 10.6), 10)
-    assert lookahead.next_K([1, 2, 3], most=5) == 2
-    lookahead.update([1, 2, 3, 4], Round(2, 0, 1.0, draft_seconds=0.1, target_seconds=0.3))
-    assert policy.overheads == [pytest.approx(0.2)]
+    adaptive_speculative_sample(Costly(target, clock, 0.3), Costly(drafts["often"], clock, 0.05),
+                                PROMPT, 12, policy)
+    for K, draft_seconds, target_seconds in policy.heard:
+        assert draft_seconds == pytest.approx(0.05 * K) and target_seconds == pytest.approx(0.3)
+    assert len(policy.overheads) == len(policy.heard) >= 4
+    assert policy.overheads == [pytest.approx(0.2)] * len(policy.heard)
 
 
 def test_host_overhead_counts_against_the_guard():
@@ -609,6 +638,109 @@ def test_host_overhead_counts_against_the_guard():
     policy.update(2, 2, 0.0, 0.0)  # 0.035 s lost; a K-draft round risks 0.155 + 0.04 K s
     assert policy.affordable() == 5
     policy.overhead(0.15)  # a slow host: 0.215 s left
-    assert policy.loss == pytest.approx(0.185) and policy.affordable() == 1
+    assert policy.guard.loss == pytest.approx(0.185) and policy.affordable() == 1
     policy.overhead(0.1)
     assert policy.next_K() == 0  # nothing left to risk: plain steps to the end
+
+
+def test_optimistic_acceptance_is_a_plus_its_standard_error():
+    """Written out for given counts: four rounds that each accepted 1 of 4 drafts, after the prior
+    of 0.25 each, leave 4.25 acceptances and 4.25 rejections: a = 0.5, n = 8.5, and a plus one
+    standard error is a + sqrt(a (1 - a) / (n + 1)); the doubt adds two."""
+    policy = AdaptiveK(8, decay=1.0, prior=0.25)
+    policy.update(0, 0, 0.0, 0.1)
+    for _ in range(4):
+        policy.update(4, 1, 0.1, 0.2)
+    standard_error = math.sqrt(0.5 * 0.5 / 9.5)  # 0.162
+    assert policy.estimates.acceptance == pytest.approx(0.5)
+    assert policy.estimates.optimistic_acceptance == pytest.approx(0.5 + standard_error)
+    assert policy.estimates.acceptance_plus(2) == pytest.approx(0.5 + 2 * standard_error)
+
+
+class PlainThenMany(gpt2.KPolicy):
+    """Plain rounds until `plain` tokens, then asks for `many` drafts, again after the look back."""
+
+    def __init__(self, plain, many):
+        super().__init__()
+        self.plain, self.many, self.rounds, self.asked = plain, many, 0, []
+
+    def next_K(self):
+        K = 0 if self.rounds < self.plain else self.many
+        self.asked.append(K)
+        return K
+
+    def update(self, K, *args):
+        self.rounds += 1
+
+
+class RoomyCaches:
+    """A model whose caches have room for its whole context, whatever the decoder asks for: a
+    round that proposes too many drafts shows as too many tokens, not as a full cache."""
+
+    def __init__(self, model):
+        self.model, self.n_vocab, self.n_ctx = model, model.n_vocab, model.n_ctx
+
+    def new_cache(self, capacity=None):
+        return self.model.new_cache(self.n_ctx)
+
+    def __call__(self, ids, cache, n_logits=1):
+        return self.model(ids, cache, n_logits)
+
+
+@pytest.mark.parametrize("n_new", [10, 11, 12])
+def test_a_look_back_near_the_end_drafts_no_more_than_remain(target, drafts, n_new):
+    """After 8 plain rounds the policy asks for 6 drafts, before and after the look back; with
+    2 to 4 tokens left, every round's K is capped to what remains, and exactly n_new tokens
+    come out."""
+    policy = PlainThenMany(8, 6)
+    committed = []
+
+    def after_round(ids, kinds):
+        committed.extend(ids)
+
+    ids, stats = adaptive_speculative_sample(RoomyCaches(target), RoomyCaches(drafts["always"]),
+                                             PROMPT, n_new, policy, on_tokens=after_round)
+    assert policy.asked.count(6) >= 2  # asked again after the look back
+    assert len(ids) == stats.n_generated == len(committed) == n_new
+    assert ids == autoregressive_sample(target, PROMPT, n_new)[0]
+    done = 0
+    for K, accepted in zip(stats.K_per_round, stats.accepted_per_round):
+        assert K <= n_new - done - 1  # K + 1 tokens at most: no more than remain
+        done += accepted + 1
+
+
+def test_a_look_back_is_charged_to_the_guard():
+    """A catch-up of s seconds adds s to what drafting has lost, whether the round after it
+    drafts or stays plain."""
+    policy = Stubbed(8, CPU)  # r(1) = 0.1 s
+    policy.begin(100)
+    policy.update(0, 0, 0.0, 0.0)
+    before = policy.guard.loss
+    policy.look_back([0.0, 0.0], 0.07)
+    policy.update(0, 0, 0.0, 0.0)  # the look back said no: a plain round, the catch-up lost
+    assert policy.guard.loss == pytest.approx(before + 0.07)
+    policy.look_back([1.0], 0.03)
+    policy.update(2, 2, 0.0, 0.0)  # drafted: 3 tokens for 2 x 0.04 + r(3), and the catch-up
+    assert policy.guard.loss == pytest.approx(before + 0.07 + 0.03 + 0.08 + 0.255 - 0.3)
+
+
+class Hearing(Scripted):
+    """Scripted, keeping every acceptance a look back reports."""
+
+    def __init__(self, Ks):
+        super().__init__(Ks)
+        self.heard = []
+
+    def look_back(self, acceptance, seconds):
+        self.heard += acceptance
+
+
+def test_with_the_target_as_its_own_draft_every_look_back_passes(target):
+    """Sampling at temperature 1, the target drafting for itself: at every token a plain round
+    chose, q = p, so min(1, q / p) = 1 (up to float32 rounding between a one-token and a
+    many-token forward). The decoder must pass the catch-up p at the very token chosen."""
+    policy = Hearing([0, 0, 0, 2])
+    ids, stats = adaptive_speculative_sample(target, target, PROMPT, 30, policy, Warp(1.0),
+                                             np.random.default_rng(1))
+    assert len(policy.heard) >= 10 and stats.n_generated == 30
+    assert policy.heard == [pytest.approx(1.0, abs=1e-3)] * len(policy.heard)

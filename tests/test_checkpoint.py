@@ -1,5 +1,5 @@
 """Tests for the TensorFlow checkpoint reader (gpt2_numpy/checkpoint.py), its writer
-(checkpoint_writer.py) and CRC-32C (crc32c.py).
+(bench/checkpoint_writer.py) and CRC-32C (crc32c.py).
 
 The fixtures in tests/fixtures/<name>/ were written by real TensorFlow (see make_fixtures.py);
 a few edge cases TensorFlow would not produce for us (more than 10 layers, several data blocks,
@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpt2_numpy import checkpoint, checkpoint_writer, random_params
+from bench import checkpoint_writer
+from gpt2_numpy import checkpoint, random_params
 from gpt2_numpy.checkpoint import DATA_FILE, INDEX_FILE, expected_shapes, load_checkpoint, read_index
-from gpt2_numpy.checkpoint_writer import write_checkpoint
+from bench.checkpoint_writer import write_checkpoint
 from gpt2_numpy.crc32c import crc32c, crc32c_fast, crc32c_simple, mask_crc, unmask_crc
 from gpt2_numpy.errors import GPT2Error
 

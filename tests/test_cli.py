@@ -10,7 +10,7 @@ import pytest
 import main
 import gpt2_numpy as gpt2
 from gpt2_numpy.checkpoint import DATA_FILE, INDEX_FILE, read_index
-from gpt2_numpy.checkpoint_writer import write_checkpoint
+from bench.checkpoint_writer import write_checkpoint
 from gpt2_numpy.show import PRINTABLE
 from conftest import FIXTURES, ROOT
 

@@ -209,25 +209,24 @@ def test_warm_up_records_every_graph_an_adaptive_run_replays(gpu):
     counts = len(target.graphs), len(draft.graphs)
     assert counts == (16, 16)  # T = 1..GRAPH_MAX_T, on one cache each
     ar, _ = gpu.autoregressive_sample(target, prompt, n)
-    for K in (3, gpu.AdaptiveK(8), PlainStretches([0, 2, 0, 0, 3, 0, 0, 0, 1, 0, 0, 0, 0, 4])):
-        sp, stats = gpu.speculative_sample(target, draft, prompt, n, K)
+    assert gpu.speculative_sample(target, draft, prompt, n, 3)[0] == ar
+    for policy in (gpu.AdaptiveK(8), PlainStretches([0, 2, 0, 0, 3, 0, 0, 0, 1, 0, 0, 0, 0, 4])):
+        sp, stats = gpu.adaptive_speculative_sample(target, draft, prompt, n, policy)
         assert sp == ar
     assert {1, 2, 3, 4} <= set(stats.K_per_round)
     assert (len(target.graphs), len(draft.graphs)) == counts
 
 
-class PlainStretches:
-    """A policy with look_back that repeats a pattern of K per round: after plain stretches of
-    1 to 4 rounds the draft catches up on 1 to 5 tokens, each length its own kind of forward."""
+class PlainStretches(gpt2_numpy.KPolicy):
+    """A policy that repeats a pattern of K per round: after plain stretches of 1 to 4 rounds
+    the draft catches up on 1 to 5 tokens, each length its own kind of forward."""
 
     def __init__(self, pattern):
+        super().__init__()
         self.pattern, self.round = pattern, 0
 
     def next_K(self):
         return self.pattern[self.round % len(self.pattern)]
-
-    def look_back(self, acceptance, seconds):
-        pass
 
     def update(self, K, accepted, draft_seconds, target_seconds):
         self.round += 1

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import gpt2_numpy as gpt2
-from gpt2_numpy import Warp, autoregressive_sample, speculative_sample
+from gpt2_numpy import Warp, autoregressive_sample, probabilities, speculative_sample
 from gpt2_numpy.decoding import ModelDrafter
 from conftest import perturbed, tiny_model
 from test_sampling import ScriptedRng, reference_probabilities
@@ -99,10 +99,12 @@ def test_caches_hold_exactly_the_committed_prefix_after_every_round(target, draf
 
     def after_round(ids, kinds):
         committed.extend(ids)
-        # The draft never fed its last proposal; a round without drafts (the last one, when one
-        # token is left) does not feed the draft at all, so it falls one token further behind.
-        draft_lag[0] = draft_lag[0] + 1 if kinds == ["target"] else len(committed) - d.cache.length
-        for model, lag in ((t, {1}), (d, {draft_lag[0]} if kinds == ["target"] else {1, 2})):
+        # The draft never fed its last proposal: after a rejection it holds everything but the
+        # resampled token (lag 1), after a bonus also not the last draft (lag 2). A round
+        # without drafts (the last one, when one token is left) does not feed the draft at all,
+        # so it falls one token further behind.
+        draft_lag[0] = {"resampled": 1, "bonus": 2, "target": draft_lag[0] + 1}[kinds[-1]]
+        for model, lag in ((t, {1}), (d, {draft_lag[0]})):
             n = model.cache.length
             assert len(committed) - n in lag
             assert model.fed[:n] == committed[:n]
@@ -115,7 +117,7 @@ def test_caches_hold_exactly_the_committed_prefix_after_every_round(target, draf
     speculative_sample(t, d, PROMPT, 20, K=4, warp=Warp(temperature),
                        rng=np.random.default_rng(0), on_tokens=after_round)
     kinds = [k for ks in checked for k in ks]
-    assert len(kinds) == 20 and {"accepted"} <= set(kinds)
+    assert len(kinds) == 20 and {"accepted", "resampled", "bonus"} <= set(kinds)
     assert set(kinds) <= {"accepted", "resampled", "bonus", "target"}
 
 
@@ -133,6 +135,21 @@ def test_the_draft_samples_from_the_very_q_it_returns(drafts, warp):
         for x, q_i in zip(tokens, q):
             cdf = np.cumsum(q_i)
             assert cdf[x] - q_i[x] <= u < cdf[x], (u, x, q_i[x])
+
+
+@pytest.mark.parametrize("warp", [Warp(1.2, top_k=10, top_p=0.6), Warp(0.8, top_k=3),
+                                  Warp(0.0)], ids=str)
+def test_the_drafts_q_is_the_warped_distribution_of_the_drafts_logits(drafts, warp):
+    """q_i = probabilities(draft logits at x_i's position, warp), the same warp as p's: a draft
+    that leaves out top-k or top-p still gives exact output, but it is accepted less often."""
+    draft = drafts["often"]
+    drafter = ModelDrafter(draft)
+    drafter.start(PROMPT, 16)
+    x, q = drafter.propose(PROMPT, 4, warp, np.random.default_rng(0))
+    for i in range(4):
+        context = PROMPT + x[:i]
+        logits = draft(context, draft.new_cache(len(context)))[-1]  # a fresh forward, no cache
+        np.testing.assert_allclose(q[i], probabilities(logits, warp), rtol=0, atol=1e-4)
 
 
 # --- the sampled distribution, end to end -----------------------------------------------------

@@ -111,3 +111,33 @@ def test_no_module_imports_itself_back():
     assert find_cycle(layers) is None
     # The search finds a cycle where there is one.
     assert find_cycle({**graph, "gpt2_numpy.errors": {"gpt2_numpy.load"}}) is not None
+
+
+def reachable(graph: dict, roots) -> set:
+    seen, todo = set(), list(roots)
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo += graph.get(node, ())
+    return seen
+
+
+def test_the_library_ships_only_what_it_uses():
+    """Every module of gpt2_numpy is reached from the package (its __init__ and api.py, which
+    __init__ loads on first use) or from main.py: a module only tests or bench/ use lives there."""
+    graph = import_graph()
+    used = reachable(graph, ["gpt2_numpy", "gpt2_numpy.api", "main"])
+    library = {m for m in graph if layer(m) == "gpt2_numpy"}
+    assert sorted(library - used) == []
+    # The search sees an unused module: one that nothing imports.
+    assert "gpt2_numpy.unused" not in reachable({**graph, "gpt2_numpy.unused": set()},
+                                                ["gpt2_numpy", "gpt2_numpy.api", "main"])
+
+
+def test_the_tutorials_decoders_know_nothing_of_adaptive_K():
+    """decoding.py (the papers' loop) reaches neither adaptive.py nor anything that imports it:
+    adaptive K is a layer on top of the round."""
+    graph = import_graph()
+    assert "gpt2_numpy.decoding" in graph["gpt2_numpy.adaptive"]  # the layer above sees it
+    assert "gpt2_numpy.adaptive" not in reachable(graph, ["gpt2_numpy.decoding"])

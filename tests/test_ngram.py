@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 import gpt2_numpy as gpt2
-from gpt2_numpy import AdaptiveK, NGramDrafter, Warp, autoregressive_sample, speculative_sample
+from gpt2_numpy import (AdaptiveK, NGramDrafter, Warp, adaptive_speculative_sample,
+                        autoregressive_sample, speculative_sample)
 from gpt2_numpy.drafters import lookup
 from conftest import FIXTURES, SHARED_TOKENIZER, tiny_model
 from test_decoding import exact_distribution, goodness_of_fit
@@ -47,8 +48,11 @@ REPEATING = [7, 3, 9, 1, 7, 3, 9, 1, 7, 3]
 def test_greedy_ngram_equals_greedy_autoregressive(target, K):
     n = 40
     ar, _ = autoregressive_sample(target, REPEATING, n)
-    sp, stats = speculative_sample(target, NGramDrafter(target.n_vocab), REPEATING, n,
-                                   AdaptiveK(8) if K == "adaptive" else K)
+    if K == "adaptive":
+        sp, stats = adaptive_speculative_sample(target, NGramDrafter(target.n_vocab), REPEATING,
+                                                n, AdaptiveK(8))
+    else:
+        sp, stats = speculative_sample(target, NGramDrafter(target.n_vocab), REPEATING, n, K)
     assert sp == ar and stats.n_generated == n
     if K != "adaptive":  # (adaptive K drafts or not depending on measured times)
         assert stats.drafted > 0 and stats.accepted > 0  # proposals happened and some were right

@@ -16,6 +16,7 @@ import pytest
 import test_decoding
 import test_sampling
 from gpt2_numpy import Warp, decoding, sampling
+from gpt2_numpy.backend import to_numpy
 from gpt2_numpy.model import KVCache
 
 
@@ -81,7 +82,7 @@ def propose_drawing_from(law):
         drafts, q = [], np.empty((K, self.n_vocab))
         new = tokens[self.cache.length :]
         for i in range(K):
-            logits = self.model(new, self.cache)  # [1, V]
+            logits = to_numpy(self.forward(new, self.cache))  # [1, V]
             q[i] = sampling.probabilities(logits[-1], warp)
             drafts.append(sampling.sample(law(logits[-1], warp, q[i]), rng))
             new = drafts[-1:]
@@ -92,6 +93,16 @@ def propose_drawing_from(law):
 
 def without_the_warp(logits, warp, q_i):  # softmax(logits / T): no top-k, no top-p
     return sampling.probabilities(logits, Warp(warp.temperature))
+
+
+def propose_without_top_k(self, tokens, K, warp, rng):
+    """ModelDrafter.propose with q (and the draws from it) left without the warp's top-k: the
+    output stays exact (x_i ~ q_i still holds), only acceptance suffers."""
+    return faithful_propose(self, tokens, K, Warp(warp.temperature, None, warp.top_p)
+                            if not warp.greedy else warp, rng)
+
+
+faithful_propose = propose_drawing_from(lambda logits, warp, q_i: q_i)
 
 
 def no_target_rollback(mp):
@@ -128,6 +139,11 @@ MISTAKES = {
     "target cache not rolled back": no_target_rollback,
     "draft cache not rolled back": lambda mp: mp.setattr(decoding.ModelDrafter, "rollback",
                                                          lambda self, tokens: None),
+    "draft cache rolled back one token too far": lambda mp: mp.setattr(
+        decoding.ModelDrafter, "rollback",
+        lambda self, tokens: self.cache.rollback(min(self.cache.length, len(tokens) - 2))),
+    "the draft's q without the warp's top-k": lambda mp: mp.setattr(
+        decoding.ModelDrafter, "propose", propose_without_top_k),
 }
 
 # The exactness tests, called as pytest calls them (fixtures passed in by hand).
@@ -153,8 +169,11 @@ TESTS = {
     "test_speculative_samples_follow_the_exact_target_distribution[T=1.5,top_k,top_p]":
         lambda fx: test_decoding.test_speculative_samples_follow_the_exact_target_distribution(
             "T=1.5,top_k,top_p"),
+    "test_the_drafts_q_is_the_warped_distribution_of_the_drafts_logits[T=0.8, top_k=3]":
+        lambda fx: test_decoding.test_the_drafts_q_is_the_warped_distribution_of_the_drafts_logits(
+            fx[1], Warp(0.8, top_k=3)),
 }
-ONE_STEP, RESIDUAL, ROWS, WARPING, GREEDY, CACHES, DRAFT_Q, LAW = TESTS
+ONE_STEP, RESIDUAL, ROWS, WARPING, GREEDY, CACHES, DRAFT_Q, LAW, WARPED_Q = TESTS
 
 CAUGHT_BY = {
     "accept with q/p": [ONE_STEP, LAW],
@@ -169,6 +188,10 @@ CAUGHT_BY = {
     "top-p applied before temperature": [WARPING, LAW],
     "target cache not rolled back": [CACHES],
     "draft cache not rolled back": [CACHES],
+    # Still exact (the draft only refeeds a token): only the bookkeeping test can see it.
+    "draft cache rolled back one token too far": [CACHES],
+    # Still exact too (x_i ~ q_i holds): only comparing q with the warped logits sees it.
+    "the draft's q without the warp's top-k": [WARPED_Q],
 }
 CONTROL = "no mistake (the test-local copies, unchanged)"
 CASES = [(mistake, test) for mistake, tests in CAUGHT_BY.items() for test in tests]

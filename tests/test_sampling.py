@@ -193,7 +193,7 @@ def test_the_smallest_temperature_allowed_gives_the_argmax():
 def test_probability_of_reads_each_rows_distribution_at_its_token(warp):
     """The look back's shortcut (greedy: an argmax test, no distribution) gives what the full
     distribution says, ties included (both pick the lowest id)."""
-    from gpt2_numpy.sampling import probability_of
+    from gpt2_numpy.adaptive import probability_of
 
     rng = np.random.default_rng(3)
     logits = rng.standard_normal((40, 9)).astype(np.float32)
@@ -204,3 +204,11 @@ def test_probability_of_reads_each_rows_distribution_at_its_token(warp):
     np.testing.assert_array_equal(probability_of(logits, tokens, warp), want)
     if warp.greedy:
         assert 0 < sum(want) < len(want)  # both outcomes occur
+
+
+def test_top_p_1_is_accepted_and_keeps_every_token():
+    """top_p's range is (0, 1]: 1 is allowed, and keeps the whole (top-k) distribution."""
+    logits = np.random.default_rng(2).standard_normal((3, 50)).astype(np.float32)
+    for top_k in (None, 7):
+        np.testing.assert_array_equal(probabilities(logits, Warp(0.9, top_k, top_p=1.0)),
+                                      probabilities(logits, Warp(0.9, top_k)))

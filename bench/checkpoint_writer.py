@@ -4,7 +4,9 @@ The goal is not just "a file our reader (checkpoint.py) accepts" but the exact b
 TensorFlow's Saver writes for the same tensors (tests/test_checkpoint.py checks this against
 the TF-written fixtures), so every choice below copies one in TensorFlow's BundleWriter
 (tensor_bundle.cc) or its LevelDB-derived TableBuilder / BlockBuilder (tensorflow/core/lib/io).
-The format itself is described in checkpoint.py, which reads it.
+The format itself is described in gpt2_numpy/checkpoint.py, which reads it. The library never
+writes checkpoints; the tests and the benchmarks do (bench/workers.py writes random weights in
+the official format to time loading from real files).
 """
 from __future__ import annotations
 
@@ -17,11 +19,11 @@ from typing import Iterator
 
 import numpy as np
 
-from .checkpoint import (DATA_FILE, DT_FLOAT, FOOTER_LEN, HPARAM_KEYS, INDEX_FILE, LITTLE_ENDIAN,
-                         NO_COMPRESSION, TABLE_MAGIC, _check_hparams, _FIXED32, _LENGTH_DELIMITED,
-                         _VARINT, expected_shapes)
-from .crc32c import crc32c, mask_crc
-from .errors import GPT2Error
+from gpt2_numpy.checkpoint import (DATA_FILE, DT_FLOAT, FOOTER_LEN, HPARAM_KEYS, INDEX_FILE,
+                                   LITTLE_ENDIAN, NO_COMPRESSION, TABLE_MAGIC, _check_hparams,
+                                   _FIXED32, _LENGTH_DELIMITED, _VARINT, expected_shapes)
+from gpt2_numpy.crc32c import crc32c, mask_crc
+from gpt2_numpy.errors import GPT2Error
 
 # OpenAI's 77-byte marker file, which tf.train.latest_checkpoint() reads to find the prefix.
 CHECKPOINT_MARKER = (
