@@ -23,6 +23,7 @@ from .load import OFFICIAL_HPARAMS, load_hparams, official_hparams, random_param
 from .load import load_model as _load_model
 from .model import GPT2, KVCache, forward
 from .sampling import Warp, accept_or_resample, probabilities, residual, sample
+from .tree import tree_speculative_sample
 
 xp = _np  # the array module this package computes with
 
@@ -38,4 +39,4 @@ __all__ = ["AdaptiveK", "Drafter", "FixedK", "GPT2", "GPT2Error", "KPolicy", "KV
            "ModelDrafter", "NGramDrafter", "OFFICIAL_HPARAMS", "Stats", "Warp",
            "accept_or_resample", "autoregressive_sample", "expected_tokens", "forward",
            "load_hparams", "load_model", "official_hparams", "probabilities", "random_params",
-           "residual", "sample", "speculative_sample", "xp"]
+           "residual", "sample", "speculative_sample", "tree_speculative_sample", "xp"]
