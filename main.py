@@ -35,6 +35,9 @@ def parse_args(argv=None):
                    help="choose K in [0, --K] before each round, for the most tokens per second")
     p.add_argument("--draft", choices=["model", "ngram"], default="model",
                    help="model: --draft_model_size drafts; ngram: copy from the context itself")
+    p.add_argument("--tree", default=None, metavar="W1,W2,...",
+                   help="draft a token tree instead of a chain: W_d children per node at depth d "
+                   "(e.g. 2,2,1,1; gpt2_numpy/tree.py)")
     p.add_argument("--show", action="store_true",
                    help="stream the speculative text, coloured by how each token was produced")
     p.add_argument("--temperature", type=float, default=0.0,
@@ -82,6 +85,25 @@ def check_args(args, GPT2Error):
                             "or both")
 
 
+def tree_widths(args, GPT2Error):
+    """--tree W1,W2,... as a list of widths (None without --tree), checked as far as it can be
+    before the prompt is known; run() checks it against the room the prompt leaves."""
+    if args.tree is None:
+        return None
+    from gpt2_numpy.tree import check_widths
+
+    if args.mode == "autoregressive":
+        raise GPT2Error("--tree is about speculative decoding: it needs --mode speculative or both")
+    if args.adaptive:
+        raise GPT2Error("--tree and --adaptive do not go together: a tree's widths are fixed")
+    try:
+        widths = [int(w) for w in args.tree.split(",")]
+    except ValueError:
+        raise GPT2Error(f"--tree takes integers separated by commas, got {args.tree!r}") from None
+    check_widths(widths)
+    return widths
+
+
 def backend_module(name):
     if name == "cupy":
         import gpt2_cupy
@@ -111,6 +133,7 @@ def run(args):
     warp = gpt2_numpy.Warp(args.temperature, args.top_k, args.top_p)
     policy = (AdaptiveK if args.adaptive else FixedK)(args.K)
     check_n_new(args.n_tokens_to_generate)
+    widths = tree_widths(args, GPT2Error)
     gpt2 = backend_module(args.backend)
     progress = not args.no_progress
     modes = {"both": ["autoregressive", "speculative"],
@@ -139,6 +162,10 @@ def run(args):
         raise GPT2Error(f"prompt ({len(prompt)} tokens) + --n_tokens_to_generate "
                         f"({args.n_tokens_to_generate}) exceeds the context of {target.n_ctx} tokens")
 
+    if widths:
+        from gpt2_numpy.tree import check_widths
+
+        check_widths(widths, room=target.n_ctx - len(prompt))
     # Untimed: page every weight in (or, on a GPU, compile the kernels and record the CUDA graphs
     # the timed runs replay, for caches of the capacity the decoders ask for: gpt2_cupy/graphs.py).
     for model in [target] + ([draft] if args.draft == "model" and draft else []):
@@ -156,6 +183,10 @@ def run(args):
             model = target if mode == "autoregressive" else draft
             ids, stats = gpt2.autoregressive_sample(model, prompt, args.n_tokens_to_generate,
                                                     warp, rng, on_tokens)
+        elif widths:  # a token tree in place of the chain
+            ids, stats = gpt2.tree_speculative_sample(target, draft, prompt,
+                                                      args.n_tokens_to_generate, widths, warp,
+                                                      rng, on_tokens)
         else:
             ids, stats = gpt2.speculative_sample(target, draft, prompt, args.n_tokens_to_generate,
                                                  policy, warp, rng, on_tokens)
@@ -169,7 +200,7 @@ def run(args):
         "prompt": args.prompt, "prompt_token_ids": prompt, "backend": args.backend,
         "dtype": args.dtype,
         "draft": (args.draft_model_size if args.draft == "model" else "ngram") if draft else None,
-        "target": args.target_model_size, "K": args.K, "adaptive": args.adaptive,
+        "target": args.target_model_size, "K": args.K, "adaptive": args.adaptive, "tree": widths,
         "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
         "seed": args.seed, "load_seconds": load_seconds, **results,
     }
@@ -178,7 +209,7 @@ def run(args):
         ar, sp = results["autoregressive"], results["speculative"]
         report["speedup"] = ar["decode_seconds"] / sp["decode_seconds"]
         report["same_tokens"] = ar["token_ids"] == sp["token_ids"]
-    if both and not (args.adaptive or args.draft == "ngram") and sp["drafted"]:
+    if both and not (args.adaptive or args.draft == "ngram" or widths) and sp["drafted"]:
         # With a draft model and a fixed K, the papers' prediction from the measured acceptance
         # and cost ratio c = draft / target forward time: (1 - a^(K+1)) / ((1 - a)(K c + 1)),
         # i.e. tokens per round / round cost. (With --adaptive or ngram, K varies by round.)
