@@ -250,3 +250,71 @@ def test_tree_samples_follow_the_exact_target_distribution(case):
     assert 0.05 < acceptance < 0.8  # both acceptances and rejections shaped the law
     chi2_q, critical_q, tv_q, _ = goodness_of_fit(samples, q_exact, N)
     assert chi2_q > critical_q and tv_q > tv_bound
+
+
+# --- main.py --tree -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags", [["--tree", "2,2,2,2"], ["--tree", "3,1,2", "--mode", "all"],
+                                   ["--tree", "3,2,1", "--draft", "ngram"]])
+def test_cli_greedy_tree_gives_the_autoregressive_tokens(capsys, flags):
+    import main
+    from test_cli import BASE, REPETITIVE, strict_loads
+
+    assert main.main(BASE + ["--json", "--prompt", REPETITIVE, *flags]) == 0
+    r = strict_loads(capsys.readouterr().out)
+    sp = r["speculative"]
+    assert r["same_tokens"] is True and len(sp["token_ids"]) == 17
+    assert r["tree"] == [int(w) for w in flags[1].split(",")] and "predicted_speedup" not in r
+    assert sp["tokens_per_round"] == 17 / sp["rounds"] and sp["target_calls"] == sp["rounds"]
+    assert max(sp["K_per_round"]) <= tree_size(r["tree"])
+    assert main.main(BASE + ["--prompt", REPETITIVE, *flags]) == 0
+    assert "Same tokens = yes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tree, message", [
+    ("0", "integers >= 1"), ("2,-1", "integers >= 1"), ("2.5", "integers separated by commas"),
+    ("2,,2", "integers separated by commas"), ("a", "integers separated by commas"),
+    ("8,8", "more than the limit of 64"), ("8,7", "positions the context has left")])
+def test_cli_bad_widths_exit_2_with_one_line(capsys, tree, message):
+    import main
+    from test_cli import BASE
+
+    assert main.main(BASE + ["--tree", tree]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("flags", [["--mode", "autoregressive"], ["--adaptive"]])
+def test_cli_tree_with_flags_it_does_not_go_with(capsys, flags):
+    import main
+    from test_cli import BASE
+
+    assert main.main(BASE + ["--tree", "2,2", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "--tree" in err and "\n" not in err
+
+
+# --- the GPU twin: on tests/fake_cupy.py always, on a GPU when there is one -----------------------
+
+from test_cupy import gpu  # noqa: E402,F401  (the fixture: fake CuPy, fused or not; a real GPU)
+
+
+def test_trees_on_the_gpu_twin_give_the_cpus_logits_and_tokens(gpu):
+    """A tree forward on CuPy arrays (the fused path falls back to model.forward) gives the
+    CPU's logits; greedy tree decoding gives the CPU's tokens; the gather runs on the device."""
+    import cupy
+
+    cpu = gpt2.load_model(str(FIXTURES / "tiny-4h"), download=False)
+    dev = gpu.load_model(str(FIXTURES / "tiny-4h"), download=False)
+    draft = gpu.load_model(str(FIXTURES / "tiny-3h"), download=False)
+    tokens = np.random.default_rng(2).integers(0, cpu.n_vocab, len(PARENTS)).tolist()
+    want = cpu(tokens, cpu.new_cache(20), n_logits=None, parents=PARENTS)
+    cache = dev.new_cache(20)
+    got = dev(tokens, cache, n_logits=None, parents=PARENTS)
+    np.testing.assert_allclose(cupy.asnumpy(got), want, atol=1e-4, rtol=0)
+    cache.keep(1, [1, 5, 9])
+    assert cache.length == 4 and isinstance(cache.k, cupy.ndarray)
+    prompt = cpu.tokenizer.encode("the model is learning the")
+    ar, _ = gpt2.autoregressive_sample(cpu, prompt, 30)
+    ids, stats = gpu.tree_speculative_sample(dev, draft, prompt, 30, (2, 2, 1))
+    assert ids == ar and stats.target_calls == stats.rounds
