@@ -48,6 +48,9 @@ H100_R = {"355M": {1: 1.0, 2: 1.07, 5: 1.18, 9: 1.68, 16: 2.06},  # docs/gpu.md,
 H100_C = 0.55 / 1.26  # docs/gpu.md: 124M and 355M forwards over one token, ms
 
 
+EXTRA = [(2, 2, 2, 2)]  # 30 nodes: the issue's tree, against the chain K = 4
+
+
 def shapes(max_nodes: int, widest: int = 8):
     """Every widths tuple, non-increasing, of at most max_nodes nodes (chains included)."""
     def grow(prefix):
@@ -160,7 +163,7 @@ def measure(n_prompts, n_new, max_nodes, reps, log):
     for pair, draft in drafts.items():
         for temperature in (0.0, 1.0):
             start = time.perf_counter()
-            for widths in shapes(max_nodes):
+            for widths in shapes(max_nodes) + EXTRA:
                 m = tokens_per_forward(target, draft, widths, temperature, prompts, n_new)
                 if temperature == 0:
                     assert m["outputs"] == greedy, (pair, widths)  # greedy: the target's text
@@ -202,6 +205,14 @@ def tables(res) -> str:
             cells += [f"{chain['tau']:.2f}", f"{tree['tau']:.2f} ({shape(tree)}, "
                       f"{tree['tau'] / chain['tau']:.2f}x)"]
         out.append(f"| {pair} | {T:g} | " + " | ".join(cells) + " |")
+    out += ["", "The issue's comparison, a 2,2,2,2 tree (31 verify rows) against the chain K = 4 "
+            "(5 rows):", "", "| pair | T | K=4 | 2,2,2,2 | ratio |", "|---|---|---|---|---|"]
+    for pair, T in groups:
+        rows = [r for r in res["rows"] if r["pair"] == pair and r["temperature"] == T]
+        chain = next(r for r in rows if r["chain"] and r["nodes"] == 4)
+        tree = next(r for r in rows if r["widths"] == [2, 2, 2, 2])
+        out.append(f"| {pair} | {T:g} | {chain['tau']:.2f} | {tree['tau']:.2f} | "
+                   f"{tree['tau'] / chain['tau']:.2f}x |")
     for name in ("this CPU", "H100"):
         key = f"speedup {name}"
         out += ["", f"Predicted speedup over autoregressive, {name}'s costs (best shape of each kind):",
@@ -224,7 +235,8 @@ def plot(res, path: Path):
     groups = list(dict.fromkeys((r["pair"], r["temperature"]) for r in res["rows"]))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     for i, (pair, T) in enumerate(groups):
-        rows = [r for r in res["rows"] if r["pair"] == pair and r["temperature"] == T]
+        rows = [r for r in res["rows"] if r["pair"] == pair and r["temperature"] == T
+                and tuple(r["widths"]) not in EXTRA]
         style = dict(color=f"C{i // 2}", ls="-" if T == 0 else "--")
         label = f"{pair}, T={T:g}"
         chains = [r for r in rows if r["chain"]]
@@ -241,11 +253,12 @@ def plot(res, path: Path):
             ax.plot(n, [best(rows, key, chain=False, max_rows=k)[key] if k > 2 else
                         chains[0][key] for k in n], marker="s", ms=3, label=label, **style)
     axes[0].set(xlabel="verify rows (nodes + 1)", ylabel="tokens per target forward",
-                title="Measured: chains (circles, faint) vs the best tree (squares)")
+                title="Measured: chain K = rows - 1 (faint circles)\nvs the best tree with at most "
+                "that many rows (squares)", )
     for ax, name in zip(axes[1:], ("this CPU", "H100")):
         ax.axhline(1, color="black", lw=0.6)
         ax.set(xlabel="verify rows (nodes + 1)", ylabel="predicted speedup over autoregressive",
-               title=f"Predicted with {name}'s r(T) and c (355M target, 124M draft)")
+               title=f"Predicted at {name}'s r(T) and c\n(355M target, 124M draft)")
     axes[0].legend(fontsize=7)
     fig.suptitle(f"Token trees vs chains: acceptance from the fixtures (tiny-4h and drafts), "
                  f"costs from {res['machine']['cpu']} ({res['costs']['weights']}) and docs/gpu.md",
@@ -261,9 +274,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench_out", help="where tree.json goes")
     p.add_argument("--img", default=str(ROOT / "img"), help="where tree.png goes")
     p.add_argument("--quick", action="store_true", help="6 prompts, trees up to 7 nodes, 2 reps")
+    p.add_argument("--reps", type=int, default=None, help="repetitions of the cost measurement")
     args = p.parse_args(argv)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     n_prompts, max_nodes, reps = (6, 7, 2) if args.quick else (12, 15, 5)
+    reps = args.reps or reps
     res = measure(n_prompts, 40, max_nodes, reps, log)
     res.update(command=command("tree", argv), machine=machine_info())
     out = Path(args.out)
