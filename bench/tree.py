@@ -94,7 +94,7 @@ def interpolated(points: dict):
 def cpu_costs(Ts, reps, log):
     """r(T) of 355M and 124M on random weights here, and c: each repetition times every T of
     both models once, interleaved (after one untimed pass), a sample taken while other processes
-    were busy retried twice (bench/timing.py); the best of the repetitions counts."""
+    were busy retried once (bench/timing.py); the best of the repetitions counts."""
     models = {}
     for size in ("355M", "124M"):
         h = gpt2.official_hparams(size)
@@ -114,7 +114,7 @@ def cpu_costs(Ts, reps, log):
     samples = {key: [] for key in steps}
     for rep in range(reps):
         for key, step in steps.items():
-            samples[key].append(quiet_sample(step, tries=3))
+            samples[key].append(quiet_sample(step, tries=2))
         log(f"  costs: repetition {rep + 1}/{reps}")
     best = {k: min(s for s, _ in v) for k, v in samples.items()}
     return {"r": {size: {T: best[size, T] / best[size, 1] for T in Ts} for size in models},
@@ -277,7 +277,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=None, help="repetitions of the cost measurement")
     args = p.parse_args(argv)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
-    n_prompts, max_nodes, reps = (6, 7, 2) if args.quick else (12, 15, 5)
+    n_prompts, max_nodes, reps = (6, 7, 2) if args.quick else (12, 15, 3)
     reps = args.reps or reps
     res = measure(n_prompts, 40, max_nodes, reps, log)
     res.update(command=command("tree", argv), machine=machine_info())

@@ -261,6 +261,9 @@ def forward(params: dict, ids, cache: KVCache, n_head: int, n_logits=1, parents=
         visible = causal_mask(n_past, T, xp) if T > 1 else None  # [T, L]; one query sees all
     else:
         n_before = n_past + T - len(parents)  # keys before the tree
+        if not 0 <= n_before <= n_past:
+            raise ValueError(f"{len(parents)} parents for a tree that ends with {T} new rows "
+                             f"after {n_past} cached ones")
         positions = tree_positions(n_before, parents, xp)[-T:]  # [T]
         visible = tree_mask(n_before, len(parents), xp, parents)[-T:, :]  # [T, L]
     x = xp.take(wte, ids, axis=0) + xp.take(wpe, positions, axis=0)  # [T, d]

@@ -199,6 +199,8 @@ def tree_speculative_sample(target, draft, prompt: List[int], n_new: int, widths
     widths = list(widths)
     check_widths(widths)
     ngram = isinstance(draft, NGramDrafter)
+    if not ngram and not hasattr(draft, "new_cache"):
+        raise GPT2Error(f"a tree's draft is a model or an NGramDrafter, not {type(draft).__name__}")
     if draft.n_vocab != target.n_vocab:
         raise GPT2Error(f"draft and target vocabularies differ ({draft.n_vocab} vs "
                         f"{target.n_vocab} tokens): speculative decoding needs the same tokenizer")
