@@ -1,6 +1,7 @@
 """Token trees against chains: tokens per target forward, and the speedup each would give.
 
-    python -m bench tree            # ~4 min on a 2-core machine; --quick: ~1 min
+    python -m bench tree                             # ~5 min on a quiet 2-core machine
+    python -m bench tree --cpu_costs performance.md  # this CPU's costs from docs/performance.md
 
 Tokens per target forward (tau) is measured by decoding: greedy (T = 0) and sampled (T = 1)
 runs of gpt2_numpy.speculative_sample (chains, K = 1..15) and gpt2_numpy.tree_speculative_sample
@@ -20,7 +21,8 @@ autoregressive decoding:
 
 (for a chain, K c + r(K + 1), the formula of bench/cpu.py). The costs come from two machines:
     this CPU   r(T) measured here on random weights in the official 355M (target) and 124M
-               (draft) shapes, at cache length 64, the best of several interleaved repetitions
+               (draft) shapes, at cache length 64, the best of several interleaved repetitions;
+               or (--cpu_costs performance.md) docs/performance.md's table, T <= 9 only
     H100       the r(T) of docs/gpu.md (fused kernels, CUDA graphs), interpolated linearly
                between its T = 1, 2, 5, 9, 16, and c = 0.55 / 1.26 ms (124M / 355M, T = 1)
 The tiny fixtures give the acceptance, the big shapes the costs: a prediction, labelled so.
@@ -46,6 +48,11 @@ FIXTURES = ROOT / "tests" / "fixtures"
 H100_R = {"355M": {1: 1.0, 2: 1.07, 5: 1.18, 9: 1.68, 16: 2.06},  # docs/gpu.md, r(T) table
           "124M": {1: 1.0, 2: 1.07, 5: 1.32, 9: 2.01, 16: 2.56}}
 H100_C = 0.55 / 1.26  # docs/gpu.md: 124M and 355M forwards over one token, ms
+# docs/performance.md's r(T) table (python -m bench cpu, this 2-core machine when it was quiet):
+# T = 1..9 only, so with these costs a prediction covers shapes whose forwards have <= 9 rows.
+PERF_R = {"355M": dict(enumerate([1.00, 1.86, 1.88, 1.88, 1.89, 1.91, 1.92, 1.91, 2.23], 1)),
+          "124M": dict(enumerate([1.00, 2.12, 2.12, 2.12, 2.12, 2.15, 2.17, 2.17, 2.47], 1))}
+PERF_C = 19.4 / 53.8
 
 
 EXTRA = [(2, 2, 2, 2)]  # 30 nodes: the issue's tree, against the chain K = 4
@@ -75,9 +82,12 @@ def draft_rows(widths):
     return rows
 
 
-def round_cost(widths, r_target, r_draft, c) -> float:
-    """A round's cost in target forwards over one row."""
-    return c * sum(r_draft(n) for n in draft_rows(widths)) + r_target(tree_size(widths) + 1)
+def round_cost(widths, r_target, r_draft, c):
+    """A round's cost in target forwards over one row (None where a cost is unknown)."""
+    parts = [r_draft(n) for n in draft_rows(widths)] + [r_target(tree_size(widths) + 1)]
+    if None in parts:
+        return None
+    return c * sum(parts[:-1]) + parts[-1]
 
 
 def interpolated(points: dict):
@@ -150,9 +160,18 @@ def tokens_per_forward(target, draft, widths, temperature, prompts, n_new) -> di
     return {"tau": tokens / rounds, "outputs": outputs}
 
 
-def measure(n_prompts, n_new, max_nodes, reps, log):
-    costs = cpu_costs(list(range(1, max_nodes + 2)), reps, log)
-    machines = {"this CPU": (interpolated(costs["r"]["355M"]), interpolated(costs["r"]["124M"]),
+def measured_only(points: dict):
+    """r(T) where it was measured, None beyond: no prediction for larger forwards."""
+    return lambda T: points.get(T)
+
+
+def measure(n_prompts, n_new, max_nodes, reps, log, cpu="measure"):
+    if cpu == "measure":
+        costs = cpu_costs(list(range(1, max_nodes + 2)), reps, log)
+    else:  # the table of docs/performance.md
+        costs = {"r": PERF_R, "c": PERF_C, "ms_T1": {"355M": 53.8, "124M": 19.4},
+                 "weights": RANDOM, "n_past": 64, "source": "docs/performance.md"}
+    machines = {"this CPU": (measured_only(costs["r"]["355M"]), measured_only(costs["r"]["124M"]),
                              costs["c"]),
                 "H100": (interpolated(H100_R["355M"]), interpolated(H100_R["124M"]), H100_C)}
     target, drafts = pairs()
@@ -171,7 +190,8 @@ def measure(n_prompts, n_new, max_nodes, reps, log):
                        "chain": is_chain(widths), "nodes": tree_size(widths),
                        "verify_rows": tree_size(widths) + 1, "tau": m["tau"]}
                 for name, (r_t, r_d, c) in machines.items():
-                    row[f"speedup {name}"] = m["tau"] / round_cost(widths, r_t, r_d, c)
+                    cost = round_cost(widths, r_t, r_d, c)
+                    row[f"speedup {name}"] = None if cost is None else m["tau"] / cost
                 rows.append(row)
             log(f"  {pair}, T = {temperature:g}: {time.perf_counter() - start:.0f} s")
     return {"costs": costs, "rows": rows, "n_prompts": n_prompts, "n_new": n_new,
@@ -179,7 +199,7 @@ def measure(n_prompts, n_new, max_nodes, reps, log):
 
 
 def best(rows, key, chain=None, max_rows=None):
-    rows = [r for r in rows if (chain is None or r["chain"] == chain)
+    rows = [r for r in rows if r[key] is not None and (chain is None or r["chain"] == chain)
             and (max_rows is None or r["verify_rows"] <= max_rows)]
     return max(rows, key=lambda r: r[key])
 
@@ -248,10 +268,14 @@ def plot(res, path: Path):
                      marker="s", ms=3, label=label, **style)
         for ax, name in zip(axes[1:], ("this CPU", "H100")):
             key = f"speedup {name}"
-            ax.plot([r["verify_rows"] for r in chains], [r[key] for r in chains], marker="o", ms=3,
+            nan = float("nan")  # a cost that was not measured: no point
+            ax.plot([r["verify_rows"] for r in chains],
+                    [nan if r[key] is None else r[key] for r in chains], marker="o", ms=3,
                     alpha=0.5, **style)
-            ax.plot(n, [best(rows, key, chain=False, max_rows=k)[key] if k > 2 else
-                        chains[0][key] for k in n], marker="s", ms=3, label=label, **style)
+            known = [k for k in n if k > 2 and any(r[key] is not None for r in rows
+                                                   if r["verify_rows"] == k)]
+            ax.plot(known, [best(rows, key, chain=False, max_rows=k)[key] for k in known],
+                    marker="s", ms=3, label=label, **style)
     axes[0].set(xlabel="verify rows (nodes + 1)", ylabel="tokens per target forward",
                 title="Measured: chain K = rows - 1 (faint circles)\nvs the best tree with at most "
                 "that many rows (squares)", )
@@ -260,9 +284,9 @@ def plot(res, path: Path):
         ax.set(xlabel="verify rows (nodes + 1)", ylabel="predicted speedup over autoregressive",
                title=f"Predicted at {name}'s r(T) and c\n(355M target, 124M draft)")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"Token trees vs chains: acceptance from the fixtures (tiny-4h and drafts), "
-                 f"costs from {res['machine']['cpu']} ({res['costs']['weights']}) and docs/gpu.md",
-                 fontsize=8)
+    cpu = res["costs"].get("source", f"{res['machine']['cpu']}, {res['costs']['weights']}")
+    fig.suptitle(f"Token trees vs chains: acceptance from the fixtures (tiny-4h and its drafts); "
+                 f"costs from {cpu} (this CPU) and docs/gpu.md (H100)", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -275,21 +299,25 @@ def main(argv=None) -> int:
     p.add_argument("--img", default=str(ROOT / "img"), help="where tree.png goes")
     p.add_argument("--quick", action="store_true", help="6 prompts, trees up to 7 nodes, 2 reps")
     p.add_argument("--reps", type=int, default=None, help="repetitions of the cost measurement")
+    p.add_argument("--cpu_costs", choices=["measure", "performance.md"], default="measure",
+                   help="this CPU's r(T) and c: measured now (needs a quiet machine), or the "
+                   "table of docs/performance.md (T <= 9)")
     args = p.parse_args(argv)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     n_prompts, max_nodes, reps = (6, 7, 2) if args.quick else (12, 15, 3)
     reps = args.reps or reps
-    res = measure(n_prompts, 40, max_nodes, reps, log)
+    res = measure(n_prompts, 40, max_nodes, reps, log, args.cpu_costs)
     res.update(command=command("tree", argv), machine=machine_info())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tree.json").write_text(json.dumps(res, indent=1))
     c = res["costs"]
-    print(f"this CPU ({c['weights']}): c = {c['c']:.3f}; r(T) 355M: "
+    print(f"this CPU ({c.get('source', c['weights'])}): c = {c['c']:.3f}; r(T) 355M: "
           + " ".join(f"{T}:{r:.2f}" for T, r in c["r"]["355M"].items())
           + "; 124M: " + " ".join(f"{T}:{r:.2f}" for T, r in c["r"]["124M"].items())
-          + f"; T=1: 355M {c['ms_T1']['355M']:.0f} ms, 124M {c['ms_T1']['124M']:.0f} ms; "
-          f"other processes' CPU share during the best samples <= {c['max_foreign_of_best']:.2f}")
+          + f"; T=1: 355M {c['ms_T1']['355M']:.0f} ms, 124M {c['ms_T1']['124M']:.0f} ms"
+          + (f"; other processes' CPU share during the best samples <= "
+             f"{c['max_foreign_of_best']:.2f}" if "max_foreign_of_best" in c else ""))
     print()
     print(tables(res))
     plot(res, Path(args.img) / "tree.png")
