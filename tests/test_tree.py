@@ -318,3 +318,19 @@ def test_trees_on_the_gpu_twin_give_the_cpus_logits_and_tokens(gpu):
     ar, _ = gpt2.autoregressive_sample(cpu, prompt, 30)
     ids, stats = gpu.tree_speculative_sample(dev, draft, prompt, 30, (2, 2, 1))
     assert ids == ar and stats.target_calls == stats.rounds
+
+
+def test_the_benchmarks_round_cost_is_the_chains_formula_for_a_chain():
+    """bench/tree.py's cost of a round: K draft steps and an r(K + 1) verify for a chain; one
+    draft forward per depth over the nodes above it for a tree."""
+    from bench.tree import draft_rows, round_cost, shapes
+
+    r = lambda T: 1 + 0.1 * (T - 1)  # noqa: E731
+    for K in (1, 4, 7):
+        assert round_cost((1,) * K, r, r, 0.3) == pytest.approx(K * 0.3 + r(K + 1))
+    assert draft_rows((2, 3, 1)) == [1, 2, 6]
+    assert round_cost((2, 3, 1), r, r, 0.3) == pytest.approx(0.3 * (r(1) + r(2) + r(6)) + r(15))
+    assert round_cost((9,), r, lambda T: None, 0.3) is None  # an unmeasured cost: no prediction
+    seven = shapes(7)
+    assert (1,) * 7 in seven and (2, 2) in seven and (2, 3) not in seven  # non-increasing
+    assert all(tree_size(s) <= 7 for s in seven) and len(set(seven)) == len(seven)
