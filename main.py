@@ -50,6 +50,9 @@ def parse_args(argv=None):
                    help="choose K in [0, --K] before each round, for the most tokens per second")
     p.add_argument("--draft", choices=["model", "ngram"], default="model",
                    help="model: --draft_model_size drafts; ngram: copy from the context itself")
+    p.add_argument("--tree", default=None, metavar="W1,W2,...",
+                   help="draft a token tree instead of a chain: W_d children per node at depth d "
+                   "(e.g. 2,2,1,1; gpt2_numpy/tree.py)")
     p.add_argument("--show", action="store_true",
                    help="stream the speculative text, coloured by how each token was produced")
     p.add_argument("--temperature", type=float, default=0.0,
@@ -109,6 +112,25 @@ def decoding_settings(args):
     return warp, None
 
 
+def tree_widths(args):
+    """--tree W1,W2,... as a list of widths (None without --tree), checked as far as it can be
+    before the prompt is known; run() checks it against the room the prompt leaves."""
+    if args.tree is None:
+        return None
+    from gpt2_numpy.tree import check_widths
+
+    if args.mode == "autoregressive":
+        raise GPT2Error("--tree is about speculative decoding: it needs --mode speculative or both")
+    if args.adaptive:
+        raise GPT2Error("--tree and --adaptive do not go together: a tree's widths are fixed")
+    try:
+        widths = [int(w) for w in args.tree.split(",")]
+    except ValueError:
+        raise GPT2Error(f"--tree takes integers separated by commas, got {args.tree!r}") from None
+    check_widths(widths)
+    return widths
+
+
 def backend_module(name):
     if name == "cupy":
         import gpt2_cupy
@@ -161,7 +183,7 @@ def progress_bar(total, desc, enabled):
     return bar, (lambda ids, kinds: bar.update(len(ids)))
 
 
-def decode(mode, gpt2, target, draft, prompt, args, warp, policy):
+def decode(mode, gpt2, target, draft, prompt, args, warp, policy, widths):
     """One run, seeded alike for every mode: (new token ids, Stats)."""
     from gpt2_numpy.show import show_stream
 
@@ -175,6 +197,9 @@ def decode(mode, gpt2, target, draft, prompt, args, warp, policy):
     if mode in ("autoregressive", "draft_alone"):  # the target alone, or the draft alone
         model = target if mode == "autoregressive" else draft
         ids, stats = gpt2.autoregressive_sample(model, prompt, n, warp, rng, on_tokens)
+    elif widths:  # a token tree in place of the chain
+        ids, stats = gpt2.tree_speculative_sample(target, draft, prompt, n, widths, warp, rng,
+                                                  on_tokens)
     elif policy is not None:  # --adaptive: the policy chooses each round's K
         ids, stats = gpt2.adaptive_speculative_sample(target, draft, prompt, n, policy, warp,
                                                       rng, on_tokens)
@@ -192,29 +217,34 @@ def run(args):
     """Check the flags, load the models, decode in every mode asked for, and report."""
     check_args(args)
     warp, policy = decoding_settings(args)  # checked before anything is downloaded or loaded
+    widths = tree_widths(args)
     gpt2, modes = backend_module(args.backend), MODES[args.mode]
     target, draft, load_seconds = load_models(args, modes, gpt2)
     prompt = encode_prompt(target, args)
+    if widths:
+        from gpt2_numpy.tree import check_widths
+
+        check_widths(widths, room=target.n_ctx - len(prompt))
     # Untimed: page every weight in (or, on a GPU, compile the kernels and record the CUDA graphs
     # the timed runs replay, for caches of the capacity the decoders ask for: gpt2_cupy/graphs.py).
     for model in [target] + ([draft] if draft is not None and args.draft == "model" else []):
         model.warm_up(len(prompt) + args.n_tokens_to_generate - 1)
     results = {}
     for mode in modes:
-        ids, stats = decode(mode, gpt2, target, draft, prompt, args, warp, policy)
+        ids, stats = decode(mode, gpt2, target, draft, prompt, args, warp, policy, widths)
         results[mode] = {"token_ids": ids, "text": target.tokenizer.decode(ids), **stats.as_dict()}
-    return make_report(args, target.tokenizer.decode(prompt), prompt, draft, load_seconds,
+    return make_report(args, target.tokenizer.decode(prompt), prompt, draft, widths, load_seconds,
                        results)
 
 
-def make_report(args, prompt_text, prompt, draft, load_seconds, results):
+def make_report(args, prompt_text, prompt, draft, widths, load_seconds, results):
     """The runs' results, the settings, and what compares them. `prompt_text` is the prompt as
     its tokens decode (an invalid UTF-8 byte on the command line becomes U+FFFD, as it was fed)."""
     report = {
         "prompt": prompt_text, "prompt_token_ids": prompt, "backend": args.backend,
         "dtype": args.dtype,
         "draft": (args.draft_model_size if args.draft == "model" else "ngram") if draft else None,
-        "target": args.target_model_size, "K": args.K, "adaptive": args.adaptive,
+        "target": args.target_model_size, "K": args.K, "adaptive": args.adaptive, "tree": widths,
         "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
         "seed": args.seed, "load_seconds": load_seconds, **results,
     }
@@ -223,7 +253,7 @@ def make_report(args, prompt_text, prompt, draft, load_seconds, results):
         report["same_tokens"] = ar["token_ids"] == sp["token_ids"]
         # Nothing drafted: both runs were plain target steps, and their ratio is only noise.
         report["speedup"] = ar["decode_seconds"] / sp["decode_seconds"] if sp["drafted"] else None
-        if not (args.adaptive or args.draft == "ngram") and sp["drafted"]:
+        if not (args.adaptive or args.draft == "ngram" or widths) and sp["drafted"]:
             # With a draft model and a fixed K, the papers' prediction from the measured
             # acceptance a and the cost ratio c of one draft forward to one target forward:
             # (1 - a^(K+1)) / ((1 - a)(K c + 1)), i.e. tokens per round / round cost.

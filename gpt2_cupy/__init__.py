@@ -17,7 +17,7 @@ from gpt2_numpy import (OFFICIAL_HPARAMS, AdaptiveK, FixedK, GPT2Error, KVCache,
                         ModelDrafter, NGramDrafter, Stats, Warp, accept_or_resample,
                         adaptive_speculative_sample, autoregressive_sample, forward,
                         load_hparams, official_hparams, probabilities, residual, sample,
-                        speculative_sample)
+                        speculative_sample, tree_speculative_sample)
 from gpt2_numpy import load as _load
 
 try:
@@ -59,4 +59,5 @@ def random_params(hparams, seed=0, scale=0.02):
 __all__ = ["AdaptiveK", "FixedK", "NGramDrafter", "GPT2", "GraphedGPT2", "GPT2Error", "KVCache", "ModelDrafter", "OFFICIAL_HPARAMS", "Stats", "Warp",
            "accept_or_resample", "adaptive_speculative_sample", "autoregressive_sample", "forward", "load_hparams", "load_model",
            "official_hparams", "probabilities", "random_params", "residual", "sample",
+           "tree_speculative_sample",
            "speculative_sample", "xp"]

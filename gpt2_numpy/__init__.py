@@ -23,7 +23,7 @@ __all__ = ["AdaptiveK", "Drafter", "FixedK", "GPT2", "GPT2Error", "KPolicy", "KV
            "accept_or_resample", "adaptive_speculative_sample", "autoregressive_sample",
            "expected_tokens", "forward", "load_hparams", "load_model", "official_hparams",
            "probabilities", "random_params", "residual", "sample", "speculative_sample",
-           "tune_process", "xp"]
+           "tree_speculative_sample", "tune_process", "xp"]
 
 
 def __getattr__(name):

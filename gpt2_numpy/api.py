@@ -9,6 +9,7 @@ from .load import OFFICIAL_HPARAMS, load_hparams, official_hparams, random_param
 from .load import load_model as _load_model
 from .model import GPT2, KVCache, forward
 from .sampling import Warp, accept_or_resample, probabilities, residual, sample
+from .tree import tree_speculative_sample
 
 xp = _np  # the array module this package computes with
 

@@ -82,3 +82,21 @@ class NGramDrafter(Drafter):
 
     def rollback(self, tokens: List[int]) -> None:
         pass  # no state: every lookup reads the committed tokens afresh
+
+
+def lookup_branches(tokens: List[int], n_branches: int, K: int, n_max: int = 3) -> List[List[int]]:
+    """Up to n_branches different continuations of up to K tokens, for a token tree: what
+    followed each earlier occurrence of the context's last n tokens, latest first, for n from
+    n_max down to 1 (the longest matches first). lookup's first branch is lookup's answer."""
+    branches = []
+    for n in range(min(n_max, len(tokens) - 1), 0, -1):
+        suffix = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start : start + n] == suffix:
+                followed = tokens[start + n : start + n + K]  # then LZ77-style, as in lookup
+                branch = [followed[i % len(followed)] for i in range(K)]
+                if branch not in branches:
+                    branches.append(branch)
+                if len(branches) == n_branches:
+                    return branches
+    return branches

@@ -20,6 +20,8 @@ this runs, and why `matmul` pads a few rows, is in docs/performance.md.
 """
 import math
 
+import numpy as np  # only to lay out a tree's mask on the host (tree_mask)
+
 from .backend import namespace_of
 from .errors import GPT2Error
 
@@ -81,12 +83,45 @@ def merge_heads(x):
     return xp.reshape(xp.permute_dims(x, (1, 0, 2)), (T, H * D))
 
 
+def tree_mask(n_before: int, n_rows: int, xp, parents=None):
+    """Which keys each row of a token tree may see: the n_before keys before the tree, the row's
+    ancestors in the tree and itself, never a sibling or a cousin.  -> [n_rows, L] bool,
+    L = n_before + n_rows
+
+    parents[i] is the tree row that is row i's parent, or -1 where the parent is the token just
+    before the tree (key n_before - 1); a parent comes before its children (parents[i] < i).
+    None is a chain, parents -1, 0, 1, ..., n_rows - 2: row t's ancestors are rows 0..t-1, so
+    query t (at absolute position n_before + t) sees keys 0..n_before + t, the causal mask,
+    aligned to the lower-right corner. A chain is built in closed form (a prefill is a chain of
+    up to n_ctx rows); a tree, of a few dozen rows, on the host, row by row.
+    """
+    L = n_before + n_rows
+    if parents is None:
+        query_pos = xp.reshape(xp.arange(n_rows), (n_rows, 1)) + n_before  # [N, 1]
+        key_pos = xp.reshape(xp.arange(L), (1, L))  # [1, L]
+        return key_pos <= query_pos
+    sees = np.zeros((n_rows, L), dtype=bool)  # [N, L]
+    sees[:, :n_before] = True  # every row sees the keys before the tree
+    for i, parent in enumerate(parents):
+        if parent >= 0:
+            sees[i] = sees[parent]  # what its parent sees: the parent and the parent's ancestors
+        sees[i, n_before + i] = True  # and itself
+    return xp.asarray(sees)
+
+
 def causal_mask(n_past: int, T: int, xp):
-    """Which keys each new query may see: query t sits at absolute position n_past + t and sees
-    keys 0..n_past + t, a mask aligned to the lower-right corner.  -> [T, L] bool, L = n_past + T"""
-    query_pos = xp.reshape(xp.arange(T), (T, 1)) + n_past  # [T, 1]
-    key_pos = xp.reshape(xp.arange(n_past + T), (1, n_past + T))  # [1, L]
-    return key_pos <= query_pos
+    """The tree mask of a chain: query t sits at absolute position n_past + t and sees keys
+    0..n_past + t.  -> [T, L] bool, L = n_past + T"""
+    return tree_mask(n_past, T, xp)
+
+
+def tree_positions(n_before: int, parents, xp):
+    """Absolute position of each tree row: n_before plus its depth below the token before the
+    tree (0 where parents[i] = -1), not its row index: siblings share a position.  -> [N] int"""
+    depth = []
+    for parent in parents:
+        depth.append(0 if parent < 0 else depth[parent] + 1)
+    return xp.asarray([n_before + d for d in depth])
 
 
 def attention(q, k, v, visible=None):
@@ -112,17 +147,20 @@ def qkv_heads(x, c_attn, n_head: int):
     return tuple(heads[i * n_head : (i + 1) * n_head, ...] for i in range(3))
 
 
-def causal_self_attention(x, c_attn, c_proj, n_head: int, k_cache, v_cache, n_past: int):
+def causal_self_attention(x, c_attn, c_proj, n_head: int, k_cache, v_cache, n_past: int,
+                          visible=None):
     """Multi-head attention that appends this call's keys/values to the layer's cache.
 
-    x [T, d]; k_cache, v_cache [H, capacity, D], rows 0..n_past-1 already filled -> [T, d]
+    x [T, d]; k_cache, v_cache [H, capacity, D], rows 0..n_past-1 already filled;
+    visible [T, L]: the keys each query sees (tree_mask; None: all) -> [T, d]
     """
     T = x.shape[0]
     q, k, v = qkv_heads(x, c_attn, n_head)  # 3 x [H, T, D]
     L = n_past + T
-    k_cache[:, n_past:L, :] = k  # write only the new rows; older ones are reused as they are
+    # Write only the new rows, at rows n_past..L-1 (in a tree, a row index, not a position);
+    # older ones are reused as they are.
+    k_cache[:, n_past:L, :] = k
     v_cache[:, n_past:L, :] = v
-    visible = causal_mask(n_past, T, namespace_of(x)) if T > 1 else None
     out = attention(q, k_cache[:, :L, :], v_cache[:, :L, :], visible)  # [H, T, D]
     return linear(merge_heads(out), **c_proj)  # [T, d]
 
@@ -132,10 +170,11 @@ def mlp(x, c_fc, c_proj):
     return linear(gelu(linear(x, **c_fc)), **c_proj)
 
 
-def transformer_block(x, ln_1, attn, ln_2, mlp_params, n_head, k_cache, v_cache, n_past):
+def transformer_block(x, ln_1, attn, ln_2, mlp_params, n_head, k_cache, v_cache, n_past,
+                      visible=None):
     """Pre-norm residual block: x + attn(ln_1(x)), then + mlp(ln_2(x)).  [T, d] -> [T, d]"""
-    x = x + causal_self_attention(layer_norm(x, **ln_1), **attn, n_head=n_head,
-                                  k_cache=k_cache, v_cache=v_cache, n_past=n_past)
+    x = x + causal_self_attention(layer_norm(x, **ln_1), **attn, n_head=n_head, k_cache=k_cache,
+                                  v_cache=v_cache, n_past=n_past, visible=visible)
     return x + mlp(layer_norm(x, **ln_2), **mlp_params)
 
 
@@ -151,6 +190,10 @@ class KVCache:
     k, v: [n_layer, H, capacity, D]. Only rows [0, length) are meaningful. Rolling back to n
     tokens just sets `length = n`: the stale rows beyond it are overwritten by the next forward,
     so a rejected draft costs no copy and nothing is ever appended or concatenated.
+
+    After a token tree (forward's `parents`), the accepted path is scattered among rows of
+    rejected siblings: rollback generalises from a slice to a gather (`keep`), which copies the
+    path's rows down behind the committed prefix, then sets the length.
     """
 
     def __init__(self, hparams: dict, capacity: int, xp, dtype=None):
@@ -178,13 +221,32 @@ class KVCache:
             raise ValueError(f"cannot roll back a cache of length {self.length} to {length}")
         self.length = length
 
+    def keep(self, length: int, path) -> None:
+        """Keep the first `length` tokens, followed by the rows length + path[0], length +
+        path[1], ... (a tree's accepted path, path ascending): they move down to rows length,
+        length + 1, ..., and the cache holds length + len(path) tokens."""
+        path = list(path)
+        if not 0 <= length <= self.length or any(length + j >= self.length for j in path) \
+                or path != sorted(set(path)):
+            raise ValueError(f"cannot keep rows {path} after {length} of {self.length}")
+        m = len(path)
+        # Row length + i is written from row length + path[i], with path[i] >= i: ascending, so
+        # a row is overwritten only after it was read, even if the copy went row by row in place
+        # (NumPy's fancy index reads all rows into a temporary first anyway).
+        self.k[:, :, length : length + m, :] = self.k[:, :, [length + j for j in path], :]
+        self.v[:, :, length : length + m, :] = self.v[:, :, [length + j for j in path], :]
+        self.length = length + m
 
-def forward(params: dict, ids, cache: KVCache, n_head: int, n_logits=1):
+
+def forward(params: dict, ids, cache: KVCache, n_head: int, n_logits=1, parents=None):
     """Feed T new token ids after the cache's `length` tokens; return logits for the last rows.
 
     ids: T ints. n_logits: how many of the last rows to return logits for (None: all T, 0: none,
     as for a prefill whose output nobody reads). The LM head is the most expensive matmul for
     small models ([*, d] @ [d, V]), so rows nobody samples from are not computed.
+    parents: None, the new tokens are a chain, each following the one before; or a token tree
+    (tree_mask): parents[i] is the parent of the i-th of the cache's last len(parents) rows
+    after this call, the new rows being the last T of them (a tree can be fed a level at a time).
     Returns [n_logits, V] and advances cache.length by T.
     """
     wte, wpe = params["wte"], params["wpe"]
@@ -192,12 +254,22 @@ def forward(params: dict, ids, cache: KVCache, n_head: int, n_logits=1):
     n_past, T = cache.length, len(ids)
     cache.check_room(T)
     ids = xp.asarray(ids)
-    # Token embedding plus the embedding of each token's absolute position, which starts at the
-    # cache length, not at 0: the new tokens continue the sequence already in the cache.
-    x = xp.take(wte, ids, axis=0) + wpe[n_past : n_past + T, :]  # [T, d]
+    # Each token's absolute position starts at the cache length, not at 0: the new tokens
+    # continue the sequence already in the cache. In a tree it is the depth, not the row.
+    if parents is None:
+        positions = xp.arange(n_past, n_past + T)  # [T]
+        visible = causal_mask(n_past, T, xp) if T > 1 else None  # [T, L]; one query sees all
+    else:
+        n_before = n_past + T - len(parents)  # keys before the tree
+        if not 0 <= n_before <= n_past:
+            raise ValueError(f"{len(parents)} parents for a tree that ends with {T} new rows "
+                             f"after {n_past} cached ones")
+        positions = tree_positions(n_before, parents, xp)[-T:]  # [T]
+        visible = tree_mask(n_before, len(parents), xp, parents)[-T:, :]  # [T, L]
+    x = xp.take(wte, ids, axis=0) + xp.take(wpe, positions, axis=0)  # [T, d]
     for i, block in enumerate(params["blocks"]):
         x = transformer_block(x, block["ln_1"], block["attn"], block["ln_2"], block["mlp"],
-                              n_head, cache.k[i, ...], cache.v[i, ...], n_past)
+                              n_head, cache.k[i, ...], cache.v[i, ...], n_past, visible)
     cache.length = n_past + T
     n_logits = T if n_logits is None else n_logits
     if n_logits == 0:
@@ -230,8 +302,8 @@ class GPT2:
         """An empty KV cache for up to `capacity` tokens (default: the whole context)."""
         return KVCache(self.hparams, capacity or self.n_ctx, self.xp, self.params["wte"].dtype)
 
-    def __call__(self, ids, cache: KVCache, n_logits=1):
-        return forward(self.params, ids, cache, self.hparams["n_head"], n_logits)
+    def __call__(self, ids, cache: KVCache, n_logits=1, parents=None):
+        return forward(self.params, ids, cache, self.hparams["n_head"], n_logits, parents)
 
     def warm_up(self, capacity: int = None) -> None:
         """One untimed forward, so that no timed one pays for first-time work (paging the

@@ -116,3 +116,46 @@ def accept_or_resample(drafts, q: np.ndarray, p: np.ndarray, rng: np.random.Gene
             continue
         return i, sample(residual(p[i], q[i]), rng)
     return len(drafts), sample(p[len(drafts)], rng)
+
+
+def without(q: np.ndarray, token: int) -> np.ndarray:
+    """q with `token` removed and the rest renormalised: the law of the next draw without
+    replacement (all zeros once q's support is used up).  [V] -> [V]"""
+    q = q.copy()
+    q[token] = 0.0
+    total = q.sum()
+    return q / total if total > 0 else q
+
+
+def sample_without_replacement(q: np.ndarray, n: int, rng: np.random.Generator) -> list:
+    """Up to n distinct tokens: the first drawn from q, each next one from q without those drawn
+    before. Fewer than n where q has fewer tokens of nonzero mass (top-k, top-p)."""
+    tokens = []
+    for _ in range(min(n, int(np.count_nonzero(q)))):
+        tokens.append(sample(q, rng))
+        q = without(q, tokens[-1])
+    return tokens
+
+
+def accept_one_of(children, q: Optional[np.ndarray], p: np.ndarray, rng: np.random.Generator):
+    """The speculative sampling step at a tree node with several drafted children (recursive
+    rejection sampling): try each child in turn with the rule of accept_or_resample; after a
+    rejection the output must follow the residual, and the next child was drawn from q without
+    the rejected one, so both are updated before the next try.
+
+    children: distinct token ids. q [V]: the law they were drawn from without replacement (child
+    j from q less children 0..j-1, renormalised); None: they were chosen without sampling (the
+    draft's top-w at temperature 0, n-gram matches), so child j's law is one-hot at it.
+    p [V]: the target's distribution at the node.
+    Returns (j, token): child j was accepted (token = children[j]), or j = None and token was
+    drawn from the residual left after every child was rejected. One child and a q is exactly
+    accept_or_resample's step for one draft.
+    """
+    for j, x in enumerate(children):
+        q_j = q if q is not None else np.eye(1, len(p), x)[0]  # the law child j was drawn from
+        if rng.random() < min(1.0, p[x] / q_j[x]):
+            return j, x
+        p = residual(p, q_j)  # the output's law, given this rejection
+        if q is not None:
+            q = without(q, x)  # the next child's law
+    return None, sample(p, rng)

@@ -214,3 +214,129 @@ def test_each_sampler_mistake_is_caught(target, drafts, monkeypatch, mistake, te
     MISTAKES[mistake](monkeypatch)
     with pytest.raises(AssertionError):
         TESTS[test]((target, drafts))
+
+
+# === Token trees (gpt2_numpy/tree.py) ==========================================================
+# The same scheme for the tree's own mistakes, caught by tests of test_tree.py: the forward's
+# mask and positions, the multi-candidate rule's two updates after a rejected sibling, the
+# gather that keeps the accepted path, and the row the bonus is drawn from.
+
+import test_tree  # noqa: E402
+from gpt2_numpy import model, tree  # noqa: E402
+
+
+def accept_one_of_with(update_p=True, update_q=True):
+    """sampling.accept_one_of written out again; the defaults are the right rule."""
+
+    def accept_one_of(children, q, p, rng):
+        for j, x in enumerate(children):
+            q_j = q if q is not None else np.eye(1, len(p), x)[0]
+            if rng.random() < min(1.0, p[x] / q_j[x]):
+                return j, x
+            if update_p:
+                p = sampling.residual(p, q_j)
+            if update_q and q is not None:
+                q = sampling.without(q, x)
+        return None, sampling.sample(p, rng)
+
+    return accept_one_of
+
+
+def walk_with(bonus_row=lambda node: node):
+    """tree.walk written out again, the bonus drawn from p[bonus_row(leaf)]."""
+
+    def walk(t, p, rng):
+        node, path = 0, []
+        while t.children[node]:
+            children = t.children[node]
+            j, x = tree.accept_one_of([t.tokens[c] for c in children], t.q[node], p[node], rng)
+            if j is None:
+                return path, x, "resampled"
+            node = children[j]
+            path.append(node)
+        return path, sampling.sample(p[bonus_row(node)], rng), "bonus" if t.n_nodes else "target"
+
+    return walk
+
+
+def siblings_visible(mp):
+    """Every tree row sees every row before it, as in a chain: siblings and cousins too."""
+    original = model.tree_mask
+    mp.setattr(model, "tree_mask", lambda n_before, n_rows, xp, parents=None:
+               original(n_before, n_rows, xp))
+
+
+def positions_by_row(mp):
+    mp.setattr(model, "tree_positions", lambda n_before, parents, xp:
+               xp.asarray([n_before + i for i in range(len(parents))]))
+
+
+def faithful_tree_copies(mp):
+    patch_everywhere(mp, sampling.accept_one_of, accept_one_of_with())
+    mp.setattr(tree, "walk", walk_with())
+
+
+TREE_MISTAKES = {
+    "no mistake (the test-local copies, unchanged)": faithful_tree_copies,
+    "a sibling visible to a sibling": siblings_visible,
+    "position = row index": positions_by_row,
+    "residual not updated after a rejected sibling": lambda mp: patch_everywhere(
+        mp, sampling.accept_one_of, accept_one_of_with(update_p=False)),
+    "q not updated after a rejected sibling": lambda mp: patch_everywhere(
+        mp, sampling.accept_one_of, accept_one_of_with(update_q=False)),
+    "the wrong rows gathered (a chain's rollback)": lambda mp: mp.setattr(
+        KVCache, "keep", lambda cache, length, path: cache.rollback(length + len(path))),
+    "the bonus from the row before the leaf's": lambda mp: mp.setattr(
+        tree, "walk", walk_with(bonus_row=lambda node: node - 1)),
+}
+
+TREE_TESTS = {
+    "test_each_node_gets_the_logits_of_its_path_fed_alone_as_a_chain[one forward]":
+        lambda fx: test_tree.test_each_node_gets_the_logits_of_its_path_fed_alone_as_a_chain(
+            fx[0], False),
+    "test_each_node_gets_the_logits_of_its_path_fed_alone_as_a_chain[a level at a time]":
+        lambda fx: test_tree.test_each_node_gets_the_logits_of_its_path_fed_alone_as_a_chain(
+            fx[0], True),
+    "test_greedy_tree_equals_greedy_autoregressive[(2, 2, 2, 2)-often]":
+        lambda fx: test_tree.test_greedy_tree_equals_greedy_autoregressive(
+            *fx, "often", (2, 2, 2, 2)),
+    "test_both_caches_hold_exactly_the_committed_prefix_after_every_round[(2, 2, 2)-1.0]":
+        lambda fx: test_tree.test_both_caches_hold_exactly_the_committed_prefix_after_every_round(
+            *fx, 1.0, (2, 2, 2)),
+    "test_tree_samples_follow_the_exact_target_distribution[unrelated, T=1, (2, 2)]":
+        lambda fx: test_tree.test_tree_samples_follow_the_exact_target_distribution(
+            "unrelated, T=1, (2, 2)"),
+    "test_tree_samples_follow_the_exact_target_distribution[near, top_k=2, (4, 2)]":
+        lambda fx: test_tree.test_tree_samples_follow_the_exact_target_distribution(
+            "near, top_k=2, (4, 2)"),
+}
+NODES, NODES_BY_LEVEL, TREE_GREEDY, TREE_CACHES, TREE_LAW, TREE_LAW_TOP_K = TREE_TESTS
+
+TREE_CAUGHT_BY = {
+    "a sibling visible to a sibling": [NODES, NODES_BY_LEVEL, TREE_GREEDY],
+    "position = row index": [NODES, NODES_BY_LEVEL, TREE_GREEDY],
+    "residual not updated after a rejected sibling": [TREE_LAW, TREE_LAW_TOP_K],
+    "q not updated after a rejected sibling": [TREE_LAW],
+    "the wrong rows gathered (a chain's rollback)": [TREE_CACHES, TREE_GREEDY],
+    "the bonus from the row before the leaf's": [TREE_GREEDY],
+}
+TREE_CASES = [(mistake, test) for mistake, tests in TREE_CAUGHT_BY.items() for test in tests]
+TREE_CONTROLS = sorted({test for tests in TREE_CAUGHT_BY.values() for test in tests})
+
+
+def test_every_listed_tree_mistake_has_a_test_that_catches_it():
+    assert set(TREE_CAUGHT_BY) == set(TREE_MISTAKES) - {CONTROL} and all(TREE_CAUGHT_BY.values())
+
+
+@pytest.mark.parametrize("test", TREE_CONTROLS)
+def test_the_tree_copies_without_a_mistake_pass(target, drafts, monkeypatch, test):
+    TREE_MISTAKES[CONTROL](monkeypatch)
+    TREE_TESTS[test]((target, drafts))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("mistake, test", TREE_CASES)
+def test_each_tree_mistake_is_caught(target, drafts, monkeypatch, mistake, test):
+    TREE_MISTAKES[mistake](monkeypatch)
+    with pytest.raises(AssertionError):
+        TREE_TESTS[test]((target, drafts))

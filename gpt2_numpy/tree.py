@@ -1,0 +1,244 @@
+"""Speculative sampling over a token tree: several candidate continuations, one target forward.
+
+A chain proposes one token per position, and the round ends at the first one the target
+rejects, even when the draft's second choice was right. A tree proposes several children per
+node: widths = (w1, ..., wD) gives every node at depth d - 1 up to w_d children, so (2, 2, 1, 1)
+has 2 + 4 + 4 + 4 = 14 nodes. The root is the newest committed token. One round:
+
+    1. Draft: one draft forward per depth covers every node of the depth above (model.tree_mask:
+       a node sees the committed tokens, its ancestors and itself). A node's children are drawn
+       from the draft's q there WITHOUT replacement: child j from q less children 1..j-1,
+       renormalised; at temperature 0 they are the draft's top-w tokens.
+    2. Verify: ONE target forward over the root and every node gives p at each of them.
+    3. Walk from the root. At a node, try its children in turn (sampling.accept_one_of): child j
+       is accepted with probability min(1, p(x_j) / q_j(x_j)); after a rejection p becomes the
+       residual norm(max(0, p - q_j)) and q_j loses x_j. Acceptance moves to that child; if every
+       child is rejected the round ends with a draw from the last residual, and at a leaf with a
+       bonus token from the leaf's own p. At temperature 0: follow the child that is the target's
+       argmax, then take the argmax.
+    4. Both caches keep the accepted path: its K/V rows are gathered behind the committed prefix
+       (KVCache.keep), the tree's generalisation of a chain's rollback.
+
+This is recursive rejection sampling with sampling without replacement (Sequoia, Chen et al.
+2024; Recursive Speculative Decoding, Jeon et al. 2024). Why it is exact: trying x_1 ~ q is
+Leviathan et al.'s step, whose output is p: min(p, q) from acceptance plus, on rejection, the
+residual r = norm(max(0, p - q)). So given a rejection (and whatever x_1 was) the output must
+follow r; the rest of the node is the same step with target r and x_2 drawn from q without x_1,
+which is exactly the law x_2 was drawn from, so by induction it outputs r. A rejected x_1 had
+q(x_1) > p(x_1), so r(x_1) = 0: no later child needs it, and none repeats it. Children were
+drawn given their parent's path only, so below an accepted node the same argument applies.
+Without replacement, no two siblings are equal (no subtree is wasted on a duplicate), at every
+temperature. A node with one child is exactly the chain's rule (accept_or_resample).
+
+Stats, as for the chain: `drafted` counts the nodes proposed, `accepted` the nodes on the
+accepted path (so the acceptance rate of a wide tree is low by construction: siblings of an
+accepted node count as drafted); `tokens_per_round` is tokens per target forward, the number
+a tree raises; `K_per_round` holds each round's node count.
+With an NGramDrafter as the draft, the tree's branches are the different continuations of
+several earlier occurrences of the context's end (drafters.lookup_branches), each child chosen
+without sampling (its q one-hot), so each is accepted with probability p(x) at its turn.
+"""
+import time
+from typing import Callable, List
+
+import numpy as np
+
+from .backend import to_numpy
+from .decoding import Stats, check_vocabularies, checked_request, prefill
+from .drafters import NGramDrafter, lookup_branches
+from .errors import GPT2Error
+from .sampling import Warp, accept_one_of, probabilities, sample, sample_without_replacement
+
+MAX_TREE_NODES = 64  # a verify forward over 65 rows; far past any row count that is ~free
+
+
+def tree_size(widths) -> int:
+    """Nodes in a full tree: w1 + w1 w2 + ... + w1 ... wD."""
+    size, level = 0, 1
+    for w in widths:
+        level *= w
+        size += level
+    return size
+
+
+def check_widths(widths, room: int = None) -> None:
+    """Widths are integers >= 1, at most MAX_TREE_NODES nodes in all, and no more nodes than
+    `room`, the positions the context has left after the prompt (if given)."""
+    if not widths or not all(isinstance(w, (int, np.integer)) and w >= 1 for w in widths):
+        raise GPT2Error(f"tree widths must be integers >= 1, got {list(widths)}")
+    if tree_size(widths) > MAX_TREE_NODES:
+        raise GPT2Error(f"a tree of widths {list(widths)} has {tree_size(widths)} nodes, more "
+                        f"than the limit of {MAX_TREE_NODES}")
+    if room is not None and tree_size(widths) > room:
+        raise GPT2Error(f"a tree of widths {list(widths)} has {tree_size(widths)} nodes, more "
+                        f"than the {room} positions the context has left after the prompt")
+
+
+def fit(widths, depth: int, room: int) -> List[int]:
+    """The round's widths: at most `depth` levels (a round emits at most depth + 1 tokens) and
+    at most `room` nodes (rows left in the caches), dropping the deepest levels first."""
+    widths = list(widths[:depth])
+    while tree_size(widths) > room:
+        if len(widths) > 1:
+            widths.pop()
+        else:
+            widths[0] = room
+    return widths
+
+
+class Tree:
+    """A round's token tree, each parent before its children. Row 0 is the root, the newest
+    committed token; rows 1.. are the drafted nodes. Per row: its token, its parent (-1 for the
+    root: the committed token before it), its children (rows, in the order they were drawn) and
+    q, the law they were drawn from without replacement (None: chosen without sampling)."""
+
+    def __init__(self, root: int):
+        self.tokens, self.parents, self.children, self.q = [root], [-1], [[]], [None]
+
+    def add(self, parent: int, token: int) -> int:
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.children.append([])
+        self.q.append(None)
+        self.children[parent].append(len(self.tokens) - 1)
+        return len(self.tokens) - 1
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.tokens) - 1
+
+
+def timed(stats: Stats, who: str, model, ids, cache, n_logits=1, parents=None):
+    """model(ids, cache, n_logits, parents), logits copied to the host (which also waits for a
+    GPU), its wall time and the call counted in stats.<who>_seconds and <who>_calls."""
+    start = time.perf_counter()
+    logits = model(ids, cache, n_logits, parents)
+    logits = None if logits is None else to_numpy(logits)
+    setattr(stats, f"{who}_seconds", getattr(stats, f"{who}_seconds") + time.perf_counter() - start)
+    setattr(stats, f"{who}_calls", getattr(stats, f"{who}_calls") + 1)
+    return logits
+
+
+def draw_children(tree: Tree, node: int, logits: np.ndarray, w: int, warp: Warp, rng) -> None:
+    """Up to w children of `node` from the draft's logits there [V]: its top-w tokens at
+    temperature 0, else w draws without replacement from its warped q (fewer where q has fewer
+    tokens of nonzero mass)."""
+    if warp.greedy:
+        children = np.argsort(-logits, kind="stable")[:w].tolist()  # ties: the lowest id first
+    else:
+        tree.q[node] = probabilities(logits, warp)  # [V]
+        children = sample_without_replacement(tree.q[node], w, rng)
+    for token in children:
+        tree.add(node, token)
+
+
+def draft_tree(draft, cache, tokens: List[int], widths, warp: Warp, rng, stats: Stats):
+    """Draft a tree with a model: one forward per depth. Returns (tree, n_fed), n_fed the tree
+    rows now in the draft's cache: the root and every node above the deepest level, each at row
+    root's + its own (its children were drawn from its logits; the deepest are never fed)."""
+    tree, level = Tree(tokens[-1]), [0]
+    # The cache lacks the root, and maybe the previous round's last accepted node: a chain.
+    logits = timed(stats, "draft", draft, tokens[cache.length :], cache)  # [1, V]: the root's
+    for depth, w in enumerate(widths, start=1):
+        for node, row in zip(level, logits):
+            draw_children(tree, node, row, w, warp, rng)
+        level = [c for node in level for c in tree.children[node]]  # contiguous rows
+        if depth == len(widths):
+            break
+        # The cache's last rows after this forward are tree rows 0..level[-1] (root first).
+        logits = timed(stats, "draft", draft, [tree.tokens[i] for i in level], cache,
+                       n_logits=len(level), parents=tree.parents[: level[-1] + 1])
+    return tree, len(tree.tokens) - len(level)
+
+
+def ngram_tree(drafter: NGramDrafter, tokens: List[int], widths, stats: Stats) -> Tree:
+    """A tree of earlier continuations of the context's end: lookup_branches' branches merged
+    where they share a prefix, at most widths[d] children per node at depth d."""
+    start = time.perf_counter()
+    tree = Tree(tokens[-1])
+    n_leaves = int(np.prod(widths)) if len(widths) else 0
+    for branch in lookup_branches(tokens, n_leaves, len(widths), drafter.n_max) if n_leaves else []:
+        node = 0
+        for token, w in zip(branch, widths):
+            same = [c for c in tree.children[node] if tree.tokens[c] == token]
+            if not same and len(tree.children[node]) == w:
+                break  # this node is full: the rest of the branch is dropped
+            node = same[0] if same else tree.add(node, token)
+    stats.draft_seconds += time.perf_counter() - start
+    stats.draft_calls += 1
+    return tree
+
+
+def walk(tree: Tree, p: np.ndarray, rng):
+    """Step 3: from the root, accept children by the multi-candidate rule. p [1 + N, V]: the
+    target's distribution at every tree row. Returns (path, t, kind): the accepted rows, root
+    excluded, then the token t that ends the round and how it came ("resampled", "bonus", or
+    "target" for a tree without nodes)."""
+    node, path = 0, []
+    while tree.children[node]:
+        children = tree.children[node]
+        j, t = accept_one_of([tree.tokens[c] for c in children], tree.q[node], p[node], rng)
+        if j is None:
+            return path, t, "resampled"
+        node = children[j]
+        path.append(node)
+    return path, sample(p[node], rng), "bonus" if tree.n_nodes else "target"
+
+
+def tree_speculative_sample(target, draft, prompt: List[int], n_new: int, widths,
+                            warp: Warp = Warp(), rng: np.random.Generator = None,
+                            on_tokens: Callable = None):
+    """Sample n_new tokens from `target`, letting `draft` (a model, or an NGramDrafter) propose a
+    token tree of the given widths each round.
+
+    Exactly n_new tokens come out (near the end the tree is cut to the depth still needed), fewer
+    only if the context fills up (stats.stopped_at_context); near the end of the context the
+    tree also loses levels to fit the rows left. on_tokens(ids, kinds) streams each round's
+    tokens, kinds as for speculative_sample. Returns (new_token_ids, stats).
+    """
+    widths = list(widths)
+    check_widths(widths)
+    ngram = isinstance(draft, NGramDrafter)
+    if not ngram and not hasattr(draft, "new_cache"):
+        raise GPT2Error(f"a tree's draft is a model or an NGramDrafter, not {type(draft).__name__}")
+    check_vocabularies(draft, target)
+    rng = rng if rng is not None else np.random.default_rng()
+    tokens, n_new, stats = checked_request(target, prompt, n_new, "speculative")
+    n_stop = len(tokens) + n_new
+    capacity = min(target.n_ctx, n_stop - 1 + tree_size(widths))  # room for a whole tree
+    cache = target.new_cache(capacity)
+    draft_cache = None if ngram else draft.new_cache(capacity)
+
+    start = time.perf_counter()
+    prefill(target, cache, tokens)
+    if not ngram:
+        prefill(draft, draft_cache, tokens)
+    stats.prefill_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    while len(tokens) < n_stop:
+        # At most n_stop - len(tokens) tokens this round, and 1 + nodes rows from row len - 1.
+        shape = fit(widths, n_stop - len(tokens) - 1, capacity - len(tokens))
+        if ngram:
+            tree, n_fed = ngram_tree(draft, tokens, shape, stats), 0
+        elif shape:
+            tree, n_fed = draft_tree(draft, draft_cache, tokens, shape, warp, rng, stats)
+        else:
+            tree, n_fed = Tree(tokens[-1]), 0  # a plain target step (one token left)
+        # ONE target forward over the root and every node: p at each.
+        n_past = cache.length  # the root's row; node i is at row n_past + i
+        logits = timed(stats, "target", target, tree.tokens, cache, n_logits=None,
+                       parents=tree.parents)  # [1 + N, V]
+        path, t, kind = walk(tree, probabilities(logits, warp), rng)
+        tokens += [tree.tokens[i] for i in path] + [t]
+        # Both caches keep the root and the accepted path (gathered behind it), never t.
+        cache.keep(n_past + 1, [i - 1 for i in path])
+        if n_fed:
+            draft_cache.keep(draft_cache.length - n_fed + 1, [i - 1 for i in path if i < n_fed])
+        assert cache.length == len(tokens) - 1
+        stats.add_round(tree.n_nodes, len(path))
+        if on_tokens:
+            on_tokens(tokens[-(len(path) + 1) :], ["accepted"] * len(path) + [kind])
+    stats.decode_seconds = time.perf_counter() - start
+    stats.n_generated = len(tokens) - stats.n_prompt
+    return tokens[stats.n_prompt :], stats
