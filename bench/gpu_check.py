@@ -381,7 +381,7 @@ def section_kernels(res, out_dir):
     import cupy as cp
 
     from gpt2_cupy import fused
-    from gpt2_cupy.graphs import cublas_matmul
+    from gpt2_cupy.graphs import CuBLAS
 
     rows = []
     for size in (SIZES[-1],):
@@ -389,7 +389,7 @@ def section_kernels(res, out_dir):
         d, H, V, L = h["n_embd"], h["n_head"], h["n_vocab"], h["n_layer"]
         for dtype in ("float32", "bfloat16"):
             kern = fused.Kernels(dtype)
-            ws = fused.Workspace(h, kern.per16)
+            ws = fused.Workspace(h, kern)
             wbytes = 4 if dtype == "float32" else 2
             rng = cp.random.default_rng(0)
 
@@ -443,9 +443,10 @@ def section_kernels(res, out_dir):
                              "us": step, "per_step": 1, "GB_per_s": None})
                 log(f"kernel {size} {dtype} T={T} sum per step: {step / 1e3:.3f} ms")
                 if dtype == "float32":
+                    cublas = CuBLAS()
                     for w, xin in zip([w_qkv, w_proj, w_fc, w_fc2], [x, x, x, x4]):
                         shape = w().shape
-                        us = graph_us(lambda: cublas_matmul(xin, w()))
+                        us = graph_us(lambda: cublas.matmul(xin, w()))
                         nbytes = shape[0] * shape[1] * 4
                         rows.append({"size": size, "dtype": dtype, "T": T, "kernel": f"cuBLAS {shape}",
                                      "us": us, "per_step": L, "GB_per_s": nbytes / us / 1e3})
