@@ -21,6 +21,7 @@ the same tests on a real GPU when there is one.
 """
 import contextlib
 import sys
+import time
 import types
 
 import numpy as np
@@ -91,6 +92,19 @@ def __getattr__(name):
     if isinstance(obj, type) or not callable(obj):
         return obj  # dtypes (cupy.float32), constants
     return lambda *args, **kwargs: _device(obj(*args, **kwargs))
+
+
+class _Generator:
+    """cupy.random.Generator: NumPy's, with its arrays on the "device"."""
+
+    def __init__(self, seed=None):
+        self.rng = np.random.default_rng(seed)
+
+    def standard_normal(self, size=None, dtype=np.float64):
+        return _device(self.rng.standard_normal(size, dtype=dtype))
+
+
+random = types.SimpleNamespace(default_rng=_Generator)
 
 
 def asnumpy(x) -> np.ndarray:
@@ -188,11 +202,12 @@ class CudaGraph:
 
 class Event:
     def __init__(self, *args, **kwargs):
-        self.before = []
+        self.before, self.time = [], None
 
     def record(self, stream=None) -> None:
         """Everything issued on `stream` so far, and all it waited for, comes before a wait."""
         stream = stream or _streams[-1]
+        self.time = time.perf_counter()  # everything here ran when issued
         self.before = [w for w in _pending if w.stream is stream] + list(stream.waited)
 
     def synchronize(self) -> None:
@@ -216,11 +231,15 @@ class Stream:
         _streams.pop()
 
     def begin_capture(self) -> None:
-        self.capturing = True
+        self.capturing, self.captured = True, []
 
     def end_capture(self) -> CudaGraph:
+        """A graph that re-runs the fake kernels launched during the capture (record_forward
+        gives a recorded forward's graph the whole forward instead)."""
         self.capturing = False
-        return CudaGraph()
+        graph, captured = CudaGraph(), self.captured
+        graph.replays = lambda: [kernel() for kernel in captured]
+        return graph
 
     def synchronize(self) -> None:
         _finish(self)
@@ -309,8 +328,14 @@ class RawModule:
             visible = ref.causal_mask(n_past, T, np) if T > 1 else None
             out[...] = ref.merge_heads(ref.attention(q, k_cache[:, :L], v_cache[:, :L], visible))
 
-        return {"embed": embed, "layer_norm": layer_norm, "gemv": gemv, "lm_head": lm_head,
-                "attention": attention}[base]
+        kernel = {"embed": embed, "layer_norm": layer_norm, "gemv": gemv, "lm_head": lm_head,
+                  "attention": attention}[base]
+
+        def launched(*args, **kwargs):  # run now; in a capture, also kept for the replays
+            if _streams[-1].capturing:
+                _streams[-1].captured.append(lambda: kernel(*args, **kwargs))
+            kernel(*args, **kwargs)
+        return launched
 
 
 class MemoryPool:
@@ -331,6 +356,7 @@ SMS = 132  # the fake device's streaming multiprocessors (an H100's)
 cuda = types.SimpleNamespace(
     compiler=types.SimpleNamespace(CompileException=RuntimeError),
     Stream=Stream, Event=Event, Device=Device, MemoryPool=MemoryPool,
+    get_elapsed_time=lambda start, end: 1e3 * (end.time - start.time),
     get_current_stream=lambda: _streams[-1],
     using_allocator=lambda allocator=None: contextlib.nullcontext(),
     runtime=types.SimpleNamespace(CUDARuntimeError=CUDARuntimeError, getDeviceCount=lambda: 1,
@@ -392,3 +418,17 @@ def installed():
         for name in [name for name in sys.modules if _ours(name)]:
             del sys.modules[name]
         sys.modules.update(saved)
+
+
+if __name__ == "__main__":
+    # python tests/fake_cupy.py -m MODULE ARGS: run a module with this fake as CuPy, e.g.
+    # python tests/fake_cupy.py -m bench gpu-check --out /tmp/check --sizes 124M ...
+    import runpy
+    from pathlib import Path
+
+    if sys.argv[1:2] != ["-m"] or len(sys.argv) < 3:
+        sys.exit("usage: python tests/fake_cupy.py -m MODULE [ARGS]")
+    sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
+    sys.argv = [sys.argv[2]] + sys.argv[3:]
+    with installed():
+        runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
