@@ -16,8 +16,8 @@ is finished by a synchronize or a host transfer on its stream, and ordered by th
 stream's rule (work on it waits for, and is waited for by, the blocking streams' work) or by an
 Event a stream waits on. What it cannot check: anything else CUDA does (what else a capture
 refuses, memory pools, cuBLAS, float32 rounding on the device), nor a device array used as a host
-one (NumPy accepts these arrays, which are NumPy's; CuPy refuses np.asarray of its own). tests/test_cupy.py runs
-the same tests on a real GPU when there is one.
+one (NumPy accepts these arrays, which are NumPy's; CuPy refuses np.asarray of its own).
+tests/test_cupy.py runs the same tests on a real GPU when there is one.
 """
 import contextlib
 import sys
@@ -163,7 +163,8 @@ def launch(reads=(), writes=(), stream=None) -> None:
     stream = stream or _streams[-1]
     if stream.capturing:
         return
-    reads, writes = [a for a in reads if isinstance(a, np.ndarray)], [a for a in writes if isinstance(a, np.ndarray)]
+    reads = [a for a in reads if isinstance(a, np.ndarray)]
+    writes = [a for a in writes if isinstance(a, np.ndarray)]
     r, w = _bounds(reads), _bounds(writes)
     for work in _pending:
         if _ordered_before(work, stream):
