@@ -3,6 +3,8 @@
     python -m bench gpu-check --out DIR
 
 On a machine with an NVIDIA GPU and CuPy it runs, in this order, each section bounded in time:
+    shapes       tests/test_cupy_shapes.py: the kernels on every official shape, a 1,024-row
+                 cache, chunked forwards replayed back to back, 774M and 1558M greedy tokens
     tests        tests/test_cupy.py and tests/test_cupy_kernels.py on the GPU
     decode       ms/token of greedy decoding for 124M and 355M (random weights in the official
                  shapes): unfused and fused forwards, float32 / float16 / bfloat16, each against
@@ -138,20 +140,29 @@ def bandwidth() -> dict:
     return out
 
 
-def section_tests(res, out_dir):
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           "tests/test_cupy_kernels.py", "tests/test_cupy.py"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+def run_tests(res, out_dir, key, files, timeout):
+    """pytest on `files` in a fresh process; res[key]: its summary line and failures."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     text = proc.stdout + proc.stderr
-    (out_dir / "gpu_tests.log").write_text(text)
+    (out_dir / f"gpu_{key}.log").write_text(text)
     summary = [line for line in text.splitlines() if " passed" in line or " failed" in line
                or " error" in line]
-    res["tests"] = {"returncode": proc.returncode, "summary": summary[-1] if summary else text[-500:],
-                    "failures": [line for line in text.splitlines() if line.startswith("FAILED")
-                                 or line.startswith("ERROR")][:40]}
-    log("tests:", res["tests"]["summary"])
-    for line in res["tests"]["failures"]:
+    res[key] = {"returncode": proc.returncode, "summary": summary[-1] if summary else text[-500:],
+                "failures": [line for line in text.splitlines() if line.startswith("FAILED")
+                             or line.startswith("ERROR")][:40]}
+    log(f"{key}:", res[key]["summary"])
+    for line in res[key]["failures"]:
         log("  ", line)
+
+
+def section_shapes(res, out_dir):
+    # ~60 s on an H100 (docs/gpu.md): the kernels' compilation, then cached for `tests`
+    run_tests(res, out_dir, "shapes", ["tests/test_cupy_shapes.py"], timeout=150)
+
+
+def section_tests(res, out_dir):
+    run_tests(res, out_dir, "tests", ["tests/test_cupy_kernels.py", "tests/test_cupy.py"], timeout=180)
 
 
 def section_decode(res, out_dir):
@@ -378,7 +389,7 @@ def section_kernels(res, out_dir):
     import cupy as cp
 
     from gpt2_cupy import fused
-    from gpt2_cupy.graphs import cublas_matmul
+    from gpt2_cupy.graphs import CuBLAS
 
     rows = []
     for size in (SIZES[-1],):
@@ -386,7 +397,7 @@ def section_kernels(res, out_dir):
         d, H, V, L = h["n_embd"], h["n_head"], h["n_vocab"], h["n_layer"]
         for dtype in ("float32", "bfloat16"):
             kern = fused.Kernels(dtype)
-            ws = fused.Workspace(h, kern.per16)
+            ws = fused.Workspace(h, kern)
             wbytes = 4 if dtype == "float32" else 2
             rng = cp.random.default_rng(0)
 
@@ -440,9 +451,10 @@ def section_kernels(res, out_dir):
                              "us": step, "per_step": 1, "GB_per_s": None})
                 log(f"kernel {size} {dtype} T={T} sum per step: {step / 1e3:.3f} ms")
                 if dtype == "float32":
+                    cublas = CuBLAS()
                     for w, xin in zip([w_qkv, w_proj, w_fc, w_fc2], [x, x, x, x4]):
                         shape = w().shape
-                        us = graph_us(lambda: cublas_matmul(xin, w()))
+                        us = graph_us(lambda: cublas.matmul(xin, w()))
                         nbytes = shape[0] * shape[1] * 4
                         rows.append({"size": size, "dtype": dtype, "T": T, "kernel": f"cuBLAS {shape}",
                                      "us": us, "per_step": L, "GB_per_s": nbytes / us / 1e3})
@@ -510,10 +522,10 @@ def write(res, out_dir):
     (out_dir / "gpu_check.json").write_text(json.dumps(res, indent=1, default=str))
     md = [f"# GPU check: {res.get('gpu', '?')}", "", f"command: `{res['command']}`", "",
           goal_table(res), ""]
-    for key in ("tests", "bandwidth", "overhead"):
+    for key in ("shapes", "tests", "bandwidth", "overhead"):
         if key in res:
             md += [f"## {key}", "```", json.dumps(res[key], indent=1, default=str), "```", ""]
-    if "host" in res:
+    if isinstance(res.get("host"), dict):  # the section's result (before it: the host's CPU)
         md += ["## host", f"host time per token, zero-cost model ({res['host']['cpu']})", "",
                res["host"]["markdown"], ""]
     for key in ("decode", "peer", "r_of_T", "speculative", "kernels"):
@@ -574,7 +586,8 @@ def main(argv=None):
             for i, size in enumerate(dict.fromkeys(["124M", SIZES[-1], SPEC[0]])):
                 models[size] = make_model(size, seed=i)
         return models
-    sections = [("tests", lambda: section_tests(res, out_dir)),
+    sections = [("shapes", lambda: section_shapes(res, out_dir)),
+                ("tests", lambda: section_tests(res, out_dir)),
                 ("decode", lambda: section_decode(res, out_dir)),
                 ("peer", lambda: section_peer(res, out_dir)),
                 ("r_of_T", lambda: section_r_of_T(res, out_dir, get_models())),

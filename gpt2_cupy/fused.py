@@ -24,21 +24,28 @@ from pathlib import Path
 import cupy as cp
 import numpy as np
 
+from gpt2_numpy.errors import GPT2Error
+
 SOURCE = Path(__file__).with_name("kernels.cu")
 WEIGHT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 MAX_T = 16  # gemv and lm_head are compiled for 1..MAX_T rows; more rows run in chunks of MAX_T
 HEAD_SIZES = (8, 16, 32, 64)  # D, for which the attention kernel is compiled (official: 64)
+WAVES, MIN_KC = 2, 16  # gemv's split-K: blocks per SM wanted, fewest rows of w per block
 ADD_BIAS, GELU, ADD_RESIDUAL, LN_INPUT = 0, 1, 2, 4  # gemv's flags (kernels.cu)
 MATRICES = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
 
 
-def split_k_rows(n: int, T: int) -> int:
-    """Rows of w one gemv block reads (kc, a multiple of 8, at most 256): few rows for one token,
-    so that even a [d, d] matrix spreads over enough blocks to keep the memory busy; more for
-    more tokens, or for a tall matrix, so that the S = n / kc partial sums that the last block
-    of a column tile adds up stay at most 16."""
-    least = 64 if T <= 2 else 128 if T <= 8 else 256
-    return min(256, max(least, -(-n // 16 // 8) * 8))
+def split_k_rows(n: int, m: int, cols: int, sms: int) -> int:
+    """Rows of w [n, m] one gemv block reads (kc, a multiple of 8 in MIN_KC..256; 256 is the
+    kernel's slice of x in shared memory): the most that still gives ceil(m / cols) column
+    tiles x S = ceil(n / kc) row slices >= WAVES blocks per SM, so that even a [d, d] matrix
+    keeps the whole GPU reading. S does not depend on T, the number of rows of x: a token's
+    logits are the same bits whichever forward (a step, a verify, a chunk) computed them. On
+    132 SMs the official shapes get S = 7..96 and two waves or more, but where MIN_KC binds:
+    the [d, d] matrices of 124M and 355M in half precision, 1.1 and 1.9 waves."""
+    tiles = -(-m // cols)
+    splits = -(-WAVES * sms // tiles)  # row slices wanted
+    return max(MIN_KC, min(256, n // splits // 8 * 8))
 
 
 def map_matrices(params: dict, fn) -> dict:
@@ -80,18 +87,45 @@ def widen_weights(params: dict, dtype: str) -> dict:
     return map_matrices(params, widen)
 
 
+def check_layout(params: dict, per16: int) -> None:
+    """GPT2Error unless every array the kernels read is C-contiguous (they index it as
+    row-major) and every weight matrix starts on a 16-byte boundary with rows of whole 16-byte
+    loads (gemv and lm_head read it 16 bytes at a time): arrays made by the loader are, a slice
+    or a view of another array may not be."""
+    def walk(node, name):
+        if isinstance(node, dict):
+            for key, child in node.items():
+                walk(child, f"{name}.{key}" if name else key)
+        elif isinstance(node, list):
+            for i, child in enumerate(node):
+                walk(child, f"{name}.{i}")
+        elif not node.flags.c_contiguous:
+            raise GPT2Error(f"the fused kernels need contiguous weights; {name} is not")
+        elif node.ndim == 2 and (node.data.ptr % 16 or node.shape[1] % per16):
+            raise GPT2Error(f"the fused kernels need {name} on a 16-byte boundary with a "
+                            f"multiple of {per16} columns")
+    walk(params, "")
+
+
 class Kernels:
     """kernels.cu compiled for one weight dtype, with a launcher per kernel."""
 
     def __init__(self, dtype: str = "float32"):
         self.W = WEIGHT_DTYPES[dtype]
         self.per16 = 4 if dtype == "float32" else 8  # weights per 16-byte load
+        self.cols = 32 * self.per16  # columns of one gemv block (a column tile)
+        self.sms = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())[
+            "multiProcessorCount"]
         names = ([f"embed<{self.W}>", "layer_norm"] + [f"attention<{D}>" for D in HEAD_SIZES]
                  + [f"gemv<{self.W}, {T}>" for T in range(1, MAX_T + 1)]
                  + [f"lm_head<{self.W}, {T}>" for T in range(1, MAX_T + 1)])
         self.module = cp.RawModule(code=SOURCE.read_text(), options=("-std=c++17",),
                                    name_expressions=names)
         self.functions = {name: self.module.get_function(name) for name in names}
+
+    def split_rows(self, n: int, m: int) -> int:
+        """gemv's kc for w [n, m] on this GPU (split_k_rows)."""
+        return split_k_rows(n, m, self.cols, self.sms)
 
     def embed(self, wte, wpe, ids, positions, x):
         """x [T, d] = wte[ids] + wpe[positions]"""
@@ -108,14 +142,13 @@ class Kernels:
         ln = {g, b}: layer_norm(x) @ w instead of x @ w."""
         T, n = x.shape
         m = w.shape[1]
-        cols = 32 * self.per16
         if ln is not None:
             epilogue |= LN_INPUT
         g, beta = (ln["g"], ln["b"]) if ln is not None else (b, b)  # unread without LN_INPUT
+        kc = self.split_rows(n, m)
+        grid = (-(-m // self.cols), -(-n // kc))
         for start in range(0, T, MAX_T):
             rows = min(MAX_T, T - start)
-            kc = split_k_rows(n, rows)
-            grid = (-(-m // cols), -(-n // kc))
             workspace.check(grid[1] * rows * m, grid[0])
             self.functions[f"gemv<{self.W}, {rows}>"](
                 grid, (256,), (x[start:], w, b, out[start:], out[start:], workspace.partial,
@@ -143,15 +176,16 @@ class Kernels:
 
 class Workspace:
     """gemv's scratch: partial sums [S, T, m] and one arrival counter per column tile (zero
-    between launches: the last block resets it). One per model; its forwards never overlap."""
+    between launches: the last block of a tile resets it). One per model, shared by all its
+    forwards, which therefore must never overlap (graphs.py replays them on one stream): a
+    counter that another launch is still counting makes the last block sum too early."""
 
-    def __init__(self, hparams: dict, per16: int):
+    def __init__(self, hparams: dict, kernels: "Kernels"):
         d = hparams["n_embd"]
         shapes = [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)]
-        floats = max(-(-n // split_k_rows(n, T)) * T * m for n, m in shapes
-                     for T in range(1, MAX_T + 1))
+        floats = max(-(-n // kernels.split_rows(n, m)) * MAX_T * m for n, m in shapes)
         self.partial = cp.empty(floats, dtype=cp.float32)
-        self.counters = cp.zeros(-(-4 * d // (32 * per16)), dtype=cp.uint32)
+        self.counters = cp.zeros(-(-4 * d // kernels.cols), dtype=cp.uint32)
 
     def check(self, floats: int, tiles: int) -> None:
         if floats > self.partial.size or tiles > self.counters.size:
@@ -172,7 +206,8 @@ class FusedForward:
                              f"== 0 (got n_embd={d}, n_head={H})")
         self.params, self.hparams = params, hparams
         self.kernels = Kernels(dtype)
-        self.workspace = Workspace(hparams, self.kernels.per16)
+        check_layout(params, self.kernels.per16)
+        self.workspace = Workspace(hparams, self.kernels)
 
     def __call__(self, ids, positions, k, v, n_logits: int):
         """Feed tokens `ids` at `positions` (consecutive; [T] int64 device arrays) into the
@@ -180,6 +215,8 @@ class FusedForward:
         (None for n_logits = 0, a prefill)."""
         kern, ws, p = self.kernels, self.workspace, self.params
         T, d = ids.shape[0], self.hparams["n_embd"]
+        if not 0 <= n_logits <= T:  # the final layer norm would read rows before x
+            raise GPT2Error(f"n_logits must be in 0..{T} (the new tokens), got {n_logits}")
         x = cp.empty((T, d), dtype=cp.float32)  # the residual stream
         qkv = cp.empty((T, 3 * d), dtype=cp.float32)
         a = cp.empty((T, d), dtype=cp.float32)

@@ -111,23 +111,12 @@ class CuBLAS:
         return y
 
 
-_cublas = None
-
-
-def cublas_matmul(x, w):
-    """x @ w through cuBLAS called directly (CuBLAS, made on first use)."""
-    global _cublas
-    _cublas = _cublas or CuBLAS()
-    return _cublas.matmul(x, w)
-
-
 class Graph:
-    """One recorded forward over T new tokens on one cache, with logits for all T rows."""
+    """One recorded forward over T new tokens on one cache, with logits for all T rows,
+    recorded and replayed on its model's stream."""
 
     def __init__(self, model, cache, T: int):
-        # Capture needs a stream other than the legacy default one; a blocking stream stays
-        # ordered with work on the default stream (the decoders' device -> host copies).
-        self.stream = cp.cuda.Stream(non_blocking=False)
+        self.stream = model.stream
         self.pool = cp.cuda.MemoryPool()  # the graph's scratch memory, for it alone
         self.inputs = cp.zeros((2, T), dtype=cp.int64)  # [ids; positions], rewritten per launch
         self.forward = model.positional_forward
@@ -153,6 +142,14 @@ class Graph:
             finally:
                 self.graph = self.stream.end_capture()
         return logits
+
+
+def check_token_ids(ids, n_vocab: int) -> None:
+    """GPT2Error unless every id is in 0..n_vocab - 1 (the embedding kernels and CuPy's `take`
+    would read another row, or past the table, without a word)."""
+    if len(ids) and not 0 <= min(ids) <= max(ids) < n_vocab:
+        bad = next(i for i in ids if not 0 <= i < n_vocab)
+        raise GPT2Error(f"token id {bad} is outside the vocabulary (0..{n_vocab - 1})")
 
 
 class GraphedGPT2(GPT2):
@@ -185,6 +182,13 @@ class GraphedGPT2(GPT2):
                 warnings.warn(f"fused kernels unavailable ({type(e).__name__}: {e}); running "
                               "the unfused forward", RuntimeWarning)
         self.use_graphs = graphs  # False: every forward eagerly
+        # Every graph of this model records and replays on this one stream, so its replays run
+        # one after another: they share the caches' rows and the fused kernels' workspace, and a
+        # forward in chunks is two replays in a row. (Capture needs a stream other than the
+        # legacy default one; a blocking stream stays ordered with the default stream's work:
+        # the eager forwards and the decoders' device -> host copies.)
+        self.stream = cp.cuda.Stream(non_blocking=False)
+        self.cublas = None  # CuBLAS, made on first use (static.py's products inside a graph)
         self.graphs = {}  # (address of cache.k, T) -> Graph
         self.spare = []  # (k, v) of dropped caches, oldest first
         self.handed_out = weakref.WeakSet()  # live caches made by new_cache: the graphed ones
@@ -195,7 +199,12 @@ class GraphedGPT2(GPT2):
         if self.fused:
             return self.fused(ids, positions, k, v, n_logits)
         return static_forward(self.params, ids, positions, k, v, self.hparams["n_head"], n_logits,
-                              cublas_matmul)
+                              self.matmul)
+
+    def matmul(self, x, w):
+        """x @ w through cuBLAS called directly (this model's CuBLAS, made on first use)."""
+        self.cublas = self.cublas or CuBLAS()
+        return self.cublas.matmul(x, w)
 
     def eager(self, ids, cache, n_logits):
         """A forward without a graph: model.forward, or the fused kernels launched one by one."""
@@ -249,6 +258,9 @@ class GraphedGPT2(GPT2):
             return GPT2.__call__(self, ids, cache, n_logits, parents)  # model.forward
         T = len(ids)
         n_logits = T if n_logits is None else n_logits
+        check_token_ids(ids, self.hparams["n_vocab"])  # on the host: a device lookup never checks
+        if not 0 <= n_logits <= T:
+            raise GPT2Error(f"n_logits must be in 0..{T} (the new tokens), got {n_logits}")
         if (not self.use_graphs or cache not in self.handed_out or not 0 < T <= CHUNKED_MAX_T
                 or not 0 < n_logits <= T or cache.length + T > cache.capacity):
             return self.eager(ids, cache, n_logits)  # (and its errors)

@@ -124,7 +124,8 @@ enum { ADD_BIAS = 0, GELU = 1, ADD_RESIDUAL = 2, LN_INPUT = 4 };
 // block of a column tile to finish (counted in `counters`, reset for the next launch) adds the S
 // partials in a fixed order, so results do not depend on which block ran first, and applies the
 // epilogue. y may be the residual itself (x += proj(h), in place). grid (ceil(m / COLS), S),
-// block 256, kc <= 256 and a multiple of 8.
+// block 256, kc <= 256 and a multiple of 8 (fused.split_k_rows chooses it per shape, S any
+// number). Two launches must never share `partial` and `counters` while both run.
 template <class W, int T>
 __global__ void __launch_bounds__(256) gemv(const float* x, const void* w, const float* bias,
                                             const float* residual, float* y, float* partial,

@@ -34,27 +34,34 @@ def static_forward(params: dict, ids, positions, k, v, n_head: int, n_logits: in
     wte, wpe = params["wte"], params["wpe"]
     xp = namespace_of(wte)
     C = k.shape[2]
+    # Where this differs from model.py, the line says why; model.py's layer_norm, gelu,
+    # split_heads, merge_heads and softmax are used as they are.
 
-    def linear(x, w, b):  # model.linear through `matmul`
+    def linear(x, w, b):  # model.linear, through `matmul`: CuPy's @ refuses to run in a capture
         return matmul(x, w) + b
 
+    # model.forward slices wpe[n_past : n_past + T]: a slice's start would be fixed in the graph
     x = xp.take(wte, ids, axis=0) + xp.take(wpe, positions, axis=0)  # [T, d]
-    # Key row j is visible to a query at position p iff j <= p: rows beyond the newest token
-    # are never seen, whatever they hold.
+    # model.causal_mask covers L = n_past + T keys, a shape that changes every step; here all C
+    # keys, key row j visible to a query at position p iff j <= p (rows beyond the newest token
+    # are never seen, whatever they hold)
     visible = xp.reshape(xp.arange(C), (1, C)) <= xp.reshape(positions, (-1, 1))  # [T, C]
     for i, block in enumerate(params["blocks"]):  # model.transformer_block
         attn, mlp = block["attn"], block["mlp"]
         h = layer_norm(x, **block["ln_1"])
-        heads = split_heads(linear(h, **attn["c_attn"]), 3 * n_head)  # [3H, T, D]
+        heads = split_heads(linear(h, **attn["c_attn"]), 3 * n_head)  # model.qkv_heads: [3H, T, D]
         q, k_new, v_new = heads[:n_head], heads[n_head : 2 * n_head], heads[2 * n_head :]
-        k[i][:, positions, :] = k_new  # a scatter: where it writes is data, not the work's shape
+        # model.py writes the slice n_past:L; a scatter writes where the data says
+        k[i][:, positions, :] = k_new
         v[i][:, positions, :] = v_new
+        # model.attention over all C rows of the cache, its products through `matmul`
         D = q.shape[-1]
         scores = matmul(q * (1.0 / math.sqrt(D)), xp.permute_dims(k[i], (0, 2, 1)))  # [H, T, C]
         scores = xp.where(visible, scores, xp.full_like(scores, -1e10))
         out = matmul(softmax(scores), v[i])  # [H, T, C] @ [H, C, D] -> [H, T, D]
         x = x + linear(merge_heads(out), **attn["c_proj"])
+        # model.mlp, through `matmul`
         x = x + linear(gelu(linear(layer_norm(x, **block["ln_2"]), **mlp["c_fc"])), **mlp["c_proj"])
     T = x.shape[0]
     x = layer_norm(x[T - n_logits :, :], **params["ln_f"])  # [n_logits, d]
-    return matmul(x, wte.T)  # [n_logits, V]
+    return matmul(x, wte.T)  # model.lm_head, through `matmul`: [n_logits, V]

@@ -142,3 +142,23 @@ def test_host_times_every_decoder_at_both_temperatures_in_both_malloc_settings(t
     assert "| plain rounds | 1 |" in capsys.readouterr().out
     assert main(["--tokens", "2000"]) == 2  # past the null model's context: one line
     assert capsys.readouterr().err.startswith("error: --tokens")
+
+
+def test_gpu_check_runs_the_shape_tests_first_and_reports_them(tmp_path, monkeypatch):
+    """python -m bench gpu-check on the fake CuPy, every section skipped but the first: it runs
+    tests/test_cupy_shapes.py in a fresh process (no GPU there: all skipped) and the report says
+    so. The whole check on the fake is a hand check: `python tests/fake_cupy.py -m bench
+    gpu-check ...` (docs/gpu.md)."""
+    import fake_cupy
+
+    with fake_cupy.installed():
+        from bench import gpu_check
+
+        monkeypatch.setattr(gpu_check, "bandwidth", lambda: {"gemv_GB_per_s": 1.0, "copy_GB_per_s": 1.0})
+        rest = "tests,decode,peer,r_of_T,speculative,overhead,kernels,adaptive,anchor,host"
+        assert gpu_check.main(["--out", str(tmp_path), "--skip", rest]) == 0
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert list(res["sections"]) == ["shapes"] + rest.split(",")
+    assert res["sections"]["shapes"].startswith("ok")
+    assert res["shapes"]["returncode"] == 0 and "skipped" in res["shapes"]["summary"]
+    assert "## shapes" in (tmp_path / "gpu_check.md").read_text()

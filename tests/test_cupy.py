@@ -335,3 +335,146 @@ def test_kernels_that_do_not_compile_leave_the_unfused_forward_with_one_warning(
         assert main.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: float16 weights need the fused kernels") and "\n" not in err
+
+
+def test_the_fake_flags_two_streams_touching_one_array_with_nothing_ordering_them():
+    """The fake's stream model, which the ordering tests below rely on: work on two blocking
+    streams over one array races unless a synchronize, an event, or work on the legacy default
+    stream comes between; reads alone never race."""
+    cp = fake_cupy
+    a, b = cp.zeros(8), cp.zeros(8)
+    one, two = cp.cuda.Stream(), cp.cuda.Stream()
+    with one:
+        cp.launch(writes=[a[:4]])
+    with two:
+        cp.launch(writes=[a[4:]])  # other bytes: fine
+        cp.launch(reads=[b])
+        with pytest.raises(cp.StreamRace):
+            cp.launch(reads=[a[2:3]])
+    with one:
+        cp.launch(reads=[b])  # read and read: fine
+    event = cp.cuda.Event()
+    event.record(one)
+    two.wait_event(event)
+    with two:
+        cp.launch(writes=[a])  # after the event: ordered
+    with one:
+        with pytest.raises(cp.StreamRace):
+            cp.launch(reads=[a])
+    cp.launch(reads=[b])  # the legacy default stream: after both streams' work, before later work
+    with one:
+        cp.launch(writes=[a])
+    one.synchronize()
+    with two:
+        cp.launch(writes=[a])
+    cp.cuda.Device().synchronize()
+
+
+@pytest.mark.parametrize("gpu", ["fake", "fake-fused"], indirect=True)
+def test_replays_of_one_model_run_one_after_another(gpu):
+    """A 20-token forward with logits is a 16-token graph, then a 4-token one, on one cache and
+    (fused) one split-K workspace: the second must not start before the first is done. On the
+    fake, a replay that could overlap another of the same model raises StreamRace; the logits
+    must equal the eager forward's every time (tests/test_cupy_shapes.py runs it on a GPU)."""
+    import cupy
+
+    path = str(FIXTURES / "tiny-4h")
+    graphed = gpu.load_model(path, download=False)
+    eager = gpu.load_model(path, download=False, graphs=False)
+    ids = np.random.default_rng(9).integers(0, graphed.n_vocab, 25).tolist()
+    g_cache, e_cache = graphed.new_cache(25), eager.new_cache(25)
+    for model, cache in ((graphed, g_cache), (eager, e_cache)):
+        model(ids[:5], cache, n_logits=0)
+    want = cupy.asnumpy(eager(ids[5:], e_cache, n_logits=20))
+    runs = []
+    for _ in range(3):  # recorded, then replayed twice; no host transfer in between
+        g_cache.rollback(5)
+        runs.append(graphed(ids[5:], g_cache, n_logits=20))
+    for got in runs:
+        np.testing.assert_allclose(cupy.asnumpy(got), want, atol=1e-4, rtol=1e-4)
+    if graphed.fused:
+        assert not cupy.asnumpy(graphed.fused.workspace.counters).any()
+
+
+def test_a_gemv_counter_left_behind_stops_the_next_forward():
+    """The fake gemv refuses to start on a column tile whose arrival counter is not zero (on a
+    GPU its last block would sum the partials too early, silently)."""
+    with fake_cupy.installed() as gpu:
+        model = gpu.load_model(str(FIXTURES / "tiny-4h"), download=False, fused=True)
+        cache = model.new_cache(8)
+        model([1, 2], cache)
+        model.fused.workspace.counters[0] = 1
+        with pytest.raises(AssertionError, match="counter was left behind"):
+            model([3], cache)
+
+
+@pytest.mark.parametrize("gpu", ["fake", "fake-fused"], indirect=True)
+@pytest.mark.parametrize("graphs", [True, False])
+def test_token_ids_outside_the_vocabulary_are_a_one_line_error(gpu, graphs):
+    model = gpu.load_model(str(FIXTURES / "tiny-4h"), download=False, graphs=graphs)
+    cache = model.new_cache(8)
+    for ids in ([1, model.n_vocab], [-1], [2, 3, model.n_vocab + 7]):
+        with pytest.raises(gpu.GPT2Error, match=r"token id -?\d+ is outside the vocabulary") as e:
+            model(ids, cache, n_logits=1)
+        assert "\n" not in str(e.value) and cache.length == 0
+    model([0, model.n_vocab - 1], cache)  # the ends of the range are fine
+    assert cache.length == 2
+
+
+@pytest.mark.parametrize("gpu", ["fake", "fake-fused"], indirect=True)
+@pytest.mark.parametrize("graphs", [True, False])
+def test_more_logits_than_new_tokens_is_a_one_line_error(gpu, graphs):
+    model = gpu.load_model(str(FIXTURES / "tiny-4h"), download=False, graphs=graphs)
+    cache = model.new_cache(8)
+    with pytest.raises(gpu.GPT2Error, match="n_logits must be in 0..3"):
+        model([1, 2, 3], cache, n_logits=4)
+    assert cache.length == 0
+
+
+def test_fused_kernels_refuse_weights_they_cannot_read_as_row_major_16_byte_loads():
+    """Weights that are not C-contiguous, or start off a 16-byte boundary, are a one-line
+    GPT2Error from FusedForward; a float32 model then runs the unfused forward (one warning).
+    (Half-precision weights are fresh arrays, converted at load.)"""
+    with fake_cupy.installed() as gpu:
+        from gpt2_cupy import fused
+
+        base = gpt2_numpy.load_model(str(FIXTURES / "tiny-4h"), download=False)
+        params = gpt2_numpy.load.tree_map(fake_cupy.asarray, base.params)
+        w = params["blocks"][1]["mlp"]["c_fc"]["w"]
+        shifted = fake_cupy.zeros(w.size + 1, dtype=w.dtype)[1:].reshape(w.shape)  # 4 bytes off
+        shifted[...] = w
+        for bad, message in ((fake_cupy.asfortranarray(w), "contiguous weights; blocks.1.mlp.c_fc.w"),
+                             (shifted, "blocks.1.mlp.c_fc.w on a 16-byte boundary")):
+            tree = gpt2_numpy.load.tree_map(lambda a: a, params)
+            tree["blocks"][1]["mlp"]["c_fc"]["w"] = bad
+            with pytest.raises(gpu.GPT2Error, match=message) as e:
+                fused.FusedForward(tree, base.hparams)
+            assert "\n" not in str(e.value)
+            with pytest.warns(RuntimeWarning, match="fused kernels unavailable"):
+                model = gpu.GPT2(base.hparams, tree, fused=True)
+            assert model.fused is None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gemv_splits_fill_two_waves_of_sms_for_every_official_shape(dtype):
+    """split_k_rows gives every official weight matrix column tiles x row slices >= two blocks
+    per SM of the (fake) device, but where the fewest rows a block reads (MIN_KC) binds, the
+    same split for every T; and the workspace holds the partial sums of every launch of a
+    16-row forward (the fake gemv asserts the launch's geometry and room)."""
+    with fake_cupy.installed():
+        from gpt2_cupy import fused
+
+        kern = fused.Kernels(dtype)
+        for size in ("124M", "355M", "774M", "1558M"):
+            h = gpt2_numpy.official_hparams(size)
+            d = h["n_embd"]
+            ws = fused.Workspace(h, kern)
+            for n, m in [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)]:
+                kc = kern.split_rows(n, m)
+                blocks = -(-m // kern.cols) * -(-n // kc)
+                assert blocks >= fused.WAVES * fake_cupy.SMS or kc == fused.MIN_KC, (size, n, m, kc)
+                assert kc % 8 == 0 and kc <= 256
+                w = fake_cupy.zeros((n, m), dtype=np.float32 if dtype == "float32" else np.uint16)
+                x = fake_cupy.ones((16, n), dtype=np.float32)
+                out = fake_cupy.zeros((16, m), dtype=np.float32)
+                kern.gemv(x, w, fake_cupy.zeros(m, dtype=np.float32), out, ws)

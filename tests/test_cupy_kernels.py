@@ -75,7 +75,7 @@ def test_gemv_is_linear_then_gelu_or_plus_the_residual(kernels, T, n, m):
     res = rng.standard_normal((T, m)).astype(np.float32)
     x64, b64 = x.astype(np.float64), b.astype(np.float64)
     hparams = {"n_embd": max(n, m)}
-    workspace = fused.Workspace(hparams, kern.per16)
+    workspace = fused.Workspace(hparams, kern)
     linear = x64 @ w + b64
     bound = dot_bound(x64, w) + U * np.abs(linear)
     g = (1 + 0.1 * rng.standard_normal(n)).astype(np.float32)
