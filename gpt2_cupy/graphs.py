@@ -252,13 +252,13 @@ class GraphedGPT2(GPT2):
             self([0] * T, cache, n_logits=T)  # any ids: the rows it writes count as stale
 
     def __call__(self, ids, cache, n_logits=1, parents=None):
+        check_token_ids(ids, self.hparams["n_vocab"])  # on the host: a device lookup never checks
         if parents is not None:  # a token tree: the fused kernels and graphs have no tree mask
             if self.dtype != "float32":  # model.forward reads float32 weights only
                 raise GPT2Error("token trees run the unfused forward: they need float32 weights")
             return GPT2.__call__(self, ids, cache, n_logits, parents)  # model.forward
         T = len(ids)
         n_logits = T if n_logits is None else n_logits
-        check_token_ids(ids, self.hparams["n_vocab"])  # on the host: a device lookup never checks
         if not 0 <= n_logits <= T:
             raise GPT2Error(f"n_logits must be in 0..{T} (the new tokens), got {n_logits}")
         if (not self.use_graphs or cache not in self.handed_out or not 0 < T <= CHUNKED_MAX_T
