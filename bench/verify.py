@@ -2,6 +2,7 @@
 of model.py (padding few-row products, the c_proj layout) that move it."""
 import numpy as np
 from gpt2_numpy.backend import synchronize
+from gpt2_numpy.products import DEFAULT_PLAN, Products
 
 from .models import RANDOM, prompt_ids
 from .timing import best, quiet_sample
@@ -46,12 +47,14 @@ def column_major_c_proj(params, parts=("attn", "mlp")):
     return {**params, "blocks": blocks}
 
 
-KNOBS = {  # name: (PAD_ROWS_TO, transform of the parameter tree)
-    "as shipped: checkpoint layout, 2..7 rows padded to 8": (8, None),
-    "no padding": (1, None),
-    "c_proj copied column-major, padded": (8, column_major_c_proj),
-    "attn.c_proj only copied column-major, padded": (8, lambda p: column_major_c_proj(p, ["attn"])),
-    "mlp.c_proj only copied column-major, padded": (8, lambda p: column_major_c_proj(p, ["mlp"])),
+KNOBS = {  # name: (the products' plan, transform of the parameter tree)
+    "checkpoint layout, 2..7 rows padded to 8": (DEFAULT_PLAN, None),
+    "no padding": ({}, None),
+    "c_proj copied column-major, padded": (DEFAULT_PLAN, column_major_c_proj),
+    "attn.c_proj only copied column-major, padded": (DEFAULT_PLAN,
+                                                     lambda p: column_major_c_proj(p, ["attn"])),
+    "mlp.c_proj only copied column-major, padded": (DEFAULT_PLAN,
+                                                    lambda p: column_major_c_proj(p, ["mlp"])),
 }
 
 
@@ -59,30 +62,25 @@ def knobs(sizes_params, n_past, reps, Ts=(1, 2, 5, 8)):
     """Forward costs with model.py's padding of few-row products off and on, and with the c_proj
     matrices in the other layout, all configurations interleaved within every repetition."""
     import gpt2_numpy as gpt2
-    import gpt2_numpy.model as model_module
 
     rows = []
     for size, (h, params) in sizes_params.items():
-        models = {name: gpt2.GPT2(h, fn(params) if fn else params, name=size)
-                  for name, (_, fn) in KNOBS.items()}
+        models = {name: gpt2.GPT2(h, fn(params) if fn else params, name=size,
+                                  products=Products(plan))
+                  for name, (plan, fn) in KNOBS.items()}
         ids = prompt_ids(next(iter(models.values())), n_past + max(Ts), seed=1)
         caches = {}
         for name, model in models.items():
             caches[name] = model.new_cache(n_past + max(Ts))
             model(ids[:n_past], caches[name], n_logits=0)
         samples = {}
-        try:
-            for _ in range(reps):
-                for name, model in models.items():
-                    # PAD_ROWS_TO = 1: `1 < T < 1` never holds, so every T goes straight to x @ w
-                    model_module.PAD_ROWS_TO = KNOBS[name][0]
-                    for T in Ts:
-                        def step():
-                            caches[name].rollback(n_past)
-                            model(ids[n_past : n_past + T], caches[name], n_logits=T)
-                        samples.setdefault((name, T), []).append(quiet_sample(step))
-        finally:
-            model_module.PAD_ROWS_TO = 8
+        for _ in range(reps):
+            for name, model in models.items():
+                for T in Ts:
+                    def step():
+                        caches[name].rollback(n_past)
+                        model(ids[n_past : n_past + T], caches[name], n_logits=T)
+                    samples.setdefault((name, T), []).append(quiet_sample(step))
         for name in models:
             ms = {T: 1e3 * best(samples[name, T])["best"] for T in Ts}
             rows.append({"model": size, "weights": RANDOM, "configuration": name,
