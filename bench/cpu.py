@@ -11,8 +11,14 @@ table, and summary.md (the tables as Markdown), and prints the tables as it goes
                    which this machine can stream weights, and from it the ms/token FLOOR of each
                    size (every weight but wpe is read once per token)
     autoregressive ms/token of 124M and 355M (prefill reported apart) and its ratio to the floor
+    plan           each model's products' plan (gpt2_numpy/products.py), measured by warm_up
     r(T)           cost of one forward over T = 1..9 new tokens / cost over 1, at cache length 64,
-                   and c = draft step / target step
+                   and c = draft step / target step; then r(T) three ways: every T as one
+                   product over the rows padded to 8, as the measured plan says, and as T
+                   one-row products
+    threads        the decoding step at 1 and 2 BLAS threads, each kind of weight product alone
+                   at 1 and 2, the per-call cost of a small product, and the LM head split on two
+                   Python threads (needs threadpoolctl)
     knobs          T = 1, 2, 5, 8 with model.py's padding off and on, and c_proj column-major
                    (both, or only attention's or only the MLP's)
     speculative    end to end, K = 1..8 (autoregressive re-timed next to each), next to the
@@ -37,12 +43,14 @@ the CPUs that other processes used meanwhile ("foreign"), and one taken while an
 was busy is repeated, since on a shared 2-core machine a neighbour's test run halves our speed.
 """
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 import gpt2_numpy as gpt2
 from gpt2_numpy.adaptive import expected_tokens
+from gpt2_numpy.products import describe
 
 from . import command
 from .floor import autoregressive, bandwidth, breakdown, matmuls_only
@@ -52,7 +60,8 @@ from .no_cache import no_cache
 from .report import print_row, save
 from .speculative import predicted_steady, speculative
 from .timing import N_CPU
-from .verify import knobs, r_of_T
+from .threads import threads_section
+from .verify import knobs, r_by_strategy, r_of_T
 from .workers import memory_section, run_worker, transformers_section
 
 
@@ -62,7 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer tokens, K values and repetitions (~1 min)")
     p.add_argument("--models_dir", default=None, help="where official weights are looked for (default weights/)")
     p.add_argument("--skip", default="", help="comma-separated sections to skip: "
-                   "knobs,speculative,breakdown,no_cache,memory,blas,transformers")
+                   "threads,knobs,speculative,breakdown,no_cache,memory,blas,transformers")
     return p.parse_args(argv)
 
 
@@ -75,7 +84,8 @@ def main(argv=None):
            "Ks": [1, 4] if q else list(range(1, 9)), "Ts": list(range(1, 10)),
            "reps": 3 if q else 7, "pool_mib": 1024,
            "positions": [16, 128] if q else [16, 64, 128, 256, 512], "nc_reps": 2,
-           "hf_sizes": [DRAFT_SIZE] if q else [DRAFT_SIZE, TARGET_SIZE]}
+           "hf_sizes": [DRAFT_SIZE] if q else [DRAFT_SIZE, TARGET_SIZE],
+           "thread_tokens": 8 if q else 16, "thread_reps": 3 if q else 5}
     skip = set(filter(None, args.skip.split(",")))
     if q:
         skip |= {"knobs", "blas"}  # the full run has them
@@ -84,12 +94,14 @@ def main(argv=None):
     res = {"command": command("cpu", argv), "config": cfg, "machine": machine_info()}
     m = res["machine"]
     print(f"machine: {m.get('cpu')}, {m['cpus']} CPUs, NumPy {m['numpy']}, BLAS {m.get('blas')}, "
-          f"OpenBLAS core {m.get('openblas_core')}", flush=True)
+          f"OpenBLAS core {m.get('openblas_core')}, load average {m.get('loadavg')}", flush=True)
 
     def checkpoint(section):
         res["total_seconds"] = time.perf_counter() - started
         save(res, out_dir)
-        print(f"-- {section} done at {res['total_seconds']:.0f} s", flush=True)
+        res.setdefault("load", []).append({"after": section, "loadavg": os.getloadavg()})
+        print(f"-- {section} done at {res['total_seconds']:.0f} s (load average "
+              f"{' '.join(f'{v:.2f}' for v in os.getloadavg())})", flush=True)
 
     # 0. Memory and loading, in a fresh process started while this one is still small: Linux
     #    hands a child spawned from a big process that process's peak RSS (getrusage).
@@ -104,8 +116,14 @@ def main(argv=None):
     res["weights"] = {TARGET_SIZE: t_label, DRAFT_SIZE: d_label}
     models = {TARGET_SIZE: (target, t_label), DRAFT_SIZE: (draft, d_label)}
     prompt = prompt_ids(target, cfg["prompt"])
-    for model, _ in models.values():  # page every weight in before anything is timed
-        model(prompt[:1], model.new_cache(1))
+    res["plans"] = {}
+    for model, _ in models.values():  # page every weight in, measure the products' plan
+        start = time.perf_counter()
+        model.warm_up()
+        res["plans"][model.name] = {"plan": describe(model.products.plan),
+                                    "warm_up_seconds": time.perf_counter() - start}
+        print(f"[plan] {model.name}: {model.products!r} (warm_up {time.perf_counter() - start:.1f} s)",
+              flush=True)
 
     # 1. Bandwidth and the floor; 2. autoregressive decoding; bandwidth again, to catch drift.
     res["bandwidth"] = bandwidth(cfg["pool_mib"], max(3, cfg["reps"] // 2))
@@ -150,7 +168,20 @@ def main(argv=None):
                        "if_verify_were_free": expected_tokens(K, a) / (K * res["c"] + 1),
                        "weights": f"prediction from measured c and r ({t_label}); acceptance assumed"}
                       for a in (0.6, 0.7, 0.8, 0.9, 1.0) for K in range(1, max(cfg["Ts"]))]
+    # 3b. r(T) three ways: one padded product, the measured plan, T one-row products.
+    res["strategies"] = []
+    for size in (TARGET_SIZE, DRAFT_SIZE):
+        model, label = models[size]
+        res["strategies"] += r_by_strategy(model, label, cfg["prompt"], cfg["Ts"], cfg["reps"])
+    for row in res["strategies"]:
+        print_row("r(T) by strategy", row)
     checkpoint("r(T)")
+
+    # 3c. Two threads against one: the decoding step, each kind of product, the LM head split.
+    if "threads" not in skip:
+        res["threads"] = threads_section([models[TARGET_SIZE], models[DRAFT_SIZE]], cfg["prompt"],
+                                         cfg["thread_tokens"], cfg["thread_reps"])
+        checkpoint("threads")
 
     # 4. model.py's speed measures on/off, on random weights in both shapes.
     if "knobs" not in skip:

@@ -88,3 +88,40 @@ def knobs(sizes_params, n_past, reps, Ts=(1, 2, 5, 8)):
                          "max_foreign": max(best(samples[name, T])["max_foreign"] for T in Ts)})
         del models, caches
     return rows
+
+
+def r_by_strategy(model, label, n_past, Ts, reps):
+    """r(T) three ways on the same weights, interleaved: every T as one product over the rows
+    padded to 8 (2..7 rows; the default plan), as the model's measured plan says, and as T
+    one-row products. r is each forward's time over the fastest T = 1 forward (one row is one
+    product in all three)."""
+    import gpt2_numpy as gpt2
+
+    strategies = {"padded": Products(DEFAULT_PLAN), "plan": model.products,
+                  "rows": Products({T: "rows" for T in Ts})}
+    models = {name: gpt2.GPT2(model.hparams, model.params, name=model.name, products=p)
+              for name, p in strategies.items()}
+    ids = prompt_ids(model, n_past + max(Ts), seed=1)
+    caches = {}
+    for name, m in models.items():
+        caches[name] = m.new_cache(n_past + max(Ts))
+        m(ids[:n_past], caches[name], n_logits=0)
+    samples = {}
+    for _ in range(reps):
+        for T in Ts:
+            for name, m in models.items():
+                def step(m=m, cache=caches[name]):
+                    cache.rollback(n_past)
+                    m(ids[n_past : n_past + T], cache, n_logits=T)
+                samples.setdefault((name, T), []).append(quiet_sample(step))
+    t1 = min(best(samples[name, 1])["best"] for name in models)
+    rows = []
+    for T in Ts:
+        row = {"model": model.name, "weights": label, "T": T, "n_past": n_past,
+               "plan": model.products.plan.get(T, "one")}
+        for name in models:
+            row[f"ms_{name}"] = 1e3 * best(samples[name, T])["best"]
+            row[f"r_{name}"] = best(samples[name, T])["best"] / t1
+        row["max_foreign"] = max(best(samples[name, T])["max_foreign"] for name in models)
+        rows.append(row)
+    return rows
