@@ -52,12 +52,12 @@ import gpt2_numpy as gpt2
 from gpt2_numpy.adaptive import expected_tokens
 from gpt2_numpy.products import describe
 
-from . import command
+from . import command, timing
 from .floor import autoregressive, bandwidth, breakdown, matmuls_only
 from .machine import machine_info
 from .models import DRAFT_SIZE, OFFICIAL, RANDOM, TARGET_SIZE, get_model, prompt_ids, weight_bytes
 from .no_cache import no_cache
-from .report import print_row, save
+from .report import bad_input, print_row, save
 from .speculative import predicted_steady, speculative
 from .timing import N_CPU
 from .threads import threads_section
@@ -70,14 +70,22 @@ def parse_args(argv=None):
     p.add_argument("--out", default="bench_out", help="where bench.json, the CSVs and summary.md go")
     p.add_argument("--quick", action="store_true", help="fewer tokens, K values and repetitions (~1 min)")
     p.add_argument("--models_dir", default=None, help="where official weights are looked for (default weights/)")
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: "
-                   "threads,knobs,speculative,breakdown,no_cache,memory,blas,transformers")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: autoregressive "
+                   "(with bandwidth and the breakdown, which needs its floor), threads,knobs,"
+                   "speculative,breakdown,no_cache,memory,blas,transformers")
+    p.add_argument("--tries", type=int, default=timing.TRIES,
+                   help="how often a sample taken while other processes were busy is taken again "
+                        f"(default {timing.TRIES}; 1: never, for a machine that is never quiet: "
+                        "then every row's foreign CPU share says how busy it was)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.tries < 1:
+        bad_input(f"--tries must be at least 1, not {args.tries}")
+    timing.TRIES = args.tries
     q = args.quick
     cfg = {"prompt": 64, "ar_tokens": 24 if q else 64, "ar_reps": 2 if q else 3,
            "spec_tokens": 16 if q else 24, "spec_reps": 1 if q else 2,
@@ -126,31 +134,33 @@ def main(argv=None):
               flush=True)
 
     # 1. Bandwidth and the floor; 2. autoregressive decoding; bandwidth again, to catch drift.
-    res["bandwidth"] = bandwidth(cfg["pool_mib"], max(3, cfg["reps"] // 2))
-    for row in res["bandwidth"]:
-        print_row("bandwidth", row)
-    res["autoregressive"] = []
-    for size in (DRAFT_SIZE, TARGET_SIZE):
-        model, label = models[size]
-        res["autoregressive"].append({"size": size, **autoregressive(model, label, prompt, cfg["ar_tokens"],
-                                                                     cfg["ar_reps"])})
-    again = bandwidth(cfg["pool_mib"], max(3, cfg["reps"] // 2))
-    for row in again:
-        row["when"] = "after autoregressive"
-        print_row("bandwidth", row)
-    res["bandwidth"] += again
-    gbps = max(r["GB_per_s"] for r in res["bandwidth"])  # the best streaming rate seen: the floor
-    res["floor"] = {size: {"streamed_bytes": weight_bytes(model, streamed=True),
-                           "GB_per_s": gbps, "ms": 1e3 * weight_bytes(model, streamed=True) / gbps / 1e9}
-                    for size, (model, _) in models.items()}
-    for row in res["autoregressive"]:
-        model = models[row["size"]][0]
-        row["floor_ms"] = res["floor"][row["size"]]["ms"]
-        row["ratio_to_floor"] = row["ms_per_token"] / row["floor_ms"]
-        row["matmuls_only_ms"] = 1e3 * matmuls_only(model, 5)
-        row["matmuls_GB_per_s"] = weight_bytes(model, streamed=True) / row["matmuls_only_ms"] / 1e6
-        print_row("autoregressive", row)
-    checkpoint("bandwidth + autoregressive")
+    gbps = None
+    if "autoregressive" not in skip:
+        res["bandwidth"] = bandwidth(cfg["pool_mib"], max(3, cfg["reps"] // 2))
+        for row in res["bandwidth"]:
+            print_row("bandwidth", row)
+        res["autoregressive"] = []
+        for size in (DRAFT_SIZE, TARGET_SIZE):
+            model, label = models[size]
+            res["autoregressive"].append({"size": size, **autoregressive(model, label, prompt, cfg["ar_tokens"],
+                                                                         cfg["ar_reps"])})
+        again = bandwidth(cfg["pool_mib"], max(3, cfg["reps"] // 2))
+        for row in again:
+            row["when"] = "after autoregressive"
+            print_row("bandwidth", row)
+        res["bandwidth"] += again
+        gbps = max(r["GB_per_s"] for r in res["bandwidth"])  # the best streaming rate seen: the floor
+        res["floor"] = {size: {"streamed_bytes": weight_bytes(model, streamed=True),
+                               "GB_per_s": gbps, "ms": 1e3 * weight_bytes(model, streamed=True) / gbps / 1e9}
+                        for size, (model, _) in models.items()}
+        for row in res["autoregressive"]:
+            model = models[row["size"]][0]
+            row["floor_ms"] = res["floor"][row["size"]]["ms"]
+            row["ratio_to_floor"] = row["ms_per_token"] / row["floor_ms"]
+            row["matmuls_only_ms"] = 1e3 * matmuls_only(model, 5)
+            row["matmuls_GB_per_s"] = weight_bytes(model, streamed=True) / row["matmuls_only_ms"] / 1e6
+            print_row("autoregressive", row)
+        checkpoint("bandwidth + autoregressive")
 
     # 3. r(T) and c at cache length 64.
     res["r_of_T"], t1, c2_abs = r_of_T(target, t_label, cfg["prompt"], cfg["Ts"], cfg["reps"])
@@ -214,7 +224,7 @@ def main(argv=None):
             checkpoint(f"speculative {name}")
 
     # 5b. Where a decoding step's time goes.
-    if "breakdown" not in skip:
+    if "breakdown" not in skip and gbps is not None:
         res["breakdown"] = []
         for size in (TARGET_SIZE, DRAFT_SIZE):
             model, label = models[size]
@@ -235,11 +245,12 @@ def main(argv=None):
                  {"OPENBLAS_CORETYPE": None, "GPT2_OPENBLAS_DEFAULT": "1"}),
                 ("gpt2_numpy's choice, OPENBLAS_NUM_THREADS=1",
                  {"OPENBLAS_CORETYPE": None, "OPENBLAS_NUM_THREADS": "1"})):
-            row = {"setting": setting, "weights": RANDOM, **run_worker("blas", {"reps": 3}, env)}
+            row = {"setting": setting, "weights": RANDOM,
+                   **run_worker("blas", {"reps": 3, "tries": timing.TRIES}, env)}
             res["blas"].append(row)
             print_row("blas", row)
         checkpoint("blas")
-    if "transformers" not in skip:
+    if "transformers" not in skip and "autoregressive" in res:
         threads = next((d.get("num_threads") for d in m["threadpoolctl"] if isinstance(d, dict)),
                        None) if isinstance(m.get("threadpoolctl"), list) else None
         res["transformers"] = transformers_section(
