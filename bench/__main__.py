@@ -11,6 +11,7 @@ COMMANDS = {  # name: module, whose main(argv) runs it and whose docstring's fir
     "plot": "bench.plot",
     "fidelity": "bench.fidelity",
     "host": "bench.host",
+    "products": "bench.products",
 }
 
 

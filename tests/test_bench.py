@@ -153,3 +153,13 @@ def test_host_times_every_decoder_at_both_temperatures_in_both_malloc_settings(t
     assert "| plain rounds | 1 |" in capsys.readouterr().out
     assert main(["--tokens", "2000"]) == 2  # past the null model's context: one line
     assert capsys.readouterr().err.startswith("error: --tokens")
+
+
+@pytest.mark.parametrize("args, message", [(["--reps", "0"], "--reps must be at least 1"),
+                                           (["--size", "1B"], "--size must be one of")])
+def test_bench_products_bad_input_is_a_one_line_error(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench_main(["products", *args])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
