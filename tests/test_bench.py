@@ -27,9 +27,11 @@ def measured(tmp_path_factory):
     from bench.machine import machine_info
     from bench.no_cache import no_cache
     from bench.report import save
+    from bench import timing
     from bench.threads import threads_section
     from bench.verify import r_by_strategy, r_of_T
 
+    timing.TRIES, tries = 1, timing.TRIES  # no retries on a busy machine: only shapes are checked
     model = tiny_model(seed=0)
     rows, t1, t2 = r_of_T(model, "random", 8, [1, 2, 3], reps=1)
     res = {"command": "test", "machine": machine_info(), "total_seconds": 0.0, "r_of_T": rows,
@@ -38,6 +40,7 @@ def measured(tmp_path_factory):
            "strategies": r_by_strategy(model, "random", 8, [1, 2, 3], reps=1),
            "threads": threads_section([(model, "random")], 8, 2, 1, min_seconds=0.01),
            "plans": {model.name: {"plan": repr(model.products), "warm_up_seconds": 0.0}}}
+    timing.TRIES = tries
     out = tmp_path_factory.mktemp("bench_out")
     save(res, out)
     return out
