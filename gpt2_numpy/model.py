@@ -236,8 +236,8 @@ class GPT2:
     def warm_up(self, capacity: int = None) -> None:
         """One untimed forward, so that no timed one pays for first-time work (paging the
         weights in from the checkpoint's memory map); then, on NumPy, the products' plan is
-        measured on this model's matrices (a second or two). `capacity`, the cache size the
-        decoders will ask for, matters only to gpt2_cupy, which records its CUDA graphs for it."""
+        measured on this model's matrices (seconds; docs/performance.md). `capacity`, the cache
+        size the decoders will ask for, matters only to gpt2_cupy, which records its graphs."""
         self([0], self.new_cache(1))
         self.products.measure(weight_matrices(self.params))
 
