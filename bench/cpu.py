@@ -71,7 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer tokens, K values and repetitions (~1 min)")
     p.add_argument("--models_dir", default=None, help="where official weights are looked for (default weights/)")
     p.add_argument("--skip", default="", help="comma-separated sections to skip: autoregressive "
-                   "(with bandwidth and the breakdown, which needs its floor), threads,knobs,"
+                   "(with bandwidth and the breakdown, which needs its floor), strategies,threads,knobs,"
                    "speculative,breakdown,no_cache,memory,blas,transformers")
     p.add_argument("--tries", type=int, default=timing.TRIES,
                    help="how often a sample taken while other processes were busy is taken again "
@@ -179,12 +179,13 @@ def main(argv=None):
                        "weights": f"prediction from measured c and r ({t_label}); acceptance assumed"}
                       for a in (0.6, 0.7, 0.8, 0.9, 1.0) for K in range(1, max(cfg["Ts"]))]
     # 3b. r(T) three ways: one padded product, the measured plan, T one-row products.
-    res["strategies"] = []
-    for size in (TARGET_SIZE, DRAFT_SIZE):
-        model, label = models[size]
-        res["strategies"] += r_by_strategy(model, label, cfg["prompt"], cfg["Ts"], cfg["reps"])
-    for row in res["strategies"]:
-        print_row("r(T) by strategy", row)
+    if "strategies" not in skip:
+        res["strategies"] = []
+        for size in (TARGET_SIZE, DRAFT_SIZE):
+            model, label = models[size]
+            res["strategies"] += r_by_strategy(model, label, cfg["prompt"], cfg["Ts"], cfg["reps"])
+        for row in res["strategies"]:
+            print_row("r(T) by strategy", row)
     checkpoint("r(T)")
 
     # 3c. Two threads against one: the decoding step, each kind of product, the LM head split.
