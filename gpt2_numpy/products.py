@@ -12,7 +12,7 @@ They differ only in float32 rounding, not in value, but in speed: a one-row prod
 w from memory, while a product over several rows first copies ("packs") w and then multiplies,
 and row counts that do not fill the BLAS's kernels take slower paths. Which is fastest for each T
 depends on the CPU, its caches and its BLAS, so `measure` times the options on the model's own
-matrices (GPT2.warm_up does) and `plan` records the choice: {T: option}. Rows counts not in the
+matrices (GPT2.warm_up does) and `plan` records the choice: {T: option}. Row counts not in the
 plan (long prompts) get "one". docs/performance.md has the figures and what they were measured on.
 
 Only NumPy arrays are handled this way; other backends (CuPy's cuBLAS) get `x @ w` as it is, and
@@ -32,7 +32,7 @@ PLANNED_ROWS = range(1, 17)  # the row counts a forward has in decoding (K + 1, 
 
 
 def padded_to(option: str) -> int:
-    """"pad8" -> 8."""
+    """The number of rows an option pads to: "pad8" -> 8."""
     return int(option[len("pad"):])
 
 
