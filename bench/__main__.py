@@ -12,6 +12,7 @@ COMMANDS = {  # name: module, whose main(argv) runs it and whose docstring's fir
     "fidelity": "bench.fidelity",
     "host": "bench.host",
     "tree": "bench.tree",
+    "products": "bench.products",
 }
 
 

@@ -15,6 +15,7 @@ def machine_info() -> dict:
     info = {"python": sys.version.split()[0], "executable": sys.executable,
             "numpy": np.__version__, "cpus": N_CPU, "platform": platform.platform()}
     info["cpu"] = cpu_name()
+    info["loadavg"] = os.getloadavg()  # as `uptime` shows it: others' work on a shared machine
     info["simd"] = [f for f in ("avx2", "fma", "avx512f") if f in cpu_flags()]
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout

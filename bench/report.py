@@ -74,6 +74,24 @@ def summary_markdown(res) -> str:
             out.append(f"| {name} | " + " | ".join(f"{d[T]['r']:.2f}" for T in Ts) + f" | {d[1]['ms']:.1f} |")
         out += ["", f"c = draft step / target step = {res['c']:.3f}; draft catch-up step (2 tokens, "
                     f"1 logit row) / target step = {res['c2']:.3f}"]
+    if "plans" in res:
+        out += ["", "### The products' plans (measured by warm_up)", ""]
+        out += [f"- {name}: {p['plan']} (warm_up {p['warm_up_seconds']:.1f} s)"
+                for name, p in res["plans"].items()]
+    if res.get("strategies"):
+        out += ["", "### r(T) three ways: one product over the rows padded to 8, the measured plan, "
+                    "T one-row products", "",
+                md_table(res["strategies"], [
+                    ("model", "model", None), ("T", "T", None), ("plan", "plan", None),
+                    ("r, padded", "r_padded", "{:.2f}"), ("r, plan", "r_plan", "{:.2f}"),
+                    ("r, rows", "r_rows", "{:.2f}"), ("ms, plan", "ms_plan", "{:.1f}"),
+                    ("foreign CPU (max)", "max_foreign", "{:.0%}")])]
+    if isinstance(res.get("threads"), list):
+        out += ["", "### One BLAS thread against two (random weights)", "",
+                md_table(res["threads"], [
+                    ("model", "model", None), ("part", "part", None), ("threads", "threads", None),
+                    ("ms", "ms", "{:.2f}"), ("speedup over 1 thread", "speedup_over_1_thread", "{:.2f}"),
+                    ("foreign CPU (max)", "max_foreign", "{:.0%}")])]
     if "what_if" in res:
         Ks = sorted({r["K"] for r in res["what_if"]})
         intros = {
@@ -136,10 +154,11 @@ def summary_markdown(res) -> str:
     if "blas" in res:
         out += ["", "### OpenBLAS kernels and threads (355M, random weights, fresh process each)", "",
                 md_table(res["blas"], [("environment", "setting", None), ("core", "core", None),
-                                       ("T=1 ms", "ms_T1", "{:.1f}"), ("T=5 ms", "ms_T5", "{:.1f}"),
-                                       ("T=8 ms", "ms_T8", "{:.1f}"),
-                                       ("r(5)", lambda r: r["ms_T5"] / r["ms_T1"] if "ms_T1" in r else None, "{:.2f}"),
+                                       ("T=1 ms", "ms_T1", "{:.1f}"),
+                                       *((f"r({T})", lambda r, T=T: r[f"ms_T{T}"] / r["ms_T1"]
+                                          if "ms_T1" in r else None, "{:.2f}") for T in (2, 3, 5, 8)),
                                        ("T=64 (a prefill) ms", "ms_T64", "{:.0f}"),
+                                       ("plan", "plan", None),
                                        ("note", lambda r: r.get("error", ""), None)])]
     if "transformers" in res:
         t = res["transformers"]
@@ -161,9 +180,10 @@ def summary_markdown(res) -> str:
 def save(res, out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps(res, indent=1, default=str))
-    for key in ("bandwidth", "autoregressive", "r_of_T", "what_if", "knobs", "speculative", "breakdown",
-                "no_cache", "blas"):
-        write_csv(out_dir / f"{key}.csv", res.get(key, []))
+    for key in ("bandwidth", "autoregressive", "r_of_T", "strategies", "threads", "what_if", "knobs",
+                "speculative", "breakdown", "no_cache", "blas"):
+        if isinstance(res.get(key, []), list):
+            write_csv(out_dir / f"{key}.csv", res.get(key, []))
     if "rows" in res.get("transformers", {}):
         write_csv(out_dir / "transformers.csv", res["transformers"]["rows"])
     if "memory" in res:

@@ -41,10 +41,15 @@ class Watch:
         self.resolution = 2.0 / TICK / max(self.seconds * N_CPU, 1e-9)
 
 
-def quiet_sample(fn, min_seconds=0.0, max_foreign=0.10, tries=8):
+TRIES = 8  # how often quiet_sample takes a sample while other processes are busy
+
+
+def quiet_sample(fn, min_seconds=0.0, max_foreign=0.10, tries=None):
     """Seconds per call of fn, retried (after a pause) while other processes used more than
-    max_foreign of the CPUs. min_seconds > 0: averaged over enough back-to-back calls (after an
-    untimed one) to last that long. Returns (seconds, foreign)."""
+    max_foreign of the CPUs, at most `tries` times (default TRIES). min_seconds > 0: averaged
+    over enough back-to-back calls (after an untimed one) to last that long. Returns
+    (seconds, foreign)."""
+    tries = TRIES if tries is None else tries
     calls = 1
     if min_seconds > 0:
         with Watch() as w:

@@ -2,6 +2,7 @@
 of model.py (padding few-row products, the c_proj layout) that move it."""
 import numpy as np
 from gpt2_numpy.backend import synchronize
+from gpt2_numpy.products import DEFAULT_PLAN, Products
 
 from .models import RANDOM, prompt_ids
 from .timing import best, quiet_sample
@@ -46,12 +47,14 @@ def column_major_c_proj(params, parts=("attn", "mlp")):
     return {**params, "blocks": blocks}
 
 
-KNOBS = {  # name: (PAD_ROWS_TO, transform of the parameter tree)
-    "as shipped: checkpoint layout, 2..7 rows padded to 8": (8, None),
-    "no padding": (1, None),
-    "c_proj copied column-major, padded": (8, column_major_c_proj),
-    "attn.c_proj only copied column-major, padded": (8, lambda p: column_major_c_proj(p, ["attn"])),
-    "mlp.c_proj only copied column-major, padded": (8, lambda p: column_major_c_proj(p, ["mlp"])),
+KNOBS = {  # name: (the products' plan, transform of the parameter tree)
+    "checkpoint layout, 2..7 rows padded to 8": (DEFAULT_PLAN, None),
+    "no padding": ({}, None),
+    "c_proj copied column-major, padded": (DEFAULT_PLAN, column_major_c_proj),
+    "attn.c_proj only copied column-major, padded": (DEFAULT_PLAN,
+                                                     lambda p: column_major_c_proj(p, ["attn"])),
+    "mlp.c_proj only copied column-major, padded": (DEFAULT_PLAN,
+                                                    lambda p: column_major_c_proj(p, ["mlp"])),
 }
 
 
@@ -59,34 +62,66 @@ def knobs(sizes_params, n_past, reps, Ts=(1, 2, 5, 8)):
     """Forward costs with model.py's padding of few-row products off and on, and with the c_proj
     matrices in the other layout, all configurations interleaved within every repetition."""
     import gpt2_numpy as gpt2
-    import gpt2_numpy.model as model_module
 
     rows = []
     for size, (h, params) in sizes_params.items():
-        models = {name: gpt2.GPT2(h, fn(params) if fn else params, name=size)
-                  for name, (_, fn) in KNOBS.items()}
+        models = {name: gpt2.GPT2(h, fn(params) if fn else params, name=size,
+                                  products=Products(plan))
+                  for name, (plan, fn) in KNOBS.items()}
         ids = prompt_ids(next(iter(models.values())), n_past + max(Ts), seed=1)
         caches = {}
         for name, model in models.items():
             caches[name] = model.new_cache(n_past + max(Ts))
             model(ids[:n_past], caches[name], n_logits=0)
         samples = {}
-        try:
-            for _ in range(reps):
-                for name, model in models.items():
-                    # PAD_ROWS_TO = 1: `1 < T < 1` never holds, so every T goes straight to x @ w
-                    model_module.PAD_ROWS_TO = KNOBS[name][0]
-                    for T in Ts:
-                        def step():
-                            caches[name].rollback(n_past)
-                            model(ids[n_past : n_past + T], caches[name], n_logits=T)
-                        samples.setdefault((name, T), []).append(quiet_sample(step))
-        finally:
-            model_module.PAD_ROWS_TO = 8
+        for _ in range(reps):
+            for name, model in models.items():
+                for T in Ts:
+                    def step():
+                        caches[name].rollback(n_past)
+                        model(ids[n_past : n_past + T], caches[name], n_logits=T)
+                    samples.setdefault((name, T), []).append(quiet_sample(step))
         for name in models:
             ms = {T: 1e3 * best(samples[name, T])["best"] for T in Ts}
             rows.append({"model": size, "weights": RANDOM, "configuration": name,
                          **{f"ms_T{T}": ms[T] for T in Ts}, **{f"r{T}": ms[T] / ms[1] for T in Ts[1:]},
                          "max_foreign": max(best(samples[name, T])["max_foreign"] for T in Ts)})
         del models, caches
+    return rows
+
+
+def r_by_strategy(model, label, n_past, Ts, reps):
+    """r(T) three ways on the same weights, interleaved: every T as one product over the rows
+    padded to 8 (2..7 rows; the default plan), as the model's measured plan says, and as T
+    one-row products. r is each forward's time over the fastest T = 1 forward (one row is one
+    product in all three)."""
+    import gpt2_numpy as gpt2
+
+    strategies = {"padded": Products(DEFAULT_PLAN), "plan": model.products,
+                  "rows": Products({T: "rows" for T in Ts})}
+    models = {name: gpt2.GPT2(model.hparams, model.params, name=model.name, products=p)
+              for name, p in strategies.items()}
+    ids = prompt_ids(model, n_past + max(Ts), seed=1)
+    caches = {}
+    for name, m in models.items():
+        caches[name] = m.new_cache(n_past + max(Ts))
+        m(ids[:n_past], caches[name], n_logits=0)
+    samples = {}
+    for _ in range(reps):
+        for T in Ts:
+            for name, m in models.items():
+                def step(m=m, cache=caches[name]):
+                    cache.rollback(n_past)
+                    m(ids[n_past : n_past + T], cache, n_logits=T)
+                samples.setdefault((name, T), []).append(quiet_sample(step))
+    t1 = min(best(samples[name, 1])["best"] for name in models)
+    rows = []
+    for T in Ts:
+        row = {"model": model.name, "weights": label, "T": T, "n_past": n_past,
+               "plan": model.products.plan.get(T, "one")}
+        for name in models:
+            row[f"ms_{name}"] = 1e3 * best(samples[name, T])["best"]
+            row[f"r_{name}"] = best(samples[name, T])["best"] / t1
+        row["max_foreign"] = max(best(samples[name, T])["max_foreign"] for name in models)
+        rows.append(row)
     return rows

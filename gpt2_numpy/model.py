@@ -16,7 +16,7 @@ The parameter tree mirrors the checkpoint's names (see checkpoint.py):
                  mlp {c_fc {w [d, 4d], b}, c_proj {w [4d, d], b}}}
 
 The weights are used exactly as the checkpoint stores them (no copies, no re-layout). How fast
-this runs, and why `matmul` pads a few rows, is in docs/performance.md.
+this runs, and how the weight products of a few rows are computed, is in docs/performance.md.
 """
 import math
 
@@ -24,6 +24,7 @@ import numpy as np  # only to lay out a tree's mask on the host (tree_mask)
 
 from .backend import namespace_of
 from .errors import GPT2Error
+from .products import Products, weight_matrices
 
 
 def gelu(x):
@@ -48,23 +49,14 @@ def layer_norm(x, g, b, eps: float = 1e-5):
     return g * centred / xp.sqrt(var + eps) + b
 
 
-PAD_ROWS_TO = 8  # OpenBLAS multiplies 8 rows by a matrix cheaper than 5-7 (docs/performance.md)
-
-
 def matmul(x, w):
-    """x @ w; on NumPy 2..7 rows are padded with zero rows to 8, the same product, only cheaper
-    (a verify step multiplies K + 1 rows).  [T, n] @ [n, m] -> [T, m]
-    (Batched [B, T, n] @ [B, n, m] products, as in attention, are passed straight through.)"""
-    T = x.shape[0]
-    xp = namespace_of(x)
-    if x.ndim != 2 or not 1 < T < PAD_ROWS_TO or xp.__name__ != "numpy":
-        return x @ w  # one row (a matrix-vector product), enough rows, or not OpenBLAS
-    padded = xp.zeros((PAD_ROWS_TO, x.shape[1]), dtype=x.dtype)  # [8, n], rows T..7 zero
-    padded[:T, :] = x
-    return (padded @ w)[:T, :]  # [8, m] -> [T, m]; the zero rows' results are dropped
+    """x @ w.  [T, n] @ [n, m] -> [T, m], batched too: [B, T, n] @ [B, n, m] -> [B, T, m].
+    forward multiplies by the weights through a `matmul` argument instead, which GPT2 sets to
+    its `Products` (products.py): the same product, computed the fastest way for few rows."""
+    return x @ w
 
 
-def linear(x, w, b):
+def linear(x, w, b, matmul=matmul):
     """x @ w + b.  TF's Conv1D stores w as [n_in, n_out], so no transpose.  [T, n_in] -> [T, n_out]"""
     return matmul(x, w) + b
 
@@ -141,44 +133,45 @@ def attention(q, k, v, visible=None):
     return matmul(softmax(scores), v)  # [H, T, L] @ [H, L, D] -> [H, T, D]
 
 
-def qkv_heads(x, c_attn, n_head: int):
+def qkv_heads(x, c_attn, n_head: int, matmul=matmul):
     """One product for queries, keys and values, split into heads.  [T, d] -> 3 x [H, T, D]"""
-    heads = split_heads(linear(x, **c_attn), 3 * n_head)  # [3H, T, D]: q's H heads, k's, v's
+    qkv = linear(x, **c_attn, matmul=matmul)  # [T, 3d]
+    heads = split_heads(qkv, 3 * n_head)  # [3H, T, D]: q's H heads, k's, v's
     return tuple(heads[i * n_head : (i + 1) * n_head, ...] for i in range(3))
 
 
 def causal_self_attention(x, c_attn, c_proj, n_head: int, k_cache, v_cache, n_past: int,
-                          visible=None):
+                          visible=None, matmul=matmul):
     """Multi-head attention that appends this call's keys/values to the layer's cache.
 
     x [T, d]; k_cache, v_cache [H, capacity, D], rows 0..n_past-1 already filled;
     visible [T, L]: the keys each query sees (tree_mask; None: all) -> [T, d]
     """
     T = x.shape[0]
-    q, k, v = qkv_heads(x, c_attn, n_head)  # 3 x [H, T, D]
+    q, k, v = qkv_heads(x, c_attn, n_head, matmul)  # 3 x [H, T, D]
     L = n_past + T
     # Write only the new rows, at rows n_past..L-1 (in a tree, a row index, not a position);
     # older ones are reused as they are.
     k_cache[:, n_past:L, :] = k
     v_cache[:, n_past:L, :] = v
     out = attention(q, k_cache[:, :L, :], v_cache[:, :L, :], visible)  # [H, T, D]
-    return linear(merge_heads(out), **c_proj)  # [T, d]
+    return linear(merge_heads(out), **c_proj, matmul=matmul)  # [T, d]
 
 
-def mlp(x, c_fc, c_proj):
+def mlp(x, c_fc, c_proj, matmul=matmul):
     """Position-wise feed-forward network.  [T, d] -> [T, 4d] -> [T, d]"""
-    return linear(gelu(linear(x, **c_fc)), **c_proj)
+    return linear(gelu(linear(x, **c_fc, matmul=matmul)), **c_proj, matmul=matmul)
 
 
 def transformer_block(x, ln_1, attn, ln_2, mlp_params, n_head, k_cache, v_cache, n_past,
-                      visible=None):
+                      visible=None, matmul=matmul):
     """Pre-norm residual block: x + attn(ln_1(x)), then + mlp(ln_2(x)).  [T, d] -> [T, d]"""
     x = x + causal_self_attention(layer_norm(x, **ln_1), **attn, n_head=n_head, k_cache=k_cache,
-                                  v_cache=v_cache, n_past=n_past, visible=visible)
-    return x + mlp(layer_norm(x, **ln_2), **mlp_params)
+                                  v_cache=v_cache, n_past=n_past, visible=visible, matmul=matmul)
+    return x + mlp(layer_norm(x, **ln_2), **mlp_params, matmul=matmul)
 
 
-def lm_head(x, wte):
+def lm_head(x, wte, matmul=matmul):
     """Logits: scores against every token embedding. The head is tied: it IS wte, transposed
     (a view, not a copy).  [T, d] @ [d, V] -> [T, V]"""
     return matmul(x, wte.T)
@@ -238,7 +231,9 @@ class KVCache:
         self.length = length + m
 
 
-def forward(params: dict, ids, cache: KVCache, n_head: int, n_logits=1, parents=None):
+
+def forward(params: dict, ids, cache: KVCache, n_head: int, n_logits=1, parents=None,
+            matmul=matmul):
     """Feed T new token ids after the cache's `length` tokens; return logits for the last rows.
 
     ids: T ints. n_logits: how many of the last rows to return logits for (None: all T, 0: none,
@@ -247,6 +242,7 @@ def forward(params: dict, ids, cache: KVCache, n_head: int, n_logits=1, parents=
     parents: None, the new tokens are a chain, each following the one before; or a token tree
     (tree_mask): parents[i] is the parent of the i-th of the cache's last len(parents) rows
     after this call, the new rows being the last T of them (a tree can be fed a level at a time).
+    matmul(x, w): how the weight products are computed (x @ w; GPT2 passes its `Products`).
     Returns [n_logits, V] and advances cache.length by T.
     """
     wte, wpe = params["wte"], params["wpe"]
@@ -269,26 +265,30 @@ def forward(params: dict, ids, cache: KVCache, n_head: int, n_logits=1, parents=
     x = xp.take(wte, ids, axis=0) + xp.take(wpe, positions, axis=0)  # [T, d]
     for i, block in enumerate(params["blocks"]):
         x = transformer_block(x, block["ln_1"], block["attn"], block["ln_2"], block["mlp"],
-                              n_head, cache.k[i, ...], cache.v[i, ...], n_past, visible)
+                              n_head, cache.k[i, ...], cache.v[i, ...], n_past, visible, matmul)
     cache.length = n_past + T
     n_logits = T if n_logits is None else n_logits
     if n_logits == 0:
         return None
     x = layer_norm(x[T - n_logits :, :], **params["ln_f"])  # [n_logits, d]
-    return lm_head(x, wte)  # [n_logits, V]
+    return lm_head(x, wte, matmul)  # [n_logits, V]
 
 
 class GPT2:
     """A loaded model: hyperparameters, the parameter tree, and (optionally) its tokenizer.
 
-    `model(ids, cache)` is `forward(model.params, ids, cache, n_head)`; `model.params` is the
-    parameter tree as loaded (for official files: read-only views of the checkpoint's bytes).
+    `model(ids, cache)` is `forward(model.params, ids, cache, n_head, matmul=model.products)`;
+    `model.params` is the parameter tree as loaded (for official files: read-only views of the
+    checkpoint's bytes); `model.products` computes its weight products (products.py), with a
+    plan for each number of rows that `warm_up` measures.
     """
 
-    def __init__(self, hparams: dict, params: dict, tokenizer=None, name: str = "gpt2"):
+    def __init__(self, hparams: dict, params: dict, tokenizer=None, name: str = "gpt2",
+                 products: Products = None):
         self.hparams, self.tokenizer, self.name = hparams, tokenizer, name
         self.params = params
         self.xp = namespace_of(params["wte"])
+        self.products = Products() if products is None else products
 
     @property
     def n_ctx(self) -> int:
@@ -303,13 +303,16 @@ class GPT2:
         return KVCache(self.hparams, capacity or self.n_ctx, self.xp, self.params["wte"].dtype)
 
     def __call__(self, ids, cache: KVCache, n_logits=1, parents=None):
-        return forward(self.params, ids, cache, self.hparams["n_head"], n_logits, parents)
+        return forward(self.params, ids, cache, self.hparams["n_head"], n_logits, parents,
+                       self.products)
 
     def warm_up(self, capacity: int = None) -> None:
         """One untimed forward, so that no timed one pays for first-time work (paging the
-        weights in from the checkpoint's memory map). `capacity`, the cache size the decoders
-        will ask for, matters only to gpt2_cupy, which records its CUDA graphs for it."""
+        weights in from the checkpoint's memory map); then, on NumPy, the products' plan is
+        measured on this model's matrices (seconds; docs/performance.md). `capacity`, the cache
+        size the decoders will ask for, matters only to gpt2_cupy, which records its graphs."""
         self([0], self.new_cache(1))
+        self.products.measure(weight_matrices(self.params))
 
     def __repr__(self):
         h = self.hparams

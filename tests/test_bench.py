@@ -27,13 +27,20 @@ def measured(tmp_path_factory):
     from bench.machine import machine_info
     from bench.no_cache import no_cache
     from bench.report import save
-    from bench.verify import r_of_T
+    from bench import timing
+    from bench.threads import threads_section
+    from bench.verify import r_by_strategy, r_of_T
 
+    timing.TRIES, tries = 1, timing.TRIES  # no retries on a busy machine: only shapes are checked
     model = tiny_model(seed=0)
     rows, t1, t2 = r_of_T(model, "random", 8, [1, 2, 3], reps=1)
     res = {"command": "test", "machine": machine_info(), "total_seconds": 0.0, "r_of_T": rows,
            "c": 1.0, "c2": t2 / t1, "breakdown": breakdown(model, "random", 8, 4, gbps=10.0),
-           "no_cache": no_cache(model, "random", [4, 8], reps=1)}
+           "no_cache": no_cache(model, "random", [4, 8], reps=1),
+           "strategies": r_by_strategy(model, "random", 8, [1, 2, 3], reps=1),
+           "threads": threads_section([(model, "random")], 8, 2, 1, min_seconds=0.01),
+           "plans": {model.name: {"plan": repr(model.products), "warm_up_seconds": 0.0}}}
+    timing.TRIES = tries
     out = tmp_path_factory.mktemp("bench_out")
     save(res, out)
     return out
@@ -45,8 +52,15 @@ def test_the_sections_fill_the_summary_and_the_csvs(measured):
     parts = {r["part"] for r in res["breakdown"]}
     assert {"matmul c_attn", "layer norms", "total (instrumented)"} <= parts
     assert [r["position"] for r in res["no_cache"]] == [4, 8]
+    assert [(r["T"], r["plan"]) for r in res["strategies"]] == [(1, "one"), (2, "pad8"), (3, "pad8")]
+    assert all(r["r_rows"] > 0 and r["r_padded"] > 0 for r in res["strategies"])
+    if isinstance(res["threads"], list):  # threadpoolctl installed
+        assert {(r["part"], r["threads"]) for r in res["threads"]} >= {
+            ("decoding step", 1), ("decoding step", 2), ("LM head [d, V] (wte.T)", 2),
+            ("LM head in two halves on two Python threads, 1 BLAS thread each", 1)}
     summary = (measured / "summary.md").read_text()
-    for heading in ("### r(T)", "### Where a decoding step's time goes", "### ms/token without"):
+    for heading in ("### r(T)", "### Where a decoding step's time goes", "### ms/token without",
+                    "### r(T) three ways", "### The products' plans"):
         assert heading in summary
     assert (measured / "r_of_T.csv").read_text().startswith("model,weights,T,")
 
@@ -162,3 +176,13 @@ def test_gpu_check_runs_the_shape_tests_first_and_reports_them(tmp_path, monkeyp
     assert res["sections"]["shapes"].startswith("ok")
     assert res["shapes"]["returncode"] == 0 and "skipped" in res["shapes"]["summary"]
     assert "## shapes" in (tmp_path / "gpu_check.md").read_text()
+
+
+@pytest.mark.parametrize("args, message", [(["--reps", "0"], "--reps must be at least 1"),
+                                           (["--size", "1B"], "--size must be one of")])
+def test_bench_products_bad_input_is_a_one_line_error(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench_main(["products", *args])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1

@@ -3,11 +3,9 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from conftest import ROOT
-from gpt2_numpy import model as model_module
 from gpt2_numpy._openblas import CORETYPE, coretype_to_set, cpu_flags
 
 AVX2 = {"sse4_2", "avx", "avx2", "fma"}
@@ -55,10 +53,3 @@ def test_tune_process_first_sets_the_variable_and_numpy_first_does_not():
     assert run_python(TUNE + SHOW, GPT2_OPENBLAS_DEFAULT="1") == "None"
     assert run_python("import gpt2_numpy; " + SHOW) == "None"  # importing alone sets nothing
 
-
-@pytest.mark.parametrize("T", range(1, 11))
-def test_padded_few_row_products_equal_plain_ones(T):
-    rng = np.random.default_rng(T)
-    x, w = rng.standard_normal((T, 24)), rng.standard_normal((24, 40))  # float64: exact enough
-    assert model_module.matmul(x, w).shape == (T, 40)
-    np.testing.assert_allclose(model_module.matmul(x, w), x @ w, rtol=1e-12, atol=1e-12)

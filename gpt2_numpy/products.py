@@ -1,0 +1,150 @@
+"""How a CPU multiplies a few rows by a weight matrix: the one place that decides it.
+
+model.py multiplies through one `matmul(x, w)`; `GPT2` hands its forward a `Products` object as
+that matmul. For T rows, x [T, n] @ w [n, m], there are several ways to get the same numbers:
+
+    "one"     one product over the T rows as they are
+    "pad4"    one product over the rows padded with zero rows to 4 (8, 16 for "pad8", "pad16");
+              the zero rows' results are dropped
+    "rows"    T one-row products (matrix-vector products), one after the other
+
+They differ only in float32 rounding, not in value, but in speed: a one-row product only streams
+w from memory, while a product over several rows first copies ("packs") w and then multiplies,
+and row counts that do not fill the BLAS's kernels take slower paths. Which is fastest for each T
+depends on the CPU, its caches and its BLAS, so `measure` times the options on the model's own
+matrices (GPT2.warm_up does) and `plan` records the choice: {T: option}. Row counts not in the
+plan (long prompts) get "one". docs/performance.md has the figures and what they were measured on.
+
+Only NumPy arrays are handled this way; other backends (CuPy's cuBLAS) get `x @ w` as it is, and
+so do batched [B, T, n] @ [B, n, m] products.
+"""
+import time
+
+import numpy as np
+
+OPTIONS = ("one", "pad4", "pad8", "pad16", "rows")
+
+PAD_ROWS_TO = 8  # without a measurement: 2..7 rows padded to 8, cheaper than 5-7 on OpenBLAS
+
+DEFAULT_PLAN = {T: "pad8" if 1 < T < PAD_ROWS_TO else "one" for T in range(1, 17)}
+
+PLANNED_ROWS = range(1, 17)  # the row counts a forward has in decoding (K + 1, catch-ups)
+
+
+def padded_to(option: str) -> int:
+    """The number of rows an option pads to: "pad8" -> 8."""
+    return int(option[len("pad"):])
+
+
+def multiply(x, w, option: str):
+    """x @ w computed the way `option` says.  [T, n] @ [n, m] -> [T, m]"""
+    T = x.shape[0]
+    if option == "rows":
+        out = np.empty((T, w.shape[1]), dtype=np.result_type(x, w))  # [T, m]
+        for t in range(T):
+            np.matmul(x[t : t + 1, :], w, out=out[t : t + 1, :])  # [1, n] @ [n, m] -> [1, m]
+        return out
+    if option == "one" or padded_to(option) <= T:
+        return x @ w
+    padded = np.zeros((padded_to(option), x.shape[1]), dtype=x.dtype)  # [P, n], rows T.. zero
+    padded[:T, :] = x
+    return (padded @ w)[:T, :]  # [P, m] -> [T, m]
+
+
+def options_for(T: int):
+    """The options timed for T rows: one row has one way; more rows are padded to the next of 4,
+    8, 16 above T, and 2-3 rows to 8 as well (8 rows fill OpenBLAS's kernels: padding them, or
+    fewer rows, to 16 was never the fastest)."""
+    if T == 1:
+        return ("one",)
+    pads = [o for o in ("pad4", "pad8", "pad16") if padded_to(o) > T and (o != "pad16" or T > 8)]
+    pads = pads[: 2 if T < 4 else 1]
+    return ("one", *pads, "rows")
+
+
+class Products:
+    """matmul(x, w) for `forward`, with a plan {T: option} for each number of rows T."""
+
+    def __init__(self, plan: dict = None):
+        self.plan = dict(DEFAULT_PLAN if plan is None else plan)
+        self.timings = {}  # {(T, option): seconds} from the last `measure`, for the record
+
+    def __call__(self, x, w):
+        if not isinstance(x, np.ndarray) or x.ndim != 2:
+            return x @ w  # another backend, or a batched product (attention)
+        return multiply(x, w, self.plan.get(x.shape[0], "one"))
+
+    def measure(self, matrices, Ts=PLANNED_ROWS, reps: int = 3, clock=time.perf_counter) -> dict:
+        """Time each option of each T on `matrices` (weights [n, m], in the order a forward
+        multiplies them), everything interleaved and the best of `reps` kept; then plan the
+        fastest (`choose`). "rows" is not timed for T once it lost by more than half at T - 1:
+        its cost only grows with T. Returns the plan, which stays as it was for matrices of
+        another backend."""
+        if not all(isinstance(w, np.ndarray) for w in matrices):
+            return self.plan
+        rng = np.random.default_rng(0)
+        inputs = {n: rng.standard_normal((max(Ts), n)).astype(matrices[0].dtype)
+                  for n in {w.shape[0] for w in matrices}}  # [T_max, n] for each input width
+        timings = {}
+        for _ in range(reps):
+            for T in Ts:
+                for option in options_for(T):
+                    if option == "rows" and not rows_in_play(timings, T):
+                        continue
+                    start = clock()
+                    for w in matrices:
+                        multiply(inputs[w.shape[0]][:T, :], w, option)
+                    seconds = clock() - start
+                    timings[T, option] = min(seconds, timings.get((T, option), seconds))
+        self.timings = timings
+        self.plan = choose(timings)
+        return self.plan
+
+    def __repr__(self):
+        return f"Products(plan={describe(self.plan)})"
+
+
+def choose(timings: dict, margin: float = 0.05) -> dict:
+    """{T: option} from {(T, option): seconds}: the fastest option, unless DEFAULT_PLAN's option
+    was timed too and the fastest is not `margin` faster than it (a near tie on a noisy machine
+    is no reason to change)."""
+    plan = {}
+    for T in sorted({T for T, _ in timings}):
+        times = {option: s for (t, option), s in timings.items() if t == T}
+        fastest = min(times, key=times.get)
+        default = DEFAULT_PLAN.get(T, "one")
+        keep = default in times and times[fastest] > (1 - margin) * times[default]
+        plan[T] = default if keep else fastest
+    return plan
+
+
+def rows_in_play(timings: dict, T: int) -> bool:
+    """Whether T one-row products are worth timing: for 2 rows, yes; for more, only if they were
+    timed for T - 1 rows and took at most 1.5x the fastest other option there."""
+    if T <= 2:
+        return True
+    others = [s for (t, option), s in timings.items() if t == T - 1 and option != "rows"]
+    return (T - 1, "rows") in timings and timings[T - 1, "rows"] <= 1.5 * min(others)
+
+
+def describe(plan: dict) -> str:
+    """A plan in a line: runs of T with the same option, "1: one, 2-3: rows, 4-16: pad8"."""
+    runs = []
+    for T in sorted(plan):
+        if runs and runs[-1][2] == plan[T] and runs[-1][1] == T - 1:
+            runs[-1][1] = T
+        else:
+            runs.append([T, T, plan[T]])
+    return "{" + ", ".join(f"{a}: {o}" if a == b else f"{a}-{b}: {o}" for a, b, o in runs) + "}"
+
+
+def weight_matrices(params: dict, n_layers: int = 2) -> list:
+    """What `measure` times: the weight matrices of the first `n_layers` blocks (all if None) and
+    as large a share of the tied LM head (wte.T, a column-major view) as those blocks are of all
+    blocks, in the order a forward multiplies them. A few blocks keep a warm-up short; every
+    block's matrices have the same shapes, so they cost the same."""
+    blocks = params["blocks"][:n_layers]
+    names = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
+    ws = [block[a][b]["w"] for block in blocks for a, b in names]
+    V = params["wte"].shape[0]
+    return ws + [params["wte"][: V * len(blocks) // len(params["blocks"]), :].T]  # [d, V share]
