@@ -32,6 +32,7 @@ class Stats:
     accepted: int = 0
     accepted_per_round: List[int] = field(default_factory=list)  # m for every round
     K_per_round: List[int] = field(default_factory=list)
+    most_accepted: int = 0  # the most drafts a round could keep: the largest K, a tree's depth
     stopped_at_context: bool = False
 
     @property
@@ -66,7 +67,9 @@ class Stats:
         if drafter is not None:
             self.draft_seconds, self.draft_calls = drafter.seconds, drafter.calls
 
-    def add_round(self, K: int, accepted: int) -> None:
+    def add_round(self, K: int, accepted: int, depth: int = None) -> None:
+        """A round that proposed K drafts (a tree: K nodes, `depth` levels) and kept `accepted`."""
+        self.most_accepted = max(self.most_accepted, K if depth is None else depth)
         self.rounds += 1
         self.drafted += K
         self.accepted += accepted
@@ -74,9 +77,10 @@ class Stats:
         self.K_per_round.append(K)
 
     def accepted_histogram(self) -> List[int]:
-        """histogram[m] = number of rounds in which exactly m drafts were accepted."""
-        most = max(self.K_per_round, default=0)
-        return np.bincount(np.asarray(self.accepted_per_round, dtype=int), minlength=most + 1).tolist()
+        """histogram[m] = number of rounds in which exactly m drafts were accepted, for m up to
+        the most a round could accept."""
+        return np.bincount(np.asarray(self.accepted_per_round, dtype=int),
+                           minlength=self.most_accepted + 1).tolist()
 
     def as_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items()}

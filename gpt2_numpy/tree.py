@@ -236,7 +236,7 @@ def tree_speculative_sample(target, draft, prompt: List[int], n_new: int, widths
         if n_fed:
             draft_cache.keep(draft_cache.length - n_fed + 1, [i - 1 for i in path if i < n_fed])
         assert cache.length == len(tokens) - 1
-        stats.add_round(tree.n_nodes, len(path))
+        stats.add_round(tree.n_nodes, len(path), depth=len(shape))
         if on_tokens:
             on_tokens(tokens[-(len(path) + 1) :], ["accepted"] * len(path) + [kind])
     stats.decode_seconds = time.perf_counter() - start

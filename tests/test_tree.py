@@ -267,6 +267,7 @@ def test_cli_greedy_tree_gives_the_autoregressive_tokens(capsys, flags):
     assert r["tree"] == [int(w) for w in flags[1].split(",")] and "predicted_speedup" not in r
     assert sp["tokens_per_round"] == 17 / sp["rounds"] and sp["target_calls"] == sp["rounds"]
     assert max(sp["K_per_round"]) <= tree_size(r["tree"])
+    assert len(sp["accepted_histogram"]) == len(r["tree"]) + 1  # 0..depth drafts kept a round
     assert main.main(BASE + ["--prompt", REPETITIVE, *flags]) == 0
     assert "Same tokens = yes" in capsys.readouterr().out
 
