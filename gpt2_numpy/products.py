@@ -7,6 +7,8 @@ that matmul. For T rows, x [T, n] @ w [n, m], there are several ways to get the 
     "pad4"    one product over the rows padded with zero rows to 4 (8, 16 for "pad8", "pad16");
               the zero rows' results are dropped
     "rows"    T one-row products (matrix-vector products), one after the other
+    "blocks"  the same T one-row products, a block of w at a time: each ~BLOCK_BYTES block is
+              read from memory by the first row and from the cache by the others
 
 They differ only in float32 rounding, not in value, but in speed: a one-row product only streams
 w from memory, while a product over several rows first copies ("packs") w and then multiplies,
@@ -22,13 +24,17 @@ import time
 
 import numpy as np
 
-OPTIONS = ("one", "pad4", "pad8", "pad16", "rows")
+OPTIONS = ("one", "pad4", "pad8", "pad16", "rows", "blocks")
 
 PAD_ROWS_TO = 8  # without a measurement: 2..7 rows padded to 8, cheaper than 5-7 on OpenBLAS
 
 DEFAULT_PLAN = {T: "pad8" if 1 < T < PAD_ROWS_TO else "one" for T in range(1, 17)}
 
 PLANNED_ROWS = range(1, 17)  # the row counts a forward has in decoding (K + 1, catch-ups)
+
+# "blocks": the block size measured best on the 2-core Xeon of docs/performance.md (its L2 is
+# 2 MiB a core); blocks of 1.25-1.75 MiB were much slower there, 2.5-3 MiB a little.
+BLOCK_BYTES = 2 << 20
 
 
 def padded_to(option: str) -> int:
@@ -44,11 +50,34 @@ def multiply(x, w, option: str):
         for t in range(T):
             np.matmul(x[t : t + 1, :], w, out=out[t : t + 1, :])  # [1, n] @ [n, m] -> [1, m]
         return out
+    if option == "blocks":
+        return multiply_by_blocks(x, w)
     if option == "one" or padded_to(option) <= T:
         return x @ w
     padded = np.zeros((padded_to(option), x.shape[1]), dtype=x.dtype)  # [P, n], rows T.. zero
     padded[:T, :] = x
     return (padded @ w)[:T, :]  # [P, m] -> [T, m]
+
+
+def multiply_by_blocks(x, w):
+    """x @ w as T one-row products over blocks of w that fit a core's cache, so that w is read
+    from memory once, not T times.  [T, n] @ [n, m] -> [T, m]
+    Blocks follow w's layout: groups of whole rows of a row-major w (each row of x adds its share
+    of the sum), groups of whole columns of a column-major one (wte.T: each block gives whole
+    outputs)."""
+    T, (n, m) = x.shape[0], w.shape
+    out = np.zeros((T, m), dtype=np.result_type(x, w))  # [T, m]
+    if w.flags.f_contiguous and not w.flags.c_contiguous:
+        b = max(1, BLOCK_BYTES // (n * w.itemsize))  # columns per block
+        for j in range(0, m, b):
+            for t in range(T):
+                np.matmul(x[t : t + 1, :], w[:, j : j + b], out=out[t : t + 1, j : j + b])
+        return out
+    b = max(1, BLOCK_BYTES // (m * w.itemsize))  # rows per block
+    for i in range(0, n, b):
+        for t in range(T):
+            out[t] += x[t, i : i + b] @ w[i : i + b, :]  # [b] @ [b, m] -> [m], a partial sum
+    return out
 
 
 def options_for(T: int):
@@ -59,7 +88,7 @@ def options_for(T: int):
         return ("one",)
     pads = [o for o in ("pad4", "pad8", "pad16") if padded_to(o) > T and (o != "pad16" or T > 8)]
     pads = pads[: 2 if T < 4 else 1]
-    return ("one", *pads, "rows")
+    return ("one", *pads, "rows", *(("blocks",) if T <= 4 else ()))
 
 
 class Products:

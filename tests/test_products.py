@@ -103,7 +103,20 @@ def test_every_planned_T_has_its_options_timed():
     for T in range(2, 17):
         options = options_for(T)
         assert options[0] == "one" and "rows" in options
-        assert all(o == "one" or o == "rows" or int(o[3:]) > T for o in options)
+        assert all(o in ("one", "rows", "blocks") or int(o[3:]) > T for o in options)
+        assert ("blocks" in options) == (T <= 4)  # beyond 4 rows the reads it saves cost more
+
+
+def test_blocks_follow_the_layout_and_cover_every_row(monkeypatch):
+    """Blocks smaller than the matrix, both layouts: every row and column still counts once."""
+    import gpt2_numpy.products as products
+
+    monkeypatch.setattr(products, "BLOCK_BYTES", 7 * 4 * 13)  # 7 rows of 13 floats: a ragged end
+    rng = np.random.default_rng(5)
+    x, w = rng.standard_normal((3, 20)), rng.standard_normal((20, 13))
+    np.testing.assert_allclose(multiply(x, w, "blocks"), x @ w, rtol=1e-12)
+    wt = rng.standard_normal((13, 20)).T  # [20, 13] column-major, as wte.T is
+    np.testing.assert_allclose(multiply(x, wt, "blocks"), x @ wt, rtol=1e-12)
 
 
 def test_measure_leaves_other_backends_alone():
