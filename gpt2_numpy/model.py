@@ -231,7 +231,6 @@ class KVCache:
         self.length = length + m
 
 
-
 def forward(params: dict, ids, cache: KVCache, n_head: int, n_logits=1, parents=None,
             matmul=matmul):
     """Feed T new token ids after the cache's `length` tokens; return logits for the last rows.
@@ -253,7 +252,7 @@ def forward(params: dict, ids, cache: KVCache, n_head: int, n_logits=1, parents=
     # Each token's absolute position starts at the cache length, not at 0: the new tokens
     # continue the sequence already in the cache. In a tree it is the depth, not the row.
     if parents is None:
-        positions = xp.arange(n_past, n_past + T)  # [T]
+        position_embeddings = wpe[n_past : n_past + T, :]  # [T, d], positions n_past..n_past+T-1
         visible = causal_mask(n_past, T, xp) if T > 1 else None  # [T, L]; one query sees all
     else:
         n_before = n_past + T - len(parents)  # keys before the tree
@@ -261,8 +260,9 @@ def forward(params: dict, ids, cache: KVCache, n_head: int, n_logits=1, parents=
             raise ValueError(f"{len(parents)} parents for a tree that ends with {T} new rows "
                              f"after {n_past} cached ones")
         positions = tree_positions(n_before, parents, xp)[-T:]  # [T]
+        position_embeddings = xp.take(wpe, positions, axis=0)  # [T, d]
         visible = tree_mask(n_before, len(parents), xp, parents)[-T:, :]  # [T, L]
-    x = xp.take(wte, ids, axis=0) + xp.take(wpe, positions, axis=0)  # [T, d]
+    x = xp.take(wte, ids, axis=0) + position_embeddings  # [T, d]
     for i, block in enumerate(params["blocks"]):
         x = transformer_block(x, block["ln_1"], block["attn"], block["ln_2"], block["mlp"],
                               n_head, cache.k[i, ...], cache.v[i, ...], n_past, visible, matmul)

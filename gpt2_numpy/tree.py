@@ -38,16 +38,16 @@ With an NGramDrafter as the draft, the tree's branches are the different continu
 several earlier occurrences of the context's end (drafters.lookup_branches), each child chosen
 without sampling (its q one-hot), so each is accepted with probability p(x) at its turn.
 """
-import time
 from typing import Callable, List
 
 import numpy as np
 
 from .backend import to_numpy
-from .decoding import Stats, check_vocabularies, checked_request, prefill
+from .decoding import check_vocabularies, checked_request, prefill
 from .drafters import NGramDrafter, lookup_branches
 from .errors import GPT2Error
 from .sampling import Warp, accept_one_of, probabilities, sample, sample_without_replacement
+from .stats import Timed
 
 MAX_TREE_NODES = 64  # a verify forward over 65 rows; far past any row count that is ~free
 
@@ -108,17 +108,6 @@ class Tree:
         return len(self.tokens) - 1
 
 
-def timed(stats: Stats, who: str, model, ids, cache, n_logits=1, parents=None):
-    """model(ids, cache, n_logits, parents), logits copied to the host (which also waits for a
-    GPU), its wall time and the call counted in stats.<who>_seconds and <who>_calls."""
-    start = time.perf_counter()
-    logits = model(ids, cache, n_logits, parents)
-    logits = None if logits is None else to_numpy(logits)
-    setattr(stats, f"{who}_seconds", getattr(stats, f"{who}_seconds") + time.perf_counter() - start)
-    setattr(stats, f"{who}_calls", getattr(stats, f"{who}_calls") + 1)
-    return logits
-
-
 def draw_children(tree: Tree, node: int, logits: np.ndarray, w: int, warp: Warp, rng) -> None:
     """Up to w children of `node` from the draft's logits there [V]: its top-w tokens at
     temperature 0, else w draws without replacement from its warped q (fewer where q has fewer
@@ -132,13 +121,13 @@ def draw_children(tree: Tree, node: int, logits: np.ndarray, w: int, warp: Warp,
         tree.add(node, token)
 
 
-def draft_tree(draft, cache, tokens: List[int], widths, warp: Warp, rng, stats: Stats):
+def draft_tree(draft, cache, tokens: List[int], widths, warp: Warp, rng):
     """Draft a tree with a model: one forward per depth. Returns (tree, n_fed), n_fed the tree
     rows now in the draft's cache: the root and every node above the deepest level, each at row
     root's + its own (its children were drawn from its logits; the deepest are never fed)."""
     tree, level = Tree(tokens[-1]), [0]
     # The cache lacks the root, and maybe the previous round's last accepted node: a chain.
-    logits = timed(stats, "draft", draft, tokens[cache.length :], cache)  # [1, V]: the root's
+    logits = to_numpy(draft(tokens[cache.length :], cache))  # [1, V]: the root's
     for depth, w in enumerate(widths, start=1):
         for node, row in zip(level, logits):
             draw_children(tree, node, row, w, warp, rng)
@@ -146,15 +135,14 @@ def draft_tree(draft, cache, tokens: List[int], widths, warp: Warp, rng, stats: 
         if depth == len(widths):
             break
         # The cache's last rows after this forward are tree rows 0..level[-1] (root first).
-        logits = timed(stats, "draft", draft, [tree.tokens[i] for i in level], cache,
-                       n_logits=len(level), parents=tree.parents[: level[-1] + 1])
+        logits = to_numpy(draft([tree.tokens[i] for i in level], cache, n_logits=len(level),
+                                parents=tree.parents[: level[-1] + 1]))  # [len(level), V]
     return tree, len(tree.tokens) - len(level)
 
 
-def ngram_tree(drafter: NGramDrafter, tokens: List[int], widths, stats: Stats) -> Tree:
+def ngram_tree(drafter: NGramDrafter, tokens: List[int], widths) -> Tree:
     """A tree of earlier continuations of the context's end: lookup_branches' branches merged
     where they share a prefix, at most widths[d] children per node at depth d."""
-    start = time.perf_counter()
     tree = Tree(tokens[-1])
     n_leaves = int(np.prod(widths)) if len(widths) else 0
     for branch in lookup_branches(tokens, n_leaves, len(widths), drafter.n_max) if n_leaves else []:
@@ -164,25 +152,25 @@ def ngram_tree(drafter: NGramDrafter, tokens: List[int], widths, stats: Stats) -
             if not same and len(tree.children[node]) == w:
                 break  # this node is full: the rest of the branch is dropped
             node = same[0] if same else tree.add(node, token)
-    stats.draft_seconds += time.perf_counter() - start
-    stats.draft_calls += 1
     return tree
 
 
-def walk(tree: Tree, p: np.ndarray, rng):
-    """Step 3: from the root, accept children by the multi-candidate rule. p [1 + N, V]: the
-    target's distribution at every tree row. Returns (path, t, kind): the accepted rows, root
+def walk(tree: Tree, logits: np.ndarray, warp: Warp, rng):
+    """Step 3: from the root, accept children by the multi-candidate rule. logits [1 + N, V]:
+    the target's at every tree row; a row becomes p, the target's distribution there, only when
+    the walk reaches it (most rows never are). Returns (path, t, kind): the accepted rows, root
     excluded, then the token t that ends the round and how it came ("resampled", "bonus", or
     "target" for a tree without nodes)."""
     node, path = 0, []
     while tree.children[node]:
         children = tree.children[node]
-        j, t = accept_one_of([tree.tokens[c] for c in children], tree.q[node], p[node], rng)
+        p = probabilities(logits[node], warp)  # [V]
+        j, t = accept_one_of([tree.tokens[c] for c in children], tree.q[node], p, rng)
         if j is None:
             return path, t, "resampled"
         node = children[j]
         path.append(node)
-    return path, sample(p[node], rng), "bonus" if tree.n_nodes else "target"
+    return path, sample(probabilities(logits[node], warp), rng), "bonus" if tree.n_nodes else "target"
 
 
 def tree_speculative_sample(target, draft, prompt: List[int], n_new: int, widths,
@@ -209,36 +197,37 @@ def tree_speculative_sample(target, draft, prompt: List[int], n_new: int, widths
     cache = target.new_cache(capacity)
     draft_cache = None if ngram else draft.new_cache(capacity)
 
-    start = time.perf_counter()
-    prefill(target, cache, tokens)
-    if not ngram:
-        prefill(draft, draft_cache, tokens)
-    stats.prefill_seconds = time.perf_counter() - start
+    with stats.timing("prefill_seconds"):
+        prefill(target, cache, tokens)
+        if not ngram:
+            prefill(draft, draft_cache, tokens)
 
-    start = time.perf_counter()
-    while len(tokens) < n_stop:
-        # At most n_stop - len(tokens) tokens this round, and 1 + nodes rows from row len - 1.
-        shape = fit(widths, n_stop - len(tokens) - 1, capacity - len(tokens))
-        if ngram:
-            tree, n_fed = ngram_tree(draft, tokens, shape, stats), 0
-        elif shape:
-            tree, n_fed = draft_tree(draft, draft_cache, tokens, shape, warp, rng, stats)
-        else:
-            tree, n_fed = Tree(tokens[-1]), 0  # a plain target step (one token left)
-        # ONE target forward over the root and every node: p at each.
-        n_past = cache.length  # the root's row; node i is at row n_past + i
-        logits = timed(stats, "target", target, tree.tokens, cache, n_logits=None,
-                       parents=tree.parents)  # [1 + N, V]
-        path, t, kind = walk(tree, probabilities(logits, warp), rng)
-        tokens += [tree.tokens[i] for i in path] + [t]
-        # Both caches keep the root and the accepted path (gathered behind it), never t.
-        cache.keep(n_past + 1, [i - 1 for i in path])
-        if n_fed:
-            draft_cache.keep(draft_cache.length - n_fed + 1, [i - 1 for i in path if i < n_fed])
-        assert cache.length == len(tokens) - 1
-        stats.add_round(tree.n_nodes, len(path), depth=len(shape))
-        if on_tokens:
-            on_tokens(tokens[-(len(path) + 1) :], ["accepted"] * len(path) + [kind])
-    stats.decode_seconds = time.perf_counter() - start
+    timed_target = Timed(target)  # counts the decoding forwards and their seconds
+    timed_draft = Timed(ngram_tree if ngram else draft)
+    with stats.timing("decode_seconds"):
+        while len(tokens) < n_stop:
+            # At most n_stop - len(tokens) tokens this round, and 1 + nodes rows from row len - 1.
+            shape = fit(widths, n_stop - len(tokens) - 1, capacity - len(tokens))
+            if ngram:
+                tree, n_fed = timed_draft(draft, tokens, shape), 0
+            elif shape:
+                tree, n_fed = draft_tree(timed_draft, draft_cache, tokens, shape, warp, rng)
+            else:
+                tree, n_fed = Tree(tokens[-1]), 0  # a plain target step (one token left)
+            # ONE target forward over the root and every node: their logits.
+            n_past = cache.length  # the root's row; node i is at row n_past + i
+            logits = to_numpy(timed_target(tree.tokens, cache, n_logits=None,
+                                           parents=tree.parents))  # [1 + N, V]
+            path, t, kind = walk(tree, logits, warp, rng)
+            tokens += [tree.tokens[i] for i in path] + [t]
+            # Both caches keep the root and the accepted path (gathered behind it), never t.
+            cache.keep(n_past + 1, [i - 1 for i in path])
+            if n_fed:
+                draft_cache.keep(draft_cache.length - n_fed + 1, [i - 1 for i in path if i < n_fed])
+            assert cache.length == len(tokens) - 1
+            stats.add_round(tree.n_nodes, len(path), depth=len(shape))
+            if on_tokens:
+                on_tokens(tokens[-(len(path) + 1) :], ["accepted"] * len(path) + [kind])
+    stats.count_forwards(timed_target, timed_draft)
     stats.n_generated = len(tokens) - stats.n_prompt
     return tokens[stats.n_prompt :], stats

@@ -245,16 +245,18 @@ def accept_one_of_with(update_p=True, update_q=True):
 def walk_with(bonus_row=lambda node: node):
     """tree.walk written out again, the bonus drawn from p[bonus_row(leaf)]."""
 
-    def walk(t, p, rng):
+    def walk(t, logits, warp, rng):
         node, path = 0, []
         while t.children[node]:
             children = t.children[node]
-            j, x = tree.accept_one_of([t.tokens[c] for c in children], t.q[node], p[node], rng)
+            p = sampling.probabilities(logits[node], warp)
+            j, x = tree.accept_one_of([t.tokens[c] for c in children], t.q[node], p, rng)
             if j is None:
                 return path, x, "resampled"
             node = children[j]
             path.append(node)
-        return path, sampling.sample(p[bonus_row(node)], rng), "bonus" if t.n_nodes else "target"
+        p = sampling.probabilities(logits[bonus_row(node)], warp)
+        return path, sampling.sample(p, rng), "bonus" if t.n_nodes else "target"
 
     return walk
 
