@@ -11,7 +11,7 @@ table, and summary.md (the tables as Markdown), and prints the tables as it goes
                    which this machine can stream weights, and from it the ms/token FLOOR of each
                    size (every weight but wpe is read once per token)
     autoregressive ms/token of 124M and 355M (prefill reported apart) and its ratio to the floor
-    plan           each model's products' plan (gpt2_numpy/products.py), measured by warm_up
+    plan           each model's products' plan (gpt2_numpy/products.py), as attached at load
     r(T)           cost of one forward over T = 1..9 new tokens / cost over 1, at cache length 64,
                    and c = draft step / target step; then r(T) three ways: every T as one
                    product over the rows padded to 8, as the measured plan says, and as T
@@ -50,7 +50,7 @@ from pathlib import Path
 
 import gpt2_numpy as gpt2
 from gpt2_numpy.adaptive import expected_tokens
-from gpt2_numpy.products import describe
+from gpt2_numpy.products import describe, products_of
 
 from . import command, timing
 from .floor import autoregressive, bandwidth, breakdown, matmuls_only
@@ -125,13 +125,13 @@ def main(argv=None):
     models = {TARGET_SIZE: (target, t_label), DRAFT_SIZE: (draft, d_label)}
     prompt = prompt_ids(target, cfg["prompt"])
     res["plans"] = {}
-    for model, _ in models.values():  # page every weight in, measure the products' plan
+    for model, _ in models.values():  # page every weight in; the products' plan, as attached
         start = time.perf_counter()
         model.warm_up()
-        res["plans"][model.name] = {"plan": describe(model.products.plan),
+        res["plans"][model.name] = {"plan": describe(products_of(model).plan),
                                     "warm_up_seconds": time.perf_counter() - start}
-        print(f"[plan] {model.name}: {model.products!r} (warm_up {time.perf_counter() - start:.1f} s)",
-              flush=True)
+        print(f"[plan] {model.name}: {products_of(model)!r} (warm_up "
+              f"{time.perf_counter() - start:.1f} s)", flush=True)
 
     # 1. Bandwidth and the floor; 2. autoregressive decoding; bandwidth again, to catch drift.
     gbps = None

@@ -100,14 +100,15 @@ class Untimed(Parts):
 def step_in_parts(model, token: int, cache, parts: Parts, product=None):
     """One decoding step (one new token, NumPy weights), written out from model.py's forward,
     transformer_block, causal_self_attention and mlp, calling model.py's own functions, with
-    each part timed by `parts`. product(x, w): the weight products (model.products; the caller
-    may pass another), timed apart from their bias adds. Returns the logits [1, V]."""
+    each part timed by `parts`. product(x, w): the weight products (x @ w, which follows the
+    model's products' plan; the caller may pass another), timed apart from their bias adds.
+    Returns the logits [1, V]."""
     import gpt2_numpy.model as mm
 
     d, n_head = model.hparams["n_embd"], model.hparams["n_head"]
     kinds = {(d, 3 * d): "matmul c_attn", (d, d): "matmul attn.c_proj",
              (d, 4 * d): "matmul mlp.c_fc", (4 * d, d): "matmul mlp.c_proj"}
-    product = product or model.products
+    product = product or (lambda x, w: x @ w)
 
     def linear(x, w, b):  # mm.linear, the product and the bias add timed apart
         return parts.time("bias adds", np.add, parts.time(kinds[w.shape], product, x, w), b)
@@ -161,7 +162,7 @@ def breakdown(model, label, n_past, n_steps, gbps):
 
     def skipped(x, w):  # a weight product returns its first output
         if (x.shape, w.shape) not in reused:
-            reused[x.shape, w.shape] = model.products(x, w)
+            reused[x.shape, w.shape] = x @ w
         return reused[x.shape, w.shape]
 
     cache.rollback(n_past)

@@ -35,6 +35,7 @@ def official_dir(size, models_dir):
 def get_model(size, models_dir, seed, force_random=False):
     """(model, label, seconds): official weights if present, else random ones in the same shapes."""
     import gpt2_numpy as gpt2
+    from gpt2_numpy.products import attach
 
     folder = None if force_random else official_dir(size, models_dir)
     start = time.perf_counter()
@@ -44,6 +45,7 @@ def get_model(size, models_dir, seed, force_random=False):
     else:
         h = gpt2.official_hparams(size)
         model = gpt2.GPT2(h, gpt2.random_params(h, seed=seed), name=f"{size} (random, seed {seed})")
+        attach(model)  # the products' plan, as load_model attaches it to official weights
         label = RANDOM
     return model, label, time.perf_counter() - start
 

@@ -3,7 +3,7 @@
     python -m bench products                      # 355M shapes, random weights, best of 3
     python -m bench products --size 124M --reps 5
 
-What GPT2.warm_up measures on two blocks, here on every block and the whole LM head: for each
+What products.attach measures on two blocks, here on every block and the whole LM head: for each
 number of rows T = 1..16, one step's weight products (every matrix once, in forward order)
 computed each way products.py knows ("one", "pad4/8/16", "rows"), the ways interleaved, the best
 of --reps kept. Prints each way's time over the one-row step (r), the plan it gives, the OpenBLAS

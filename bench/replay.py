@@ -43,6 +43,7 @@ from gpt2_numpy.adaptive import AdaptiveK, adaptive_speculative_sample, probabil
 from gpt2_numpy.decoding import autoregressive_sample, speculative_sample
 from gpt2_numpy.load import official_hparams
 from gpt2_numpy.model import KVCache
+from gpt2_numpy.products import attach
 from gpt2_numpy.sampling import Warp, probabilities
 
 from .machine import cpu_name, device_name
@@ -109,6 +110,7 @@ def measure_costs(K_max: int, reps: int = 3, backend: str = "numpy"):
     def model(size, seed):
         h = official_hparams(size)
         m = gpt2.GPT2(h, gpt2.random_params(h, seed=seed))
+        attach(m)  # NumPy: the products' plan, as load_model attaches it (a GPU: nothing)
         m.warm_up(n_past + max(Ns))  # on a GPU: record the graphs outside the timings
         return m
 

@@ -75,7 +75,7 @@ def summary_markdown(res) -> str:
         out += ["", f"c = draft step / target step = {res['c']:.3f}; draft catch-up step (2 tokens, "
                     f"1 logit row) / target step = {res['c2']:.3f}"]
     if "plans" in res:
-        out += ["", "### The products' plans (measured by warm_up)", ""]
+        out += ["", "### The products' plans (products.attach: kept per machine and shape)", ""]
         out += [f"- {name}: {p['plan']} (warm_up {p['warm_up_seconds']:.1f} s)"
                 for name, p in res["plans"].items()]
     if res.get("strategies"):

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import gpt2_numpy as gpt2
 import numpy as np
+from gpt2_numpy.products import attach
 from gpt2_numpy.tree import tree_size
 
 from . import ROOT, command
@@ -109,6 +110,7 @@ def cpu_costs(Ts, reps, log):
     for size in ("355M", "124M"):
         h = gpt2.official_hparams(size)
         models[size] = gpt2.GPT2(h, gpt2.random_params(h, seed=0), name=size)
+        attach(models[size])  # the products' plan, as load_model attaches it
     n_past = 64
     caches, steps = {}, {}
     for size, model in models.items():

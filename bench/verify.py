@@ -2,7 +2,7 @@
 of model.py (padding few-row products, the c_proj layout) that move it."""
 import numpy as np
 from gpt2_numpy.backend import synchronize
-from gpt2_numpy.products import DEFAULT_PLAN, Products
+from gpt2_numpy.products import DEFAULT_PLAN, Products, planned, products_of
 
 from .models import RANDOM, prompt_ids
 from .timing import best, quiet_sample
@@ -65,8 +65,8 @@ def knobs(sizes_params, n_past, reps, Ts=(1, 2, 5, 8)):
 
     rows = []
     for size, (h, params) in sizes_params.items():
-        models = {name: gpt2.GPT2(h, fn(params) if fn else params, name=size,
-                                  products=Products(plan))
+        models = {name: gpt2.GPT2(h, planned(fn(params) if fn else params, Products(plan)),
+                                  name=size)
                   for name, (plan, fn) in KNOBS.items()}
         ids = prompt_ids(next(iter(models.values())), n_past + max(Ts), seed=1)
         caches = {}
@@ -97,9 +97,10 @@ def r_by_strategy(model, label, n_past, Ts, reps):
     product in all three)."""
     import gpt2_numpy as gpt2
 
-    strategies = {"padded": Products(DEFAULT_PLAN), "plan": model.products,
+    plan = products_of(model) or Products()  # a model without a plan multiplies as the default
+    strategies = {"padded": Products(DEFAULT_PLAN), "plan": plan,
                   "rows": Products({T: "rows" for T in Ts})}
-    models = {name: gpt2.GPT2(model.hparams, model.params, name=model.name, products=p)
+    models = {name: gpt2.GPT2(model.hparams, planned(model.params, p), name=model.name)
               for name, p in strategies.items()}
     ids = prompt_ids(model, n_past + max(Ts), seed=1)
     caches = {}
@@ -118,7 +119,7 @@ def r_by_strategy(model, label, n_past, Ts, reps):
     rows = []
     for T in Ts:
         row = {"model": model.name, "weights": label, "T": T, "n_past": n_past,
-               "plan": model.products.plan.get(T, "one")}
+               "plan": plan.plan.get(T, "one")}
         for name in models:
             row[f"ms_{name}"] = 1e3 * best(samples[name, T])["best"]
             row[f"r_{name}"] = best(samples[name, T])["best"] / t1

@@ -137,20 +137,21 @@ def memory_section(models_dir):
 
 def worker_blas(a):
     """355M forwards of T = 1, 2, 3, 5, 8 and 64 new tokens under this process's OpenBLAS
-    environment, with the products' plan warm_up measures under it."""
+    environment, with the products' plan for it (kept per environment: products.plan_key)."""
     import gpt2_numpy as gpt2
-    from gpt2_numpy.products import describe
+    from gpt2_numpy.products import attach, describe
 
     from . import timing
 
     timing.TRIES = a.get("tries", timing.TRIES)
     h = gpt2.official_hparams(TARGET_SIZE)
     model = gpt2.GPT2(h, gpt2.random_params(h, seed=0))
+    products = attach(model)
     model.warm_up()
     Ts = (1, 2, 3, 5, 8, 64)
     costs = forward_costs(model, 64, list(Ts), a["reps"], extra=())
     info = {f"ms_T{T}": 1e3 * costs[T, T]["best"] for T in Ts}
-    info.update(core=openblas_core(), plan=describe(model.products.plan),
+    info.update(core=openblas_core(), plan=describe(products.plan),
                 max_foreign=max(c["max_foreign"] for c in costs.values()))
     print(json.dumps(info))
 

@@ -251,12 +251,13 @@ class GraphedGPT2(GPT2):
             cache.rollback(0)
             self([0] * T, cache, n_logits=T)  # any ids: the rows it writes count as stale
 
-    def __call__(self, ids, cache, n_logits=1, parents=None):
+    def __call__(self, ids, cache, n_logits=1, positions=None, visible=None):
         check_token_ids(ids, self.hparams["n_vocab"])  # on the host: a device lookup never checks
-        if parents is not None:  # a token tree: the fused kernels and graphs have no tree mask
-            if self.dtype != "float32":  # model.forward reads float32 weights only
+        if positions is not None or visible is not None:  # a token tree: the fused kernels and
+            # graphs have no tree mask, so model.forward runs it, on float32 weights only
+            if self.dtype != "float32":
                 raise GPT2Error("token trees run the unfused forward: they need float32 weights")
-            return GPT2.__call__(self, ids, cache, n_logits, parents)  # model.forward
+            return GPT2.__call__(self, ids, cache, n_logits, positions, visible)
         T = len(ids)
         n_logits = T if n_logits is None else n_logits
         if not 0 <= n_logits <= T:

@@ -8,6 +8,7 @@ from .errors import GPT2Error
 from .load import OFFICIAL_HPARAMS, load_hparams, official_hparams, random_params
 from .load import load_model as _load_model
 from .model import GPT2, KVCache, forward
+from . import products as _products
 from .sampling import Warp, accept_or_resample, probabilities, residual, sample
 from .tree import tree_speculative_sample
 
@@ -16,7 +17,10 @@ xp = _np  # the array module this package computes with
 
 def load_model(model="124M", models_dir=None, dtype=None, download=True, progress=True,
                verify=None):
-    """Load GPT-2 by size or folder, with its weights as NumPy arrays (see load.load_model)."""
-    return _load_model(model, models_dir, xp=xp, dtype=dtype, download=download, progress=progress,
-                       verify=verify)
+    """Load GPT-2 by size or folder, with its weights as NumPy arrays (see load.load_model),
+    its few-row products following the plan measured for this machine (products.attach)."""
+    loaded = _load_model(model, models_dir, xp=xp, dtype=dtype, download=download,
+                         progress=progress, verify=verify)
+    _products.attach(loaded, progress)
+    return loaded
 

@@ -20,7 +20,7 @@ def library_of(x) -> str:
 
 def namespace_of(x):
     """The array namespace (module) that `x` belongs to."""
-    if library_of(x) == "numpy":
+    if isinstance(x, np.ndarray) or library_of(x) == "numpy":  # subclasses of ndarray too
         return np
     if library_of(x) == "cupy":
         import cupy

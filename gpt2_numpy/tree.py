@@ -5,7 +5,7 @@ rejects, even when the draft's second choice was right. A tree proposes several 
 node: widths = (w1, ..., wD) gives every node at depth d - 1 up to w_d children, so (2, 2, 1, 1)
 has 2 + 4 + 4 + 4 = 14 nodes. The root is the newest committed token. One round:
 
-    1. Draft: one draft forward per depth covers every node of the depth above (model.tree_mask:
+    1. Draft: one draft forward per depth covers every node of the depth above (tree_mask:
        a node sees the committed tokens, its ancestors and itself). A node's children are drawn
        from the draft's q there WITHOUT replacement: child j from q less children 1..j-1,
        renormalised; at temperature 0 they are the draft's top-w tokens.
@@ -17,7 +17,7 @@ has 2 + 4 + 4 + 4 = 14 nodes. The root is the newest committed token. One round:
        bonus token from the leaf's own p. At temperature 0: follow the child that is the target's
        argmax, then take the argmax.
     4. Both caches keep the accepted path: its K/V rows are gathered behind the committed prefix
-       (KVCache.keep), the tree's generalisation of a chain's rollback.
+       (keep), the tree's generalisation of a chain's rollback.
 
 This is recursive rejection sampling with sampling without replacement (Sequoia, Chen et al.
 2024; Recursive Speculative Decoding, Jeon et al. 2024). Why it is exact: trying x_1 ~ q is
@@ -46,10 +46,67 @@ from .backend import to_numpy
 from .decoding import check_vocabularies, checked_request, prefill
 from .drafters import NGramDrafter, lookup_branches
 from .errors import GPT2Error
+from .model import KVCache
 from .sampling import Warp, accept_one_of, probabilities, sample, sample_without_replacement
 from .stats import Timed
 
 MAX_TREE_NODES = 64  # a verify forward over 65 rows; far past any row count that is ~free
+
+
+def tree_mask(n_before: int, parents) -> np.ndarray:
+    """Which keys each row of a token tree may see: the n_before keys before the tree, the row's
+    ancestors in the tree and itself, never a sibling or a cousin.  -> [N, n_before + N] bool
+
+    parents[i] is the tree row that is row i's parent, or -1 where the parent is the token just
+    before the tree (key n_before - 1); a parent comes before its children (parents[i] < i).
+    A chain (parents -1, 0, 1, ...) gives model.causal_mask.
+    """
+    sees = np.zeros((len(parents), n_before + len(parents)), dtype=bool)  # [N, L]
+    sees[:, :n_before] = True  # every row sees the keys before the tree
+    for i, parent in enumerate(parents):
+        if parent >= 0:
+            sees[i] = sees[parent]  # what its parent sees: the parent and the parent's ancestors
+        sees[i, n_before + i] = True  # and itself
+    return sees
+
+
+def tree_positions(n_before: int, parents) -> np.ndarray:
+    """Each tree row's position in the sequence: n_before plus its depth below the token before
+    the tree (0 where parents[i] = -1), not its row index: siblings share a position.  -> [N]"""
+    depth = []
+    for parent in parents:
+        depth.append(0 if parent < 0 else depth[parent] + 1)
+    return n_before + np.asarray(depth, dtype=np.int64)
+
+
+def feed_tree(model, tokens, cache: KVCache, parents, n_logits=None):
+    """Feed the last len(tokens) rows of a token tree (parents: the whole tree so far, as in
+    tree_mask) after the cache's rows, which end with the tree's earlier rows: the model's
+    forward with the tree's positions and mask instead of a chain's.  -> [n_logits, V]"""
+    T = len(tokens)
+    n_before = cache.length + T - len(parents)  # keys before the tree
+    if not 0 <= n_before <= cache.length:
+        raise ValueError(f"{len(parents)} parents for a tree that ends with {T} new rows after "
+                         f"{cache.length} cached ones")
+    return model(tokens, cache, n_logits, positions=tree_positions(n_before, parents)[-T:],
+                 visible=tree_mask(n_before, parents)[-T:, :])
+
+
+def keep(cache: KVCache, length: int, path) -> None:
+    """A tree's rollback: keep the first `length` rows, followed by the rows length + path[0],
+    length + path[1], ... (the accepted path, ascending), moved down to rows length, length + 1,
+    ...: the cache then holds length + len(path) tokens, as if the path had been fed alone."""
+    path = list(path)
+    if not 0 <= length <= cache.length or any(length + j >= cache.length for j in path) \
+            or path != sorted(set(path)):
+        raise ValueError(f"cannot keep rows {path} after {length} of {cache.length}")
+    m = len(path)
+    # Row length + i is written from row length + path[i], with path[i] >= i: ascending, so a
+    # row is overwritten only after it was read, even if the copy went row by row in place
+    # (NumPy's fancy index reads all rows into a temporary first anyway).
+    cache.k[:, :, length : length + m, :] = cache.k[:, :, [length + j for j in path], :]
+    cache.v[:, :, length : length + m, :] = cache.v[:, :, [length + j for j in path], :]
+    cache.length = length + m
 
 
 def tree_size(widths) -> int:
@@ -135,8 +192,8 @@ def draft_tree(draft, cache, tokens: List[int], widths, warp: Warp, rng):
         if depth == len(widths):
             break
         # The cache's last rows after this forward are tree rows 0..level[-1] (root first).
-        logits = to_numpy(draft([tree.tokens[i] for i in level], cache, n_logits=len(level),
-                                parents=tree.parents[: level[-1] + 1]))  # [len(level), V]
+        logits = to_numpy(feed_tree(draft, [tree.tokens[i] for i in level], cache,
+                                    tree.parents[: level[-1] + 1], len(level)))  # [len(level), V]
     return tree, len(tree.tokens) - len(level)
 
 
@@ -216,14 +273,14 @@ def tree_speculative_sample(target, draft, prompt: List[int], n_new: int, widths
                 tree, n_fed = Tree(tokens[-1]), 0  # a plain target step (one token left)
             # ONE target forward over the root and every node: their logits.
             n_past = cache.length  # the root's row; node i is at row n_past + i
-            logits = to_numpy(timed_target(tree.tokens, cache, n_logits=None,
-                                           parents=tree.parents))  # [1 + N, V]
+            logits = to_numpy(feed_tree(timed_target, tree.tokens, cache, tree.parents))  # [1+N, V]
             path, t, kind = walk(tree, logits, warp, rng)
             tokens += [tree.tokens[i] for i in path] + [t]
             # Both caches keep the root and the accepted path (gathered behind it), never t.
-            cache.keep(n_past + 1, [i - 1 for i in path])
+            keep(cache, n_past + 1, [i - 1 for i in path])
             if n_fed:
-                draft_cache.keep(draft_cache.length - n_fed + 1, [i - 1 for i in path if i < n_fed])
+                kept = [i - 1 for i in path if i < n_fed]  # the path's rows the draft was fed
+                keep(draft_cache, draft_cache.length - n_fed + 1, kept)
             assert cache.length == len(tokens) - 1
             stats.add_round(tree.n_nodes, len(path), depth=len(shape))
             if on_tokens:

@@ -1,5 +1,7 @@
 """Shared test helpers: tiny in-memory GPT-2 models and paths to the committed fixtures."""
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,10 @@ sys.path.insert(0, str(ROOT))  # main.py and bench/ live at the top level
 
 import gpt2_numpy as gpt2  # noqa: E402
 from gpt2_numpy.load import tree_map  # noqa: E402
+
+# Products' plans measured by the tests go to a folder of their own, never the user's cache
+# (subprocesses inherit it).
+os.environ["GPT2_NUMPY_CACHE"] = tempfile.mkdtemp(prefix="gpt2-numpy-test-cache-")
 
 FIXTURES = ROOT / "tests" / "fixtures"
 SHARED_TOKENIZER = ROOT.parent / "shared" / "gpt2-tokenizer"

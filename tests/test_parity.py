@@ -110,7 +110,7 @@ MUTATIONS = {
     "erf GELU": lambda mp, p: (mp.setattr(model_module, "gelu", erf_gelu), p)[1],
     "layer-norm gain and bias swapped": lambda mp, p: (mp.setattr(
         model_module, "layer_norm", _wrap(model_module.layer_norm, lambda x, g, b, **k: (x, b, g), )), p)[1],
-    "dropped bias": lambda mp, p: (mp.setattr(model_module, "linear", lambda x, w, b, matmul: matmul(x, w)), p)[1],
+    "dropped bias": lambda mp, p: (mp.setattr(model_module, "linear", lambda x, w, b: x @ w), p)[1],
     "q/k/v in the wrong order": lambda mp, p: swap_qk(p),
     "no causal mask": lambda mp, p: (mp.setattr(
         model_module, "attention", _wrap(model_module.attention, lambda q, k, v, visible: (q, k, v, None))), p)[1],
@@ -119,7 +119,7 @@ MUTATIONS = {
     "layer-norm epsilon 1e-6": lambda mp, p: (mp.setattr(
         model_module, "layer_norm", _wrap(model_module.layer_norm, lambda x, g, b, **k: (x, g, b), eps=1e-6)), p)[1],
     "untied LM head": lambda mp, p: (mp.setattr(
-        model_module, "lm_head", lambda x, wte, matmul: x @ np.random.default_rng(0).standard_normal(wte.T.shape) * 0.02), p)[1],
+        model_module, "lm_head", lambda x, wte: x @ np.random.default_rng(0).standard_normal(wte.T.shape) * 0.02), p)[1],
 }
 
 

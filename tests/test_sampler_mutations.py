@@ -222,7 +222,7 @@ def test_each_sampler_mistake_is_caught(target, drafts, monkeypatch, mistake, te
 # gather that keeps the accepted path, and the row the bonus is drawn from.
 
 import test_tree  # noqa: E402
-from gpt2_numpy import model, tree  # noqa: E402
+from gpt2_numpy import tree  # noqa: E402
 
 
 def accept_one_of_with(update_p=True, update_q=True):
@@ -263,14 +263,14 @@ def walk_with(bonus_row=lambda node: node):
 
 def siblings_visible(mp):
     """Every tree row sees every row before it, as in a chain: siblings and cousins too."""
-    original = model.tree_mask
-    mp.setattr(model, "tree_mask", lambda n_before, n_rows, xp, parents=None:
-               original(n_before, n_rows, xp))
+    original = tree.tree_mask
+    patch_everywhere(mp, original, lambda n_before, parents:
+                     original(n_before, list(range(-1, len(parents) - 1))))
 
 
 def positions_by_row(mp):
-    mp.setattr(model, "tree_positions", lambda n_before, parents, xp:
-               xp.asarray([n_before + i for i in range(len(parents))]))
+    patch_everywhere(mp, tree.tree_positions, lambda n_before, parents:
+                     n_before + np.arange(len(parents)))
 
 
 def faithful_tree_copies(mp):
@@ -286,8 +286,8 @@ TREE_MISTAKES = {
         mp, sampling.accept_one_of, accept_one_of_with(update_p=False)),
     "q not updated after a rejected sibling": lambda mp: patch_everywhere(
         mp, sampling.accept_one_of, accept_one_of_with(update_q=False)),
-    "the wrong rows gathered (a chain's rollback)": lambda mp: mp.setattr(
-        KVCache, "keep", lambda cache, length, path: cache.rollback(length + len(path))),
+    "the wrong rows gathered (a chain's rollback)": lambda mp: patch_everywhere(
+        mp, tree.keep, lambda cache, length, path: cache.rollback(length + len(path))),
     "the bonus from the row before the leaf's": lambda mp: mp.setattr(
         tree, "walk", walk_with(bonus_row=lambda node: node - 1)),
 }

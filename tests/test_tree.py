@@ -5,8 +5,9 @@ import pytest
 
 import gpt2_numpy as gpt2
 from gpt2_numpy import NGramDrafter, Warp, autoregressive_sample, speculative_sample
-from gpt2_numpy.model import causal_mask, tree_mask
-from gpt2_numpy.tree import MAX_TREE_NODES, tree_size, tree_speculative_sample
+from gpt2_numpy.model import causal_mask
+from gpt2_numpy.tree import (MAX_TREE_NODES, feed_tree, keep, tree_mask, tree_size,
+                             tree_speculative_sample)
 from conftest import FIXTURES, perturbed, tiny_model
 from test_decoding import (N_GREEDY, PROMPT, TINY, exact_distribution, goodness_of_fit,
                            total_variation)
@@ -25,13 +26,13 @@ def path_to(parents, i):
 
 def test_the_tree_mask_shows_ancestors_only_and_a_chain_is_the_causal_mask():
     n_before = 3
-    visible = tree_mask(n_before, len(PARENTS), np, PARENTS)
+    visible = tree_mask(n_before, PARENTS)
     assert visible.shape == (len(PARENTS), n_before + len(PARENTS))
     for i in range(len(PARENTS)):
         seen = {j - n_before for j in np.flatnonzero(visible[i]) if j >= n_before}
         assert seen == set(path_to(PARENTS, i)) and visible[i, :n_before].all()
     chain = list(range(-1, 6))
-    np.testing.assert_array_equal(tree_mask(4, 7, np, chain), causal_mask(4, 7, np))
+    np.testing.assert_array_equal(tree_mask(4, chain), causal_mask(4, 7, np))
 
 
 @pytest.mark.parametrize("by_level", [False, True], ids=["one forward", "a level at a time"])
@@ -52,11 +53,11 @@ def test_each_node_gets_the_logits_of_its_path_fed_alone_as_a_chain(target, by_l
         rows = []
         for d in range(max(depth) + 1):
             level = [i for i in range(len(PARENTS)) if depth[i] == d]  # contiguous rows
-            rows.append(target([tokens[i] for i in level], cache, n_logits=None,
-                               parents=PARENTS[: level[-1] + 1]))
+            rows.append(feed_tree(target, [tokens[i] for i in level], cache,
+                                  PARENTS[: level[-1] + 1], n_logits=None))
         logits = np.concatenate(rows)
     else:
-        logits = target(tokens, cache, n_logits=None, parents=PARENTS)  # [N, V]
+        logits = feed_tree(target, tokens, cache, PARENTS)  # [N, V]
     assert cache.length == len(prompt) + len(PARENTS)
     for i in range(len(PARENTS)):
         chain = [tokens[j] for j in path_to(PARENTS, i)]
@@ -69,9 +70,9 @@ def test_keep_gathers_the_path_behind_the_prefix(target):
     tokens = np.random.default_rng(1).integers(0, target.n_vocab, len(PARENTS)).tolist()
     cache = target.new_cache(32)
     target(PROMPT, cache, n_logits=0)
-    target(tokens, cache, n_logits=0, parents=PARENTS)
+    feed_tree(target, tokens, cache, PARENTS, n_logits=0)
     path = path_to(PARENTS, 10)  # rows 0, 2, 6, 10
-    cache.keep(len(PROMPT), path)
+    keep(cache, len(PROMPT), path)
     fresh = target.new_cache(32)
     target(PROMPT + [tokens[i] for i in path], fresh, n_logits=0)
     assert cache.length == fresh.length == len(PROMPT) + len(path)
@@ -79,7 +80,7 @@ def test_keep_gathers_the_path_behind_the_prefix(target):
     np.testing.assert_allclose(cache.k[:, :, :n], fresh.k[:, :, :n], atol=1e-5, rtol=0)
     np.testing.assert_allclose(cache.v[:, :, :n], fresh.v[:, :, :n], atol=1e-5, rtol=0)
     with pytest.raises(ValueError):
-        cache.keep(2, [3, 1])  # not ascending
+        keep(cache, 2, [3, 1])  # not ascending
 
 
 SHAPES = [(1,), (2,), (4,), (1, 1, 1, 1), (2, 2, 2, 2), (2, 2, 1, 1), (3, 1, 2), (1, 3), (8, 1),
@@ -145,8 +146,8 @@ class Recording:
         self.cache = self.model.new_cache(capacity)
         return self.cache
 
-    def __call__(self, ids, cache, n_logits=1, parents=None):
-        return self.model(ids, cache, n_logits, parents)
+    def __call__(self, ids, cache, n_logits=1, positions=None, visible=None):
+        return self.model(ids, cache, n_logits, positions, visible)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -309,11 +310,11 @@ def test_trees_on_the_gpu_twin_give_the_cpus_logits_and_tokens(gpu):
     dev = gpu.load_model(str(FIXTURES / "tiny-4h"), download=False)
     draft = gpu.load_model(str(FIXTURES / "tiny-3h"), download=False)
     tokens = np.random.default_rng(2).integers(0, cpu.n_vocab, len(PARENTS)).tolist()
-    want = cpu(tokens, cpu.new_cache(20), n_logits=None, parents=PARENTS)
+    want = feed_tree(cpu, tokens, cpu.new_cache(20), PARENTS)
     cache = dev.new_cache(20)
-    got = dev(tokens, cache, n_logits=None, parents=PARENTS)
+    got = feed_tree(dev, tokens, cache, PARENTS)
     np.testing.assert_allclose(cupy.asnumpy(got), want, atol=1e-4, rtol=0)
-    cache.keep(1, [1, 5, 9])
+    keep(cache, 1, [1, 5, 9])
     assert cache.length == 4 and isinstance(cache.k, cupy.ndarray)
     prompt = cpu.tokenizer.encode("the model is learning the")
     ar, _ = gpt2.autoregressive_sample(cpu, prompt, 30)
