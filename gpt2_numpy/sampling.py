@@ -5,7 +5,8 @@ rows in one call; a token is drawn from one row at a time). Distributions are fl
 model's float32 logits are exact in float64, and normalising there means a distribution sums to
 1 to ~1e-16, which the ratio p/q and the residual max(0, p - q) rely on.
 
-Naming follows Leviathan et al. (2023): p is the TARGET model's distribution, q the DRAFT's.
+Naming follows Leviathan et al. (2023): p is the TARGET model's distribution, q the DRAFT's
+(Chen et al. (2023) use the opposite letters).
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -102,7 +103,7 @@ def accept_or_resample(drafts, q: np.ndarray, p: np.ndarray, rng: np.random.Gene
 
     drafts: K token ids, draft i sampled from q[i].
     q: [K, V] draft distributions; p: [K + 1, V] target distributions, where row i is the
-    target's distribution for the position of draft i (0-based here; the papers' and
+    target's distribution for the position of draft i (0-based here; Leviathan et al.'s and
     decoding.py's p_1..p_{K+1} are rows 0..K).
     Returns (n_accepted, next_token): the first n_accepted drafts stand, followed by next_token,
     which is a resample from norm(max(0, p[i] - q[i])) at the first rejection i, or, if all K
@@ -143,13 +144,13 @@ def accept_one_of(children, q: Optional[np.ndarray], p: np.ndarray, rng: np.rand
     rejection the output must follow the residual, and the next child was drawn from q without
     the rejected one, so both are updated before the next try.
 
-    children: distinct token ids. q [V]: the law they were drawn from without replacement (child
-    j from q less children 0..j-1, renormalised); None: they were chosen without sampling (the
-    draft's top-w at temperature 0, n-gram matches), so child j's law is one-hot at it.
+    children: x_1..x_w, distinct token ids. q [V]: the law they were drawn from without
+    replacement (x_j from q less x_1..x_{j-1}, renormalised); None: they were chosen without
+    sampling (the draft's top-w at temperature 0, n-gram matches), so x_j's law is one-hot at it.
     p [V]: the target's distribution at the node.
-    Returns (j, token): child j was accepted (token = children[j]), or j = None and token was
-    drawn from the residual left after every child was rejected. One child and a q is exactly
-    accept_or_resample's step for one draft.
+    Returns (i, token): children[i] (x_{i+1}) was accepted, token = children[i]; or i = None and
+    token was drawn from the residual left after every child was rejected. One child and a q is
+    exactly accept_or_resample's step for one draft.
     """
     for j, x in enumerate(children):
         q_j = q if q is not None else np.eye(1, len(p), x)[0]  # the law child j was drawn from

@@ -2,20 +2,21 @@
 
 A chain proposes one token per position, and the round ends at the first one the target
 rejects, even when the draft's second choice was right. A tree proposes several children per
-node: widths = (w1, ..., wD) gives every node at depth d - 1 up to w_d children, so (2, 2, 1, 1)
-has 2 + 4 + 4 + 4 = 14 nodes. The root is the newest committed token. One round:
+node: widths = (w_1, ..., w_D) gives every node at depth d - 1 up to w_d children (the root, at
+depth 0, gets w_1), so (2, 2, 1, 1) has 2 + 4 + 4 + 4 = 14 nodes. The root is the newest committed
+token. One round:
 
     1. Draft: one draft forward per depth covers every node of the depth above (model.tree_mask:
-       a node sees the committed tokens, its ancestors and itself). A node's children are drawn
-       from the draft's q there WITHOUT replacement: child j from q less children 1..j-1,
+       a node sees the committed tokens, its ancestors and itself). A node's children x_1, x_2,
+       ... are drawn from the draft's q there WITHOUT replacement: x_j from q less x_1..x_{j-1},
        renormalised; at temperature 0 they are the draft's top-w tokens.
     2. Verify: ONE target forward over the root and every node gives p at each of them.
-    3. Walk from the root. At a node, try its children in turn (sampling.accept_one_of): child j
-       is accepted with probability min(1, p(x_j) / q_j(x_j)); after a rejection p becomes the
-       residual norm(max(0, p - q_j)) and q_j loses x_j. Acceptance moves to that child; if every
-       child is rejected the round ends with a draw from the last residual, and at a leaf with a
-       bonus token from the leaf's own p. At temperature 0: follow the child that is the target's
-       argmax, then take the argmax.
+    3. Walk from the root. At a node, try its children in turn (sampling.accept_one_of): x_j is
+       accepted with probability min(1, p(x_j) / q_j(x_j)), q_j the law x_j was drawn from (q
+       less x_1..x_{j-1}); after a rejection p becomes the residual norm(max(0, p - q_j)).
+       Acceptance moves to that child; if every child is rejected the round ends with a draw
+       from the last residual, and at a leaf with a bonus token from the leaf's own p. At
+       temperature 0: follow the child that is the target's argmax, then take the argmax.
     4. Both caches keep the accepted path: its K/V rows are gathered behind the committed prefix
        (KVCache.keep), the tree's generalisation of a chain's rollback.
 
@@ -142,7 +143,8 @@ def draft_tree(draft, cache, tokens: List[int], widths, warp: Warp, rng):
 
 def ngram_tree(drafter: NGramDrafter, tokens: List[int], widths) -> Tree:
     """A tree of earlier continuations of the context's end: lookup_branches' branches merged
-    where they share a prefix, at most widths[d] children per node at depth d."""
+    where they share a prefix, a node at depth d - 1 with at most w_d = widths[d - 1] children
+    (a branch that would give it more is cut there)."""
     tree = Tree(tokens[-1])
     n_leaves = int(np.prod(widths)) if len(widths) else 0
     for branch in lookup_branches(tokens, n_leaves, len(widths), drafter.n_max) if n_leaves else []:
