@@ -98,6 +98,13 @@ def residual(p_row: np.ndarray, q_row: np.ndarray) -> np.ndarray:
     return r / total if total > 1e-12 else p_row
 
 
+def not_drawn_from_q(token: int, where: str) -> GPT2Error:
+    """The error for a proposed token that its q gives no mass: the drafter did not draw it from
+    the q it returned, and the ratio p/q would be 0/0."""
+    return GPT2Error(f"the drafter proposed token {token} {where} but its q gives it probability "
+                     f"0: a drafter must propose tokens drawn from the q it returns")
+
+
 def accept_or_resample(drafts, q: np.ndarray, p: np.ndarray, rng: np.random.Generator):
     """The speculative sampling step: verify K drafted tokens against the target.
 
@@ -111,8 +118,10 @@ def accept_or_resample(drafts, q: np.ndarray, p: np.ndarray, rng: np.random.Gene
     draft and the bonus are distributed exactly as p.
     """
     for i, x in enumerate(drafts):
-        # q[i, x] > 0 because x was sampled from q[i]; p[i, x] may be 0 (then always rejected).
-        # u < p/q, not <=: u can be exactly 0 and must not accept a token with p = 0.
+        if not q[i, x] > 0:  # x ~ q[i] has q[i, x] > 0 (else p/q is NaN, and min(1, NaN) = 1)
+            raise not_drawn_from_q(x, f"as draft {i + 1} of {len(drafts)}")
+        # p[i, x] may be 0 (then always rejected). u < p/q, not <=: u can be exactly 0 and must
+        # not accept a token with p = 0.
         if rng.random() < min(1.0, p[i, x] / q[i, x]):
             continue
         return i, sample(residual(p[i], q[i]), rng)
@@ -152,11 +161,16 @@ def accept_one_of(children, q: Optional[np.ndarray], p: np.ndarray, rng: np.rand
     token was drawn from the residual left after every child was rejected. One child and a q is
     exactly accept_or_resample's step for one draft.
     """
-    for j, x in enumerate(children):
-        q_j = q if q is not None else np.eye(1, len(p), x)[0]  # the law child j was drawn from
-        if rng.random() < min(1.0, p[x] / q_j[x]):
-            return j, x
-        p = residual(p, q_j)  # the output's law, given this rejection
+    for i, x in enumerate(children):
+        if x in children[:i]:  # without replacement, a token is drawn once
+            raise GPT2Error(f"the drafter proposed token {x} twice as children of one node: a "
+                            f"node's children must be distinct (drawn without replacement)")
+        law = q if q is not None else np.eye(1, len(p), x)[0]  # [V]: the law x was drawn from
+        if not law[x] > 0:
+            raise not_drawn_from_q(x, f"as child {i + 1} of a node")
+        if rng.random() < min(1.0, p[x] / law[x]):
+            return i, x
+        p = residual(p, law)  # the output's law, given this rejection
         if q is not None:
             q = without(q, x)  # the next child's law
     return None, sample(p, rng)

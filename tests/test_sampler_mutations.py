@@ -4,9 +4,11 @@ test fail (tests/test_parity.py does the same for the forward pass).
 A mistake is a small function that patches the package: a step of accept_or_resample, the
 residual, the warp or the draft's sampling swapped for a wrong one, or a rollback dropped. For
 each mistake CAUGHT_BY lists tests of test_sampling.py and test_decoding.py, and each of them
-must fail with an AssertionError (a crash does not count) once the mistake is in. Where a
-mistake needs a test-local copy of a function, the same copy without the mistake must pass
-every test that is listed anywhere (the "no mistake" case), so a failure is the mistake's doing.
+must fail with an AssertionError once the mistake is in, or with the rule's own guard: the
+GPT2Error that names a drafter's token its q gives no mass (any other crash does not count).
+Where a mistake needs a test-local copy of a function, the same copy without the mistake must
+pass every test that is listed anywhere (the "no mistake" case), so a failure is the mistake's
+doing.
 """
 import sys
 
@@ -15,7 +17,7 @@ import pytest
 
 import test_decoding
 import test_sampling
-from gpt2_numpy import Warp, decoding, sampling
+from gpt2_numpy import GPT2Error, Warp, decoding, sampling
 from gpt2_numpy.backend import to_numpy
 from gpt2_numpy.model import KVCache
 
@@ -198,6 +200,15 @@ CASES = [(mistake, test) for mistake, tests in CAUGHT_BY.items() for test in tes
 CONTROLS = sorted({test for tests in CAUGHT_BY.values() for test in tests})
 
 
+def fails(test, fixtures):
+    """Runs a listed test and checks that it failed: an AssertionError, or the acceptance rule's
+    guard naming a drafter's mistake (a token drawn from another law than the q it returned)."""
+    with pytest.raises((AssertionError, GPT2Error)) as caught:
+        test(fixtures)
+    if caught.errisinstance(GPT2Error):
+        assert "a drafter must propose tokens drawn from the q it returns" in str(caught.value)
+
+
 def test_every_listed_mistake_has_a_test_that_catches_it():
     assert set(CAUGHT_BY) == set(MISTAKES) - {CONTROL} and all(CAUGHT_BY.values())
 
@@ -212,8 +223,7 @@ def test_the_copies_without_a_mistake_pass(target, drafts, monkeypatch, test):
 @pytest.mark.parametrize("mistake, test", CASES)
 def test_each_sampler_mistake_is_caught(target, drafts, monkeypatch, mistake, test):
     MISTAKES[mistake](monkeypatch)
-    with pytest.raises(AssertionError):
-        TESTS[test]((target, drafts))
+    fails(TESTS[test], (target, drafts))
 
 
 # === Token trees (gpt2_numpy/tree.py) ==========================================================
@@ -340,5 +350,4 @@ def test_the_tree_copies_without_a_mistake_pass(target, drafts, monkeypatch, tes
 @pytest.mark.parametrize("mistake, test", TREE_CASES)
 def test_each_tree_mistake_is_caught(target, drafts, monkeypatch, mistake, test):
     TREE_MISTAKES[mistake](monkeypatch)
-    with pytest.raises(AssertionError):
-        TREE_TESTS[test]((target, drafts))
+    fails(TREE_TESTS[test], (target, drafts))

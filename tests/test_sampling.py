@@ -212,3 +212,24 @@ def test_top_p_1_is_accepted_and_keeps_every_token():
     for top_k in (None, 7):
         np.testing.assert_array_equal(probabilities(logits, Warp(0.9, top_k, top_p=1.0)),
                                       probabilities(logits, Warp(0.9, top_k)))
+
+
+@pytest.mark.parametrize("q_x", [0.0, float("nan")])
+def test_a_draft_its_q_gives_no_mass_is_an_error_not_an_acceptance(q_x):
+    """x must be drawn from q: a q(x) of 0 makes p/q 0/0 = NaN, and min(1, NaN) is 1, which
+    would accept x even where the target gives it probability 0. It is the drafter's mistake,
+    named in a GPT2Error, whatever u is and whatever p says."""
+    q = np.array([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+    q[0, 2] = q_x
+    p = np.array([[0.0, 0.5, 0.5], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    for drafts, position in (([2, 1], 1), ([1, 2], None), ([0, 0], None)):
+        for u in (0.0, 0.5, np.nextafter(1.0, 0)):
+            if position is None:  # proposals q gives mass: no error
+                accept_or_resample(drafts, q, p, ScriptedRng(u, u, u))
+                continue
+            with pytest.raises(GPT2Error, match=f"proposed token 2 as draft {position} of 2 but "
+                                                "its q gives it probability 0: a drafter must"):
+                accept_or_resample(drafts, q, p, ScriptedRng(u, u, u))
+    q = np.array([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    with pytest.raises(GPT2Error, match="token 1 as draft 2 of 2"):  # a later draft: once reached
+        accept_or_resample([1, 1], q, p, ScriptedRng(0.0, 0.0, 0.0))

@@ -6,10 +6,11 @@ import pytest
 import gpt2_numpy as gpt2
 from gpt2_numpy import NGramDrafter, Warp, autoregressive_sample, speculative_sample
 from gpt2_numpy.model import causal_mask, tree_mask
-from gpt2_numpy.tree import MAX_TREE_NODES, tree_size, tree_speculative_sample
+from gpt2_numpy.tree import MAX_TREE_NODES, accept_one_of, tree_size, tree_speculative_sample
 from conftest import FIXTURES, perturbed, tiny_model
 from test_decoding import (N_GREEDY, PROMPT, TINY, exact_distribution, goodness_of_fit,
                            total_variation)
+from test_sampling import ScriptedRng
 
 # Parents of a ragged tree in breadth-first order: -1 is the token before the tree.
 PARENTS = [-1, 0, 0, 0, 1, 1, 2, 4, 4, 5, 6, 6]
@@ -204,6 +205,36 @@ def test_bad_widths_are_clear_errors(target, drafts, bad):
     with pytest.raises(gpt2.GPT2Error, match="widths"):
         tree_speculative_sample(target, drafts["often"], PROMPT, 5, bad)
     assert tree_size([8, 7]) == MAX_TREE_NODES  # the largest two-level tree allowed
+
+
+# --- a drafter's mistakes at a node are errors, never acceptances --------------------------------
+
+def test_a_node_names_a_drafters_repeated_or_impossible_child():
+    """A repeated child, or one its q (less the children before it) gives no mass, is the
+    drafter's mistake: a GPT2Error naming it, whatever u is, never a silent acceptance
+    (q(x) = 0 would make p / q 0/0 = NaN, and min(1, NaN) is 1)."""
+    p, q = np.array([0.1, 0.0, 0.6, 0.3]), np.array([0.5, 0.5, 0.0, 0.0])
+    for u in (0.0, 0.5, np.nextafter(1.0, 0)):
+        for children, law in (([0, 0], q), ([1, 1], None), ([3, 2, 3], None)):
+            with pytest.raises(gpt2.GPT2Error, match=f"proposed token {children[-1]} twice as "
+                                                     "children of one node"):
+                accept_one_of(children, law, p, ScriptedRng(0.99, 0.99, u))
+        for children, j in (([2], 1), ([0, 2], 2), ([1, 0, 3], 3)):
+            with pytest.raises(gpt2.GPT2Error, match=f"proposed token {children[-1]} as child {j} "
+                                                     "of a node but its q gives it probability 0"):
+                accept_one_of(children, q, p, ScriptedRng(*[0.99] * (j - 1), u))
+
+
+def test_a_tree_run_whose_draft_repeats_a_child_stops_with_the_error(monkeypatch, target, drafts):
+    """A draft sampler that draws WITH replacement (here: its top token, twice) gives a node a
+    repeated child; the run stops with the GPT2Error that names it once the walk reaches it."""
+    from gpt2_numpy import tree
+
+    monkeypatch.setattr(tree, "sample_without_replacement",
+                        lambda q, n, rng: [int(np.argmax(q))] * n)
+    with pytest.raises(gpt2.GPT2Error, match="twice as children of one node"):
+        tree_speculative_sample(target, drafts["rarely"], PROMPT, 20, (2, 2), Warp(1.0),
+                                np.random.default_rng(0))
 
 
 # --- the sampled law, end to end ---------------------------------------------------------------
