@@ -15,6 +15,7 @@ class ScriptedRng:
         self.values = list(values)
 
     def random(self):
+        assert self.values, "the code drew more random numbers than were scripted"
         return self.values.pop(0)
 
 
