@@ -34,7 +34,11 @@ temperature. A node with one child is exactly the chain's rule (accept_or_resamp
 Stats, as for the chain: `drafted` counts the nodes proposed, `accepted` the nodes on the
 accepted path (so the acceptance rate of a wide tree is low by construction: siblings of an
 accepted node count as drafted); `tokens_per_round` is tokens per target forward, the number
-a tree raises; `K_per_round` holds each round's node count.
+a tree raises; `K_per_round` holds each round's node count. `draft_seconds` is ALL the time
+spent drafting the trees: the draft's forwards and the choice of children (a top-w or draws
+without replacement over the vocabulary, or the n-gram lookup), so that with `target_seconds`
+(the verify forwards) it covers a round but for the walk; `draft_calls` counts the draft's
+forwards (an NGramDrafter's: its lookups).
 With an NGramDrafter as the draft, the tree's branches are the different continuations of
 several earlier occurrences of the context's end (drafters.lookup_branches), each child chosen
 without sampling (its q one-hot), so each is accepted with probability p(x) at its turn.
@@ -109,12 +113,22 @@ class Tree:
         return len(self.tokens) - 1
 
 
+def top_w(logits: np.ndarray, w: int) -> List[int]:
+    """The ids of the w largest logits, largest first, equal logits lowest id first: what
+    np.argsort(-logits, kind="stable")[:w] gives, without sorting all V.  [V] -> min(w, V) ids"""
+    if w >= len(logits):
+        return np.argsort(-logits, kind="stable").tolist()
+    wth = np.partition(logits, len(logits) - w)[len(logits) - w]  # the w-th largest logit
+    ids = np.flatnonzero(logits >= wth)  # ascending ids, at least w (more where wth is tied)
+    return ids[np.argsort(-logits[ids], kind="stable")][:w].tolist()
+
+
 def draw_children(tree: Tree, node: int, logits: np.ndarray, w: int, warp: Warp, rng) -> None:
     """Up to w children of `node` from the draft's logits there [V]: its top-w tokens at
     temperature 0, else w draws without replacement from its warped q (fewer where q has fewer
     tokens of nonzero mass)."""
     if warp.greedy:
-        children = np.argsort(-logits, kind="stable")[:w].tolist()  # ties: the lowest id first
+        children = top_w(logits, w)  # ties: the lowest id first, as the greedy argmax
     else:
         tree.q[node] = probabilities(logits, warp)  # [V]
         children = sample_without_replacement(tree.q[node], w, rng)
@@ -205,15 +219,16 @@ def tree_speculative_sample(target, draft, prompt: List[int], n_new: int, widths
             prefill(draft, draft_cache, tokens)
 
     timed_target = Timed(target)  # counts the decoding forwards and their seconds
-    timed_draft = Timed(ngram_tree if ngram else draft)
+    timed_draft = None if ngram else Timed(draft)  # counts the draft's forwards
+    drafting = Timed(ngram_tree if ngram else draft_tree)  # ALL the drafting's seconds
     with stats.timing("decode_seconds"):
         while len(tokens) < n_stop:
             # At most n_stop - len(tokens) tokens this round, and 1 + nodes rows from row len - 1.
             shape = fit(widths, n_stop - len(tokens) - 1, capacity - len(tokens))
             if ngram:
-                tree, n_fed = timed_draft(draft, tokens, shape), 0
+                tree, n_fed = drafting(draft, tokens, shape), 0
             elif shape:
-                tree, n_fed = draft_tree(timed_draft, draft_cache, tokens, shape, warp, rng)
+                tree, n_fed = drafting(timed_draft, draft_cache, tokens, shape, warp, rng)
             else:
                 tree, n_fed = Tree(tokens[-1]), 0  # a plain target step (one token left)
             # ONE target forward over the root and every node: their logits.
@@ -230,6 +245,8 @@ def tree_speculative_sample(target, draft, prompt: List[int], n_new: int, widths
             stats.add_round(tree.n_nodes, len(path), depth=len(shape))
             if on_tokens:
                 on_tokens(tokens[-(len(path) + 1) :], ["accepted"] * len(path) + [kind])
-    stats.count_forwards(timed_target, timed_draft)
+    stats.count_forwards(timed_target, drafting)  # draft_seconds: forwards and choosing children
+    if not ngram:
+        stats.draft_calls = timed_draft.calls  # the draft's forwards, as for a chain
     stats.n_generated = len(tokens) - stats.n_prompt
     return tokens[stats.n_prompt :], stats

@@ -434,6 +434,83 @@ def test_a_tree_run_whose_draft_repeats_a_child_stops_with_the_error(monkeypatch
                                 np.random.default_rng(0))
 
 
+# --- a tree's host work -------------------------------------------------------------------------
+
+def test_top_w_is_the_full_sorts_answer_with_ties_to_the_lowest_id():
+    """tree.top_w (a partial sort) gives what sorting the whole row does: the w largest logits,
+    largest first, equal logits lowest id first (the greedy argmax's tie rule), on rows full of
+    ties, at the boundary of the w too."""
+    from gpt2_numpy.tree import top_w
+
+    row = np.array([1, 3, 3, -2, 3, 0, 1], dtype=np.float32)
+    assert [top_w(row, w) for w in (1, 2, 3, 4, 5)] == [[1], [1, 2], [1, 2, 4], [1, 2, 4, 0],
+                                                        [1, 2, 4, 0, 6]]
+    assert top_w(row, 7) == top_w(row, 9) == [1, 2, 4, 0, 6, 5, 3]
+    rng = np.random.default_rng(0)
+    for V in (1, 2, 5, 50, 1000):
+        for ties in (True, False):
+            for _ in range(10):
+                row = rng.integers(-3, 4, V) if ties else rng.standard_normal(V)
+                row = row.astype(np.float32)
+                row[rng.integers(0, V)] = -np.inf  # a masked logit
+                for w in sorted({1, 2, 3, 8, V - 1, V, V + 1} - {0}):
+                    assert top_w(row, w) == np.argsort(-row, kind="stable")[:w].tolist(), (V, w)
+
+
+class FakeClock:
+    """Seconds that pass only where a test moves them on."""
+
+    now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class Slow:
+    """A model whose every forward moves a fake clock on by `cost` seconds."""
+
+    def __init__(self, model, clock, cost):
+        self.model, self.clock, self.cost = model, clock, cost
+        self.n_ctx, self.n_vocab, self.new_cache = model.n_ctx, model.n_vocab, model.new_cache
+
+    def __call__(self, *args, **kwargs):
+        self.clock.now += self.cost
+        return self.model(*args, **kwargs)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_tree_runs_draft_seconds_count_choosing_the_children(monkeypatch, target, drafts,
+                                                               temperature):
+    """On a fake clock that moves only in the forwards (1 s a target forward, 0.25 s a draft
+    forward) and in choosing a node's children (0.5 s: a top-w or draws without replacement,
+    each over the whole vocabulary), the run's draft_seconds are the draft's forwards and the
+    choosing, its target_seconds the verify forwards, and the two add up to its decode_seconds.
+    No wall clock is read."""
+    import time
+
+    from gpt2_numpy import tree
+    from gpt2_numpy.stats import Timed
+
+    clock = FakeClock()
+    monkeypatch.setattr(time, "perf_counter", clock)  # Stats.timing's clock
+    monkeypatch.setattr(tree, "Timed", lambda fn: Timed(fn, clock=clock))
+    choose, chosen = tree.draw_children, []
+
+    def slow_choice(*args):
+        clock.now += 0.5
+        chosen.append(args[1])
+        return choose(*args)
+
+    monkeypatch.setattr(tree, "draw_children", slow_choice)
+    ids, stats = tree_speculative_sample(Slow(target, clock, 1.0),
+                                         Slow(drafts["often"], clock, 0.25), PROMPT, 20,
+                                         (2, 2, 1), Warp(temperature), np.random.default_rng(0))
+    assert len(ids) == 20 and len(chosen) > stats.rounds  # several nodes' children a round
+    assert stats.target_seconds == 1.0 * stats.target_calls
+    assert stats.draft_seconds == 0.25 * stats.draft_calls + 0.5 * len(chosen)
+    assert stats.draft_seconds + stats.target_seconds == stats.decode_seconds
+
+
 # --- the sampled law, end to end ---------------------------------------------------------------
 
 TREE_STATISTICAL = {  # draft, warp, widths: ragged where top-k/top-p leave fewer tokens than w
