@@ -6,7 +6,8 @@ Both decoders return the new token ids and a `Stats` record. They share one book
     prefix tokens[:cache.length], and never the newest committed token: that one was just sampled
     and is fed at the start of the next forward.
 
-Speculative sampling (Leviathan et al. 2023, Algorithm 1; Chen et al. 2023), p = target, q = draft:
+Speculative sampling (Leviathan et al. 2023, Algorithm 1; Chen et al. 2023), in Leviathan et al.'s
+letters, p = target, q = draft (Chen et al. swap them: q is their target, p their draft):
     1. the draft proposes K tokens, sampling x_i ~ q_i one cached forward at a time;
     2. the target scores the unseen tail of `tokens` plus x_1..x_K in ONE forward, whose last
        K + 1 rows give p_1..p_{K+1};

@@ -5,7 +5,8 @@ rows in one call; a token is drawn from one row at a time). Distributions are fl
 model's float32 logits are exact in float64, and normalising there means a distribution sums to
 1 to ~1e-16, which the ratio p/q and the residual max(0, p - q) rely on.
 
-Naming follows Leviathan et al. (2023): p is the TARGET model's distribution, q the DRAFT's.
+Naming follows Leviathan et al. (2023): p is the TARGET model's distribution, q the DRAFT's
+(Chen et al. (2023) use the opposite letters).
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -97,12 +98,19 @@ def residual(p_row: np.ndarray, q_row: np.ndarray) -> np.ndarray:
     return r / total if total > 1e-12 else p_row
 
 
+def not_drawn_from_q(token: int, where: str) -> GPT2Error:
+    """The error for a proposed token that its q gives no mass: the drafter did not draw it from
+    the q it returned, and the ratio p/q would be 0/0."""
+    return GPT2Error(f"the drafter proposed token {token} {where} but its q gives it probability "
+                     f"0: a drafter must propose tokens drawn from the q it returns")
+
+
 def accept_or_resample(drafts, q: np.ndarray, p: np.ndarray, rng: np.random.Generator):
     """The speculative sampling step: verify K drafted tokens against the target.
 
     drafts: K token ids, draft i sampled from q[i].
     q: [K, V] draft distributions; p: [K + 1, V] target distributions, where row i is the
-    target's distribution for the position of draft i (0-based here; the papers' and
+    target's distribution for the position of draft i (0-based here; Leviathan et al.'s and
     decoding.py's p_1..p_{K+1} are rows 0..K).
     Returns (n_accepted, next_token): the first n_accepted drafts stand, followed by next_token,
     which is a resample from norm(max(0, p[i] - q[i])) at the first rejection i, or, if all K
@@ -110,8 +118,10 @@ def accept_or_resample(drafts, q: np.ndarray, p: np.ndarray, rng: np.random.Gene
     draft and the bonus are distributed exactly as p.
     """
     for i, x in enumerate(drafts):
-        # q[i, x] > 0 because x was sampled from q[i]; p[i, x] may be 0 (then always rejected).
-        # u < p/q, not <=: u can be exactly 0 and must not accept a token with p = 0.
+        if not q[i, x] > 0:  # x ~ q[i] has q[i, x] > 0 (else p/q is NaN, and min(1, NaN) = 1)
+            raise not_drawn_from_q(x, f"as draft {i + 1} of {len(drafts)}")
+        # p[i, x] may be 0 (then always rejected). u < p/q, not <=: u can be exactly 0 and must
+        # not accept a token with p = 0.
         if rng.random() < min(1.0, p[i, x] / q[i, x]):
             continue
         return i, sample(residual(p[i], q[i]), rng)
@@ -143,19 +153,24 @@ def accept_one_of(children, q: Optional[np.ndarray], p: np.ndarray, rng: np.rand
     rejection the output must follow the residual, and the next child was drawn from q without
     the rejected one, so both are updated before the next try.
 
-    children: distinct token ids. q [V]: the law they were drawn from without replacement (child
-    j from q less children 0..j-1, renormalised); None: they were chosen without sampling (the
-    draft's top-w at temperature 0, n-gram matches), so child j's law is one-hot at it.
+    children: x_1..x_w, distinct token ids. q [V]: the law they were drawn from without
+    replacement (x_j from q less x_1..x_{j-1}, renormalised); None: they were chosen without
+    sampling (the draft's top-w at temperature 0, n-gram matches), so x_j's law is one-hot at it.
     p [V]: the target's distribution at the node.
-    Returns (j, token): child j was accepted (token = children[j]), or j = None and token was
-    drawn from the residual left after every child was rejected. One child and a q is exactly
-    accept_or_resample's step for one draft.
+    Returns (i, token): children[i] (x_{i+1}) was accepted, token = children[i]; or i = None and
+    token was drawn from the residual left after every child was rejected. One child and a q is
+    exactly accept_or_resample's step for one draft.
     """
-    for j, x in enumerate(children):
-        q_j = q if q is not None else np.eye(1, len(p), x)[0]  # the law child j was drawn from
-        if rng.random() < min(1.0, p[x] / q_j[x]):
-            return j, x
-        p = residual(p, q_j)  # the output's law, given this rejection
+    for i, x in enumerate(children):
+        if x in children[:i]:  # without replacement, a token is drawn once
+            raise GPT2Error(f"the drafter proposed token {x} twice as children of one node: a "
+                            f"node's children must be distinct (drawn without replacement)")
+        law = q if q is not None else np.eye(1, len(p), x)[0]  # [V]: the law x was drawn from
+        if not law[x] > 0:
+            raise not_drawn_from_q(x, f"as child {i + 1} of a node")
+        if rng.random() < min(1.0, p[x] / law[x]):
+            return i, x
+        p = residual(p, law)  # the output's law, given this rejection
         if q is not None:
             q = without(q, x)  # the next child's law
     return None, sample(p, rng)

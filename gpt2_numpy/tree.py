@@ -2,20 +2,21 @@
 
 A chain proposes one token per position, and the round ends at the first one the target
 rejects, even when the draft's second choice was right. A tree proposes several children per
-node: widths = (w1, ..., wD) gives every node at depth d - 1 up to w_d children, so (2, 2, 1, 1)
-has 2 + 4 + 4 + 4 = 14 nodes. The root is the newest committed token. One round:
+node: widths = (w_1, ..., w_D) gives every node at depth d - 1 up to w_d children (the root, at
+depth 0, gets w_1), so (2, 2, 1, 1) has 2 + 4 + 4 + 4 = 14 nodes. The root is the newest committed
+token. One round:
 
     1. Draft: one draft forward per depth covers every node of the depth above (tree_mask:
-       a node sees the committed tokens, its ancestors and itself). A node's children are drawn
-       from the draft's q there WITHOUT replacement: child j from q less children 1..j-1,
+       a node sees the committed tokens, its ancestors and itself). A node's children x_1, x_2,
+       ... are drawn from the draft's q there WITHOUT replacement: x_j from q less x_1..x_{j-1},
        renormalised; at temperature 0 they are the draft's top-w tokens.
     2. Verify: ONE target forward over the root and every node gives p at each of them.
-    3. Walk from the root. At a node, try its children in turn (sampling.accept_one_of): child j
-       is accepted with probability min(1, p(x_j) / q_j(x_j)); after a rejection p becomes the
-       residual norm(max(0, p - q_j)) and q_j loses x_j. Acceptance moves to that child; if every
-       child is rejected the round ends with a draw from the last residual, and at a leaf with a
-       bonus token from the leaf's own p. At temperature 0: follow the child that is the target's
-       argmax, then take the argmax.
+    3. Walk from the root. At a node, try its children in turn (sampling.accept_one_of): x_j is
+       accepted with probability min(1, p(x_j) / q_j(x_j)), q_j the law x_j was drawn from (q
+       less x_1..x_{j-1}); after a rejection p becomes the residual norm(max(0, p - q_j)).
+       Acceptance moves to that child; if every child is rejected the round ends with a draw
+       from the last residual, and at a leaf with a bonus token from the leaf's own p. At
+       temperature 0: follow the child that is the target's argmax, then take the argmax.
     4. Both caches keep the accepted path: its K/V rows are gathered behind the committed prefix
        (keep), the tree's generalisation of a chain's rollback.
 
@@ -33,7 +34,11 @@ temperature. A node with one child is exactly the chain's rule (accept_or_resamp
 Stats, as for the chain: `drafted` counts the nodes proposed, `accepted` the nodes on the
 accepted path (so the acceptance rate of a wide tree is low by construction: siblings of an
 accepted node count as drafted); `tokens_per_round` is tokens per target forward, the number
-a tree raises; `K_per_round` holds each round's node count.
+a tree raises; `K_per_round` holds each round's node count. `draft_seconds` is ALL the time
+spent drafting the trees: the draft's forwards and the choice of children (a top-w or draws
+without replacement over the vocabulary, or the n-gram lookup), so that with `target_seconds`
+(the verify forwards) it covers a round but for the walk; `draft_calls` counts the draft's
+forwards (an NGramDrafter's: its lookups).
 With an NGramDrafter as the draft, the tree's branches are the different continuations of
 several earlier occurrences of the context's end (drafters.lookup_branches), each child chosen
 without sampling (its q one-hot), so each is accepted with probability p(x) at its turn.
@@ -165,12 +170,22 @@ class Tree:
         return len(self.tokens) - 1
 
 
+def top_w(logits: np.ndarray, w: int) -> List[int]:
+    """The ids of the w largest logits, largest first, equal logits lowest id first: what
+    np.argsort(-logits, kind="stable")[:w] gives, without sorting all V.  [V] -> min(w, V) ids"""
+    if w >= len(logits):
+        return np.argsort(-logits, kind="stable").tolist()
+    wth = np.partition(logits, len(logits) - w)[len(logits) - w]  # the w-th largest logit
+    ids = np.flatnonzero(logits >= wth)  # ascending ids, at least w (more where wth is tied)
+    return ids[np.argsort(-logits[ids], kind="stable")][:w].tolist()
+
+
 def draw_children(tree: Tree, node: int, logits: np.ndarray, w: int, warp: Warp, rng) -> None:
     """Up to w children of `node` from the draft's logits there [V]: its top-w tokens at
     temperature 0, else w draws without replacement from its warped q (fewer where q has fewer
     tokens of nonzero mass)."""
     if warp.greedy:
-        children = np.argsort(-logits, kind="stable")[:w].tolist()  # ties: the lowest id first
+        children = top_w(logits, w)  # ties: the lowest id first, as the greedy argmax
     else:
         tree.q[node] = probabilities(logits, warp)  # [V]
         children = sample_without_replacement(tree.q[node], w, rng)
@@ -199,7 +214,8 @@ def draft_tree(draft, cache, tokens: List[int], widths, warp: Warp, rng):
 
 def ngram_tree(drafter: NGramDrafter, tokens: List[int], widths) -> Tree:
     """A tree of earlier continuations of the context's end: lookup_branches' branches merged
-    where they share a prefix, at most widths[d] children per node at depth d."""
+    where they share a prefix, a node at depth d - 1 with at most w_d = widths[d - 1] children
+    (a branch that would give it more is cut there)."""
     tree = Tree(tokens[-1])
     n_leaves = int(np.prod(widths)) if len(widths) else 0
     for branch in lookup_branches(tokens, n_leaves, len(widths), drafter.n_max) if n_leaves else []:
@@ -260,15 +276,16 @@ def tree_speculative_sample(target, draft, prompt: List[int], n_new: int, widths
             prefill(draft, draft_cache, tokens)
 
     timed_target = Timed(target)  # counts the decoding forwards and their seconds
-    timed_draft = Timed(ngram_tree if ngram else draft)
+    timed_draft = None if ngram else Timed(draft)  # counts the draft's forwards
+    drafting = Timed(ngram_tree if ngram else draft_tree)  # ALL the drafting's seconds
     with stats.timing("decode_seconds"):
         while len(tokens) < n_stop:
             # At most n_stop - len(tokens) tokens this round, and 1 + nodes rows from row len - 1.
             shape = fit(widths, n_stop - len(tokens) - 1, capacity - len(tokens))
             if ngram:
-                tree, n_fed = timed_draft(draft, tokens, shape), 0
+                tree, n_fed = drafting(draft, tokens, shape), 0
             elif shape:
-                tree, n_fed = draft_tree(timed_draft, draft_cache, tokens, shape, warp, rng)
+                tree, n_fed = drafting(timed_draft, draft_cache, tokens, shape, warp, rng)
             else:
                 tree, n_fed = Tree(tokens[-1]), 0  # a plain target step (one token left)
             # ONE target forward over the root and every node: their logits.
@@ -285,6 +302,8 @@ def tree_speculative_sample(target, draft, prompt: List[int], n_new: int, widths
             stats.add_round(tree.n_nodes, len(path), depth=len(shape))
             if on_tokens:
                 on_tokens(tokens[-(len(path) + 1) :], ["accepted"] * len(path) + [kind])
-    stats.count_forwards(timed_target, timed_draft)
+    stats.count_forwards(timed_target, drafting)  # draft_seconds: forwards and choosing children
+    if not ngram:
+        stats.draft_calls = timed_draft.calls  # the draft's forwards, as for a chain
     stats.n_generated = len(tokens) - stats.n_prompt
     return tokens[stats.n_prompt :], stats

@@ -73,6 +73,33 @@ def test_bad_requests_are_clear_errors(target, drafts):
         speculative_sample(target, tiny_model(n_vocab=40), PROMPT, 5)
 
 
+class ProposesOutsideItsQ(gpt2.Drafter):
+    """A custom drafter with a bug: its q says "always token 0", but it proposes `token`."""
+
+    def __init__(self, n_vocab, token):
+        self.n_vocab, self.token = n_vocab, token
+
+    def propose(self, tokens, K, warp, rng):
+        q = np.zeros((K, self.n_vocab))
+        q[:, 0] = 1.0
+        return [self.token] * K, q
+
+
+@pytest.mark.parametrize("warp", [Warp(0.0), Warp(1.0), Warp(0.9, top_k=3)], ids=str)
+def test_a_drafter_proposing_outside_its_q_gets_an_error_naming_its_mistake(target, warp):
+    """Whatever the target thinks of the token (the greedy target's own token included, where
+    p/q would be 1/0 = inf and accept), the round stops with a GPT2Error that names the drafter's
+    mistake; never a silent acceptance of a token its q gave no mass."""
+    greedy, _ = autoregressive_sample(target, PROMPT, 1)
+    for token in (greedy[0], (greedy[0] + 1) % target.n_vocab):
+        if token == 0:
+            continue
+        with pytest.raises(gpt2.GPT2Error, match=f"the drafter proposed token {token} as draft 1 "
+                                                 f"of 3 but its q gives it probability 0"):
+            speculative_sample(target, ProposesOutsideItsQ(target.n_vocab, token), PROMPT, 10,
+                               K=3, warp=warp, rng=np.random.default_rng(0))
+
+
 class Recording:
     """Wraps a model and remembers each cache it fills and the tokens it has fed into it."""
 

@@ -85,6 +85,20 @@ def test_context_limits_are_clear_errors(target):
         cache.rollback(target.n_ctx + 1)
 
 
+def test_softmax_of_large_scores_is_finite_and_sums_to_one():
+    """softmax(x) = softmax(x - max x): float32 scores near 1e4 or 1e30 must give finite
+    probabilities that sum to 1 and equal the shifted row's. Without the max subtraction,
+    exp(1e4) is inf and inf / inf is NaN."""
+    from gpt2_numpy.model import softmax
+
+    scores = np.array([[1e4, 1e4 - 1, 1e4 - 2.5, 0.0], [1e30, 0.0, -1e30, 1e30]], dtype=np.float32)
+    got = softmax(scores)
+    assert got.dtype == np.float32 and np.isfinite(got).all()
+    np.testing.assert_allclose(got.sum(axis=-1), 1.0, rtol=0, atol=1e-6)
+    e = np.exp([[0.0, -1.0, -2.5, -1e4], [0.0, -1e30, -2e30, 0.0]])  # the shifted rows, float64
+    np.testing.assert_allclose(got, e / e.sum(axis=-1, keepdims=True), rtol=0, atol=1e-6)
+
+
 def test_gelu_is_the_tanh_form():
     from gpt2_numpy.model import gelu
 

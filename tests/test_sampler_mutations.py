@@ -4,9 +4,11 @@ test fail (tests/test_parity.py does the same for the forward pass).
 A mistake is a small function that patches the package: a step of accept_or_resample, the
 residual, the warp or the draft's sampling swapped for a wrong one, or a rollback dropped. For
 each mistake CAUGHT_BY lists tests of test_sampling.py and test_decoding.py, and each of them
-must fail with an AssertionError (a crash does not count) once the mistake is in. Where a
-mistake needs a test-local copy of a function, the same copy without the mistake must pass
-every test that is listed anywhere (the "no mistake" case), so a failure is the mistake's doing.
+must fail with an AssertionError once the mistake is in, or with the rule's own guard: the
+GPT2Error that names a drafter's token its q gives no mass (any other crash does not count).
+Where a mistake needs a test-local copy of a function, the same copy without the mistake must
+pass every test that is listed anywhere (the "no mistake" case), so a failure is the mistake's
+doing.
 """
 import sys
 
@@ -15,7 +17,7 @@ import pytest
 
 import test_decoding
 import test_sampling
-from gpt2_numpy import Warp, decoding, sampling
+from gpt2_numpy import GPT2Error, Warp, decoding, sampling
 from gpt2_numpy.backend import to_numpy
 from gpt2_numpy.model import KVCache
 
@@ -198,6 +200,15 @@ CASES = [(mistake, test) for mistake, tests in CAUGHT_BY.items() for test in tes
 CONTROLS = sorted({test for tests in CAUGHT_BY.values() for test in tests})
 
 
+def fails(test, fixtures):
+    """Runs a listed test and checks that it failed: an AssertionError, or the acceptance rule's
+    guard naming a drafter's mistake (a token drawn from another law than the q it returned)."""
+    with pytest.raises((AssertionError, GPT2Error)) as caught:
+        test(fixtures)
+    if caught.errisinstance(GPT2Error):
+        assert "a drafter must propose tokens drawn from the q it returns" in str(caught.value)
+
+
 def test_every_listed_mistake_has_a_test_that_catches_it():
     assert set(CAUGHT_BY) == set(MISTAKES) - {CONTROL} and all(CAUGHT_BY.values())
 
@@ -212,28 +223,29 @@ def test_the_copies_without_a_mistake_pass(target, drafts, monkeypatch, test):
 @pytest.mark.parametrize("mistake, test", CASES)
 def test_each_sampler_mistake_is_caught(target, drafts, monkeypatch, mistake, test):
     MISTAKES[mistake](monkeypatch)
-    with pytest.raises(AssertionError):
-        TESTS[test]((target, drafts))
+    fails(TESTS[test], (target, drafts))
 
 
 # === Token trees (gpt2_numpy/tree.py) ==========================================================
 # The same scheme for the tree's own mistakes, caught by tests of test_tree.py: the forward's
-# mask and positions, the multi-candidate rule's two updates after a rejected sibling, the
+# mask and positions, the multi-candidate rule's two updates after a rejected sibling (for
+# sampled children and for children chosen without sampling), the n-gram tree's widths, the
 # gather that keeps the accepted path, and the row the bonus is drawn from.
 
 import test_tree  # noqa: E402
 from gpt2_numpy import tree  # noqa: E402
 
 
-def accept_one_of_with(update_p=True, update_q=True):
-    """sampling.accept_one_of written out again; the defaults are the right rule."""
+def accept_one_of_with(update_p=True, update_q=True, update_p_without_q=True):
+    """sampling.accept_one_of written out again; the defaults are the right rule.
+    update_p_without_q=False forgets the residual only for children chosen without sampling."""
 
     def accept_one_of(children, q, p, rng):
         for j, x in enumerate(children):
             q_j = q if q is not None else np.eye(1, len(p), x)[0]
             if rng.random() < min(1.0, p[x] / q_j[x]):
                 return j, x
-            if update_p:
+            if update_p and (q is not None or update_p_without_q):
                 p = sampling.residual(p, q_j)
             if update_q and q is not None:
                 q = sampling.without(q, x)
@@ -261,6 +273,25 @@ def walk_with(bonus_row=lambda node: node):
     return walk
 
 
+def ngram_tree_with(extra=0):
+    """tree.ngram_tree written out again, a node full at w + extra children (0: the right rule)."""
+
+    def ngram_tree(drafter, tokens, widths):
+        t = tree.Tree(tokens[-1])
+        n_leaves = int(np.prod(widths)) if len(widths) else 0
+        for branch in (tree.lookup_branches(tokens, n_leaves, len(widths), drafter.n_max)
+                       if n_leaves else []):
+            node = 0
+            for token, w in zip(branch, widths):
+                same = [c for c in t.children[node] if t.tokens[c] == token]
+                if not same and len(t.children[node]) == w + extra:
+                    break
+                node = same[0] if same else t.add(node, token)
+        return t
+
+    return ngram_tree
+
+
 def siblings_visible(mp):
     """Every tree row sees every row before it, as in a chain: siblings and cousins too."""
     original = tree.tree_mask
@@ -276,6 +307,7 @@ def positions_by_row(mp):
 def faithful_tree_copies(mp):
     patch_everywhere(mp, sampling.accept_one_of, accept_one_of_with())
     mp.setattr(tree, "walk", walk_with())
+    patch_everywhere(mp, tree.ngram_tree, ngram_tree_with())
 
 
 TREE_MISTAKES = {
@@ -286,6 +318,11 @@ TREE_MISTAKES = {
         mp, sampling.accept_one_of, accept_one_of_with(update_p=False)),
     "q not updated after a rejected sibling": lambda mp: patch_everywhere(
         mp, sampling.accept_one_of, accept_one_of_with(update_q=False)),
+    "residual not updated after a rejected child chosen without sampling (q None)":
+        lambda mp: patch_everywhere(mp, sampling.accept_one_of,
+                                    accept_one_of_with(update_p_without_q=False)),
+    "an n-gram tree's node with one child more than its width": lambda mp: patch_everywhere(
+        mp, tree.ngram_tree, ngram_tree_with(extra=1)),
     "the wrong rows gathered (a chain's rollback)": lambda mp: patch_everywhere(
         mp, tree.keep, lambda cache, length, path: cache.rollback(length + len(path))),
     "the bonus from the row before the leaf's": lambda mp: mp.setattr(
@@ -311,14 +348,30 @@ TREE_TESTS = {
     "test_tree_samples_follow_the_exact_target_distribution[near, top_k=2, (4, 2)]":
         lambda fx: test_tree.test_tree_samples_follow_the_exact_target_distribution(
             "near, top_k=2, (4, 2)"),
+    "test_a_node_with_sampled_children_outputs_exactly_p[zeros in p and q-3]":
+        lambda fx: test_tree.test_a_node_with_sampled_children_outputs_exactly_p(
+            "zeros in p and q", 3),
+    "test_a_node_with_deterministic_children_outputs_exactly_p[p .4 .3 .2 .1, children 0 1]":
+        lambda fx: test_tree.test_a_node_with_deterministic_children_outputs_exactly_p(
+            "p .4 .3 .2 .1, children 0 1"),
+    "test_ngram_tree_samples_follow_the_exact_target_distribution[T=1, (3, 2)]":
+        lambda fx: test_tree.test_ngram_tree_samples_follow_the_exact_target_distribution(
+            "T=1, (3, 2)"),
+    "test_ngram_trees_keep_to_their_widths_node_by_node":
+        lambda fx: test_tree.test_ngram_trees_keep_to_their_widths_node_by_node(),
 }
-NODES, NODES_BY_LEVEL, TREE_GREEDY, TREE_CACHES, TREE_LAW, TREE_LAW_TOP_K = TREE_TESTS
+(NODES, NODES_BY_LEVEL, TREE_GREEDY, TREE_CACHES, TREE_LAW, TREE_LAW_TOP_K, NODE_LAW,
+ NODE_LAW_WITHOUT_Q, NGRAM_LAW, NGRAM_WIDTHS) = TREE_TESTS
 
 TREE_CAUGHT_BY = {
     "a sibling visible to a sibling": [NODES, NODES_BY_LEVEL, TREE_GREEDY],
     "position = row index": [NODES, NODES_BY_LEVEL, TREE_GREEDY],
-    "residual not updated after a rejected sibling": [TREE_LAW, TREE_LAW_TOP_K],
-    "q not updated after a rejected sibling": [TREE_LAW],
+    "residual not updated after a rejected sibling": [TREE_LAW, TREE_LAW_TOP_K, NODE_LAW,
+                                                      NODE_LAW_WITHOUT_Q],
+    "q not updated after a rejected sibling": [TREE_LAW, NODE_LAW],
+    "residual not updated after a rejected child chosen without sampling (q None)": [
+        NODE_LAW_WITHOUT_Q, NGRAM_LAW],
+    "an n-gram tree's node with one child more than its width": [NGRAM_WIDTHS],
     "the wrong rows gathered (a chain's rollback)": [TREE_CACHES, TREE_GREEDY],
     "the bonus from the row before the leaf's": [TREE_GREEDY],
 }
@@ -340,5 +393,4 @@ def test_the_tree_copies_without_a_mistake_pass(target, drafts, monkeypatch, tes
 @pytest.mark.parametrize("mistake, test", TREE_CASES)
 def test_each_tree_mistake_is_caught(target, drafts, monkeypatch, mistake, test):
     TREE_MISTAKES[mistake](monkeypatch)
-    with pytest.raises(AssertionError):
-        TREE_TESTS[test]((target, drafts))
+    fails(TREE_TESTS[test], (target, drafts))

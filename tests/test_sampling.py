@@ -15,6 +15,7 @@ class ScriptedRng:
         self.values = list(values)
 
     def random(self):
+        assert self.values, "the code drew more random numbers than were scripted"
         return self.values.pop(0)
 
 
@@ -212,3 +213,41 @@ def test_top_p_1_is_accepted_and_keeps_every_token():
     for top_k in (None, 7):
         np.testing.assert_array_equal(probabilities(logits, Warp(0.9, top_k, top_p=1.0)),
                                       probabilities(logits, Warp(0.9, top_k)))
+
+
+@pytest.mark.parametrize("warp", [Warp(1.0), Warp(0.5), Warp(2.0, top_k=3), Warp(1.0, top_p=0.9)],
+                         ids=str)
+def test_large_logits_give_finite_probabilities(warp):
+    """Only differences of logits matter: rows of scores near 1e4 and 1e30 (float32) must give
+    finite probabilities that sum to 1 and equal those of the shifted row. exp(1e4) overflows
+    even in float64, so a softmax that forgets to subtract the row's max gives inf / inf = NaN."""
+    rows = np.array([[1e4, 1e4 - 1, 1e4 - 2.5, 0.0, 1e4 - 0.5],
+                     [1e30, 0.0, -1e30, 1e30, -3.0]], dtype=np.float32)
+    p = probabilities(rows, warp)
+    assert np.isfinite(p).all()
+    np.testing.assert_allclose(p.sum(axis=-1), 1.0, rtol=0, atol=1e-12)
+    for got, row in zip(p, rows):
+        shifted = (row.astype(np.float64) - row.max()).astype(np.float32)  # exact: same gaps
+        want = reference_probabilities(shifted, warp)
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("q_x", [0.0, float("nan")])
+def test_a_draft_its_q_gives_no_mass_is_an_error_not_an_acceptance(q_x):
+    """x must be drawn from q: a q(x) of 0 makes p/q 0/0 = NaN, and min(1, NaN) is 1, which
+    would accept x even where the target gives it probability 0. It is the drafter's mistake,
+    named in a GPT2Error, whatever u is and whatever p says."""
+    q = np.array([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+    q[0, 2] = q_x
+    p = np.array([[0.0, 0.5, 0.5], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    for drafts, position in (([2, 1], 1), ([1, 2], None), ([0, 0], None)):
+        for u in (0.0, 0.5, np.nextafter(1.0, 0)):
+            if position is None:  # proposals q gives mass: no error
+                accept_or_resample(drafts, q, p, ScriptedRng(u, u, u))
+                continue
+            with pytest.raises(GPT2Error, match=f"proposed token 2 as draft {position} of 2 but "
+                                                "its q gives it probability 0: a drafter must"):
+                accept_or_resample(drafts, q, p, ScriptedRng(u, u, u))
+    q = np.array([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    with pytest.raises(GPT2Error, match="token 1 as draft 2 of 2"):  # a later draft: once reached
+        accept_or_resample([1, 1], q, p, ScriptedRng(0.0, 0.0, 0.0))

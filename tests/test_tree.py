@@ -1,16 +1,20 @@
 """Token trees: the tree forward against chains, the gather against a fresh prefill, greedy
 trees against greedy decoding, and the sampled law against the target's exact one."""
+import zlib
+
 import numpy as np
 import pytest
 
 import gpt2_numpy as gpt2
 from gpt2_numpy import NGramDrafter, Warp, autoregressive_sample, speculative_sample
 from gpt2_numpy.model import causal_mask
-from gpt2_numpy.tree import (MAX_TREE_NODES, feed_tree, keep, tree_mask, tree_size,
+from gpt2_numpy.tree import (MAX_TREE_NODES, accept_one_of, feed_tree, keep, ngram_tree,
+                             sample_without_replacement, tree_mask, tree_size,
                              tree_speculative_sample)
 from conftest import FIXTURES, perturbed, tiny_model
 from test_decoding import (N_GREEDY, PROMPT, TINY, exact_distribution, goodness_of_fit,
                            total_variation)
+from test_sampling import ScriptedRng, reference_residual
 
 # Parents of a ragged tree in breadth-first order: -1 is the token before the tree.
 PARENTS = [-1, 0, 0, 0, 1, 1, 2, 4, 4, 5, 6, 6]
@@ -200,11 +204,312 @@ def test_ngram_branches_give_the_greedy_tokens_and_beat_the_chain():
     assert stats.drafted > chain_stats.drafted  # several branches were proposed
 
 
+def depths(tree):
+    depth = [0]
+    for parent in tree.parents[1:]:
+        depth.append(depth[parent] + 1)
+    return depth
+
+
+def test_ngram_trees_keep_to_their_widths_node_by_node():
+    """On random contexts over 3 to 5 tokens, where the context's end recurs with many
+    continuations, a node of an n-gram tree at depth d - 1 has as children the first w_d
+    different next tokens of the branches (drafters.lookup_branches) through it, in their
+    order: never more than w_d (nor any child below depth D), and the limit is reached often."""
+    from gpt2_numpy.drafters import lookup_branches
+
+    rng, cut = np.random.default_rng(3), 0
+    for V in (3, 4, 5):
+        for _ in range(8):
+            tokens = rng.integers(0, V, 40).tolist()
+            for widths in [(1,), (2,), (3, 1), (2, 2, 2), (4, 3, 2, 1), (3, 3), (1, 2, 3)]:
+                tree = ngram_tree(NGramDrafter(V), tokens, widths)
+                branches = lookup_branches(tokens, int(np.prod(widths)), len(widths))
+                assert tree.n_nodes <= tree_size(widths)
+                for node, depth in enumerate(depths(tree)):
+                    children = [tree.tokens[c] for c in tree.children[node]]
+                    if depth == len(widths):
+                        assert children == []
+                        continue
+                    path = [tree.tokens[i] for i in path_to(tree.parents, node)[1:]]
+                    through = [b[depth] for b in branches if b[:depth] == path]
+                    assert children == list(dict.fromkeys(through))[: widths[depth]]
+                    cut += len(set(through)) > widths[depth]
+    assert cut > 100
+
+
+def test_an_ngram_tree_near_the_end_of_the_context_fits_the_rows_left(target):
+    """Near the end of the context a round's tree is cut to the rows left: 58 prompt tokens
+    leave 6 rows, so widths 2, 2, 2 become 2, 2. The prompt's last token, 9, was followed by
+    7 8, 4 6, 4 5 and 1 3: the root may take 7 and 4 (5 nodes); a third child, 1, would make 7
+    nodes and overflow the KV cache. The run must reach the full context with the target's
+    greedy tokens."""
+    from gpt2_numpy.drafters import lookup_branches
+
+    filler = [20 + i % 30 for i in range(43)]  # no 9, and no earlier "21 9" or "20 21 9"
+    prompt = filler + [9, 1, 3, 9, 4, 5, 9, 4, 6, 9, 7, 8] + [20, 21, 9]
+    room = target.n_ctx - len(prompt)
+    assert room == 6 and tree_size((2, 2)) == 6
+    assert lookup_branches(prompt, 4, 2) == [[7, 8], [4, 6], [4, 5], [1, 3]]
+    ar, _ = autoregressive_sample(target, prompt, room)
+    ids, stats = tree_speculative_sample(target, NGramDrafter(target.n_vocab), prompt, 100,
+                                         (2, 2, 2))
+    assert ids == ar and stats.stopped_at_context and stats.K_per_round[0] == 5
+
+
 @pytest.mark.parametrize("bad", [[], [0], [2, -1], [2.5], [8, 8]])
 def test_bad_widths_are_clear_errors(target, drafts, bad):
     with pytest.raises(gpt2.GPT2Error, match="widths"):
         tree_speculative_sample(target, drafts["often"], PROMPT, 5, bad)
     assert tree_size([8, 7]) == MAX_TREE_NODES  # the largest two-level tree allowed
+
+
+# --- the multi-candidate rule and the draws without replacement, exactly -----------------------
+# As test_sampling's test_one_step_output_distribution_is_exactly_p: the code is driven with
+# scripted u, each decision checked on both sides of its threshold, and the output's law summed
+# exactly from the written-out thresholds and residuals. The functions are imported from tree.py,
+# where a node's rule is used.
+
+def reference_without(q, x):
+    """q less token x, renormalised (all zeros once q's support is used up)."""
+    q = q.copy()
+    q[x] = 0.0
+    return q / q.sum() if q.sum() > 0 else q
+
+
+def draws_without_replacement(q, w):
+    """Every ordered tuple that w draws without replacement from q can give (min(w, nonzeros of
+    q) tokens), with its probability: the product over the draws of the drawn token's mass in q
+    less the tokens drawn before it, renormalised. Yields (tokens, laws it was drawn from, prob)."""
+    n = min(w, int(np.count_nonzero(q)))
+
+    def grow(tokens, laws, law, prob):
+        if len(tokens) == n:
+            yield tokens, laws, prob
+            return
+        for x in np.flatnonzero(law):
+            x = int(x)
+            yield from grow(tokens + [x], laws + [law], reference_without(law, x), prob * law[x])
+
+    yield from grow([], [], q, 1.0)
+
+
+def law_of_accept_one_of(children, q, p):
+    """The exact law of accept_one_of's output token for these children (q: the law they were
+    drawn from without replacement, None: chosen without sampling), read off the code: child j
+    is accepted for u below a_j = min(1, p_j(x_j) / q_j(x_j)) (u just below accepts, u == a_j
+    rejects: the script of every path so far rejects with u == a), after every rejection the
+    token drawn from the last residual is the one whose interval of its CDF holds u. p_j is the
+    residual norm(max(0, p_{j-1} - q_{j-1})), q_j is q less x_1..x_{j-1} (one-hot at x_j for
+    q None); written out here, not taken from the code."""
+    out, reach, rejections = np.zeros(len(p)), 1.0, []
+    p_j, q_left = p, q
+    for j, x in enumerate(children):
+        q_j = q_left if q is not None else np.eye(len(p))[x]
+        a = min(1.0, p_j[x] / q_j[x])
+        if a > 0:
+            rng = ScriptedRng(*rejections, np.nextafter(a, 0))
+            assert accept_one_of(children, q, p, rng) == (j, x) and not rng.values
+        out[x] += reach * a
+        reach *= 1 - a
+        if reach == 0:  # child j is always accepted: nothing after it is ever reached
+            return out
+        rejections.append(a)
+        p_j = reference_residual(p_j, q_j)
+        if q is not None:
+            q_left = reference_without(q_left, x)
+    ends = np.cumsum(p_j)  # token t is resampled for u in [ends[t] - p_j[t], ends[t])
+    for token in np.flatnonzero(p_j):
+        for at in (1e-6, 0.5, 1 - 1e-6):  # fractions of the way through the interval
+            rng = ScriptedRng(*rejections, ends[token] - (1 - at) * p_j[token])
+            assert accept_one_of(children, q, p, rng) == (None, token) and not rng.values
+    return out + reach * p_j
+
+
+def node_pair(kind, V=6):
+    """(p, q) at a node: the target's distribution and the draft's, with the zeros asked for."""
+    rng = np.random.default_rng(zlib.crc32(kind.encode()))
+    p, q = rng.dirichlet(np.ones(V)), rng.dirichlet(np.ones(V))
+    if kind == "zeros in p and q":
+        p[[0, 1]], q[[1, 2]] = 0.0, 0.0  # token 1: zero in both
+    elif kind == "p == q":
+        q = p.copy()
+    elif kind == "one-hot p":
+        p = np.eye(V)[4]
+    elif kind == "one-hot p outside q":
+        p, q[4] = np.eye(V)[4], 0.0
+    return p / p.sum(), q / q.sum()
+
+
+NODE_KINDS = ["random", "zeros in p and q", "p == q", "one-hot p", "one-hot p outside q"]
+
+
+@pytest.mark.parametrize("w", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("kind", NODE_KINDS)
+def test_a_node_with_sampled_children_outputs_exactly_p(kind, w):
+    """Children drawn without replacement from q (every ordered tuple, with its probability),
+    then accept_one_of over them: the output's law, summed over the tuples, is p."""
+    p, q = node_pair(kind)
+    out, total = np.zeros(len(p)), 0.0
+    for children, _, prob in draws_without_replacement(q, w):
+        out += prob * law_of_accept_one_of(children, q, p)
+        total += prob
+    assert total == pytest.approx(1.0, abs=1e-12)
+    np.testing.assert_allclose(out, p, rtol=0, atol=1e-12)
+
+
+DETERMINISTIC = {  # (p, children) for children chosen without sampling (q None)
+    "p .4 .3 .2 .1, children 0 1": ([0.4, 0.3, 0.2, 0.1], [0, 1]),  # a forgotten residual: .567
+    "p .4 .3 .2 .1, children 3 2 1 0": ([0.4, 0.3, 0.2, 0.1], [3, 2, 1, 0]),
+}
+
+
+def deterministic_cases():
+    cases = dict(DETERMINISTIC)
+    rng = np.random.default_rng(7)
+    for kind, p_kind in (("random", "p random"), ("zeros in p and q", "zeros in p"),
+                         ("one-hot p", "one-hot p")):
+        for w in range(1, 6):
+            cases[f"{p_kind}, {w} children"] = (node_pair(kind)[0], rng.permutation(6)[:w].tolist())
+    return cases
+
+
+@pytest.mark.parametrize("case", deterministic_cases())
+def test_a_node_with_deterministic_children_outputs_exactly_p(case):
+    """Children chosen without sampling (n-gram matches, top-w at temperature 0): each one's q
+    is one-hot at it, so child j is accepted with probability p_j(x_j), p_j the residual left by
+    the rejections before it. The law is p for any children, tokens of p = 0 among them too."""
+    p, children = deterministic_cases()[case]
+    p = np.asarray(p)
+    np.testing.assert_allclose(law_of_accept_one_of(children, None, p), p, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("w", [1, 3, 5])
+@pytest.mark.parametrize("kind", ["random", "zeros in p and q", "one-hot p outside q"])
+def test_draws_without_replacement_have_the_renormalised_q_s_law(kind, w):
+    """sample_without_replacement(q, w): min(w, nonzeros of q) distinct tokens, the tuple
+    x_1..x_n drawn with probability q(x_1) q_2(x_2) ... q_n(x_n), q_j being q less x_1..x_{j-1},
+    renormalised. Read off the code with scripted u: each tuple's set of u is a box whose sides
+    are the intervals of the drawn tokens in the CDFs of q_1..q_n, and the code must give that
+    tuple at its middle and near both ends of every side."""
+    q = node_pair(kind)[1]
+    low, high, total = 1e-6, 1 - 1e-6, 0.0
+    for tokens, laws, prob in draws_without_replacement(q, w):
+        ends = [np.cumsum(law)[x] for law, x in zip(laws, tokens)]
+        n = len(tokens)
+        for point in [(0.5,) * n, (low,) * n, (high,) * n, (low, high) * n, (high, low) * n]:
+            u = [end - (1 - at) * law[x] for end, at, law, x in zip(ends, point, laws, tokens)]
+            assert sample_without_replacement(q, w, ScriptedRng(*u)) == tokens
+        assert prob == pytest.approx(np.prod([law[x] for law, x in zip(laws, tokens)]), rel=1e-12)
+        total += prob
+    assert total == pytest.approx(1.0, abs=1e-12)  # the boxes fill [0, 1)^n
+
+
+# --- a drafter's mistakes at a node are errors, never acceptances --------------------------------
+
+def test_a_node_names_a_drafters_repeated_or_impossible_child():
+    """A repeated child, or one its q (less the children before it) gives no mass, is the
+    drafter's mistake: a GPT2Error naming it, whatever u is, never a silent acceptance
+    (q(x) = 0 would make p / q 0/0 = NaN, and min(1, NaN) is 1)."""
+    p, q = np.array([0.1, 0.0, 0.6, 0.3]), np.array([0.5, 0.5, 0.0, 0.0])
+    for u in (0.0, 0.5, np.nextafter(1.0, 0)):
+        for children, law in (([0, 0], q), ([1, 1], None), ([3, 2, 3], None)):
+            with pytest.raises(gpt2.GPT2Error, match=f"proposed token {children[-1]} twice as "
+                                                     "children of one node"):
+                accept_one_of(children, law, p, ScriptedRng(0.99, 0.99, u))
+        for children, j in (([2], 1), ([0, 2], 2), ([1, 0, 3], 3)):
+            with pytest.raises(gpt2.GPT2Error, match=f"proposed token {children[-1]} as child {j} "
+                                                     "of a node but its q gives it probability 0"):
+                accept_one_of(children, q, p, ScriptedRng(*[0.99] * (j - 1), u))
+
+
+def test_a_tree_run_whose_draft_repeats_a_child_stops_with_the_error(monkeypatch, target, drafts):
+    """A draft sampler that draws WITH replacement (here: its top token, twice) gives a node a
+    repeated child; the run stops with the GPT2Error that names it once the walk reaches it."""
+    from gpt2_numpy import tree
+
+    monkeypatch.setattr(tree, "sample_without_replacement",
+                        lambda q, n, rng: [int(np.argmax(q))] * n)
+    with pytest.raises(gpt2.GPT2Error, match="twice as children of one node"):
+        tree_speculative_sample(target, drafts["rarely"], PROMPT, 20, (2, 2), Warp(1.0),
+                                np.random.default_rng(0))
+
+
+# --- a tree's host work -------------------------------------------------------------------------
+
+def test_top_w_is_the_full_sorts_answer_with_ties_to_the_lowest_id():
+    """tree.top_w (a partial sort) gives what sorting the whole row does: the w largest logits,
+    largest first, equal logits lowest id first (the greedy argmax's tie rule), on rows full of
+    ties, at the boundary of the w too."""
+    from gpt2_numpy.tree import top_w
+
+    row = np.array([1, 3, 3, -2, 3, 0, 1], dtype=np.float32)
+    assert [top_w(row, w) for w in (1, 2, 3, 4, 5)] == [[1], [1, 2], [1, 2, 4], [1, 2, 4, 0],
+                                                        [1, 2, 4, 0, 6]]
+    assert top_w(row, 7) == top_w(row, 9) == [1, 2, 4, 0, 6, 5, 3]
+    rng = np.random.default_rng(0)
+    for V in (1, 2, 5, 50, 1000):
+        for ties in (True, False):
+            for _ in range(10):
+                row = rng.integers(-3, 4, V) if ties else rng.standard_normal(V)
+                row = row.astype(np.float32)
+                row[rng.integers(0, V)] = -np.inf  # a masked logit
+                for w in sorted({1, 2, 3, 8, V - 1, V, V + 1} - {0}):
+                    assert top_w(row, w) == np.argsort(-row, kind="stable")[:w].tolist(), (V, w)
+
+
+class FakeClock:
+    """Seconds that pass only where a test moves them on."""
+
+    now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class Slow:
+    """A model whose every forward moves a fake clock on by `cost` seconds."""
+
+    def __init__(self, model, clock, cost):
+        self.model, self.clock, self.cost = model, clock, cost
+        self.n_ctx, self.n_vocab, self.new_cache = model.n_ctx, model.n_vocab, model.new_cache
+
+    def __call__(self, *args, **kwargs):
+        self.clock.now += self.cost
+        return self.model(*args, **kwargs)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_tree_runs_draft_seconds_count_choosing_the_children(monkeypatch, target, drafts,
+                                                               temperature):
+    """On a fake clock that moves only in the forwards (1 s a target forward, 0.25 s a draft
+    forward) and in choosing a node's children (0.5 s: a top-w or draws without replacement,
+    each over the whole vocabulary), the run's draft_seconds are the draft's forwards and the
+    choosing, its target_seconds the verify forwards, and the two add up to its decode_seconds.
+    No wall clock is read."""
+    import time
+
+    from gpt2_numpy import tree
+    from gpt2_numpy.stats import Timed
+
+    clock = FakeClock()
+    monkeypatch.setattr(time, "perf_counter", clock)  # Stats.timing's clock
+    monkeypatch.setattr(tree, "Timed", lambda fn: Timed(fn, clock=clock))
+    choose, chosen = tree.draw_children, []
+
+    def slow_choice(*args):
+        clock.now += 0.5
+        chosen.append(args[1])
+        return choose(*args)
+
+    monkeypatch.setattr(tree, "draw_children", slow_choice)
+    ids, stats = tree_speculative_sample(Slow(target, clock, 1.0),
+                                         Slow(drafts["often"], clock, 0.25), PROMPT, 20,
+                                         (2, 2, 1), Warp(temperature), np.random.default_rng(0))
+    assert len(ids) == 20 and len(chosen) > stats.rounds  # several nodes' children a round
+    assert stats.target_seconds == 1.0 * stats.target_calls
+    assert stats.draft_seconds == 0.25 * stats.draft_calls + 0.5 * len(chosen)
+    assert stats.draft_seconds + stats.target_seconds == stats.decode_seconds
 
 
 # --- the sampled law, end to end ---------------------------------------------------------------
@@ -251,6 +556,43 @@ def test_tree_samples_follow_the_exact_target_distribution(case):
     assert 0.05 < acceptance < 0.8  # both acceptances and rejections shaped the law
     chi2_q, critical_q, tv_q, _ = goodness_of_fit(samples, q_exact, N)
     assert chi2_q > critical_q and tv_q > tv_bound
+
+
+NGRAM_PROMPT = [2, 0, 1, 3, 1, 0, 2, 0, 1, 1, 0, 1]  # "0 1" was followed by 3, 1 and 1 0, 2 0
+NGRAM_STATISTICAL = {"T=1, (3, 2)": (Warp(1.0), (3, 2)),
+                     "top_k=3, (3, 2, 1)": (Warp(0.9, top_k=3), (3, 2, 1))}
+
+
+@pytest.mark.parametrize("case", NGRAM_STATISTICAL)
+def test_ngram_tree_samples_follow_the_exact_target_distribution(case):
+    """Trees of n-gram matches (children chosen without sampling, each q one-hot) on a prompt
+    whose end recurs with several continuations: the root gets three children and a child of it
+    two. The first three tokens' empirical law passes chi-square (significance 1e-4) and a
+    total-variation bound against the target's enumerated law, and fails both against a nearby
+    wrong law (the same warp at 1.5 times the temperature)."""
+    warp, widths = NGRAM_STATISTICAL[case]
+    target = tiny_model(seed=21, scale=1.0, **{**TINY, "n_ctx": 32})  # room for whole trees
+    n, N = 3, 4000
+    first = ngram_tree(NGramDrafter(4), NGRAM_PROMPT, widths)
+    assert len(first.children[0]) == 3
+    assert max(len(first.children[c]) for c in first.children[0]) == 2
+    p_exact = exact_distribution(target, NGRAM_PROMPT, n, warp)
+    wrong = exact_distribution(target, NGRAM_PROMPT, n, Warp(1.5 * warp.temperature, warp.top_k))
+    assert total_variation(p_exact, wrong) > 0.1  # a meaningful test
+    rng = np.random.default_rng(2024)
+    samples, first_rounds = [], {"accepted": 0, "resampled": 0}
+    for _ in range(N):
+        kinds = []
+        ids, stats = tree_speculative_sample(target, NGramDrafter(4), NGRAM_PROMPT, n, widths,
+                                             warp, rng, lambda ids, k: kinds.append(k[0]))
+        samples.append(tuple(ids))
+        first_rounds[kinds[0]] += 1  # the first round's tree is `first`: accepted at the root?
+    assert min(first_rounds.values()) > N / 10  # both the acceptances and the residual, often
+    assert all(p_exact[s] > 0 for s in samples)
+    chi2, critical, tv, tv_bound = goodness_of_fit(samples, p_exact, N)
+    assert chi2 < critical and tv < tv_bound, (chi2, critical, tv, tv_bound)
+    chi2_w, critical_w, tv_w, _ = goodness_of_fit(samples, wrong, N)
+    assert chi2_w > critical_w and tv_w > tv_bound
 
 
 # --- main.py --tree -----------------------------------------------------------------------------
