@@ -35,9 +35,8 @@ from typing import Callable, List
 import numpy as np
 
 from .backend import to_numpy
-from .decoding import (ModelDrafter, check_vocabularies, checked_request, prefill,
+from .decoding import (Drafter, ModelDrafter, check_vocabularies, checked_request, prefill,
                        speculative_round)
-from .drafters import Drafter
 from .errors import GPT2Error
 from .sampling import Warp, probabilities
 from .stats import Timed

@@ -23,7 +23,6 @@ from typing import Callable, List, NamedTuple
 import numpy as np
 
 from .backend import synchronize, to_numpy
-from .drafters import Drafter
 from .errors import GPT2Error
 from .sampling import Warp, accept_or_resample, probabilities, sample
 from .stats import Stats, Timed
@@ -100,6 +99,31 @@ def autoregressive_sample(model, prompt: List[int], n_new: int, warp: Warp = War
     stats.count_forwards(target)
     stats.rounds = stats.n_generated = len(tokens) - stats.n_prompt
     return tokens[stats.n_prompt :], stats
+
+
+class Drafter:
+    """What speculative_sample asks for drafts. It calls, in this order:
+
+        start(tokens, capacity)        once, before the first round
+        propose(tokens, K, warp, rng)  -> (drafts, q): at most K token ids, and q [len(drafts),
+                                       V], the distributions they were drawn from
+        rollback(tokens)               after every round; `tokens` is the committed sequence
+
+    and reads n_vocab (the vocabulary size), and for its stats seconds and calls (time spent and
+    calls made proposing).
+    """
+
+    n_vocab: int
+    seconds, calls = 0.0, 0
+
+    def start(self, tokens: List[int], capacity: int) -> None:
+        pass
+
+    def propose(self, tokens: List[int], K: int, warp, rng):
+        raise NotImplementedError
+
+    def rollback(self, tokens: List[int]) -> None:
+        pass
 
 
 class ModelDrafter(Drafter):

@@ -1,7 +1,4 @@
-"""What proposes drafts (`Drafter`), and drafting without a draft model: prompt lookup.
-
-ModelDrafter (decoding.py) samples a small draft model; NGramDrafter, here, copies from the
-context itself.
+"""Drafting without a draft model: prompt lookup, for chains and for token trees.
 
 NGramDrafter looks up the most recent earlier occurrence of the context's last n tokens (the
 prompt and the output so far; n from n_max down to 1) and proposes the tokens that followed it.
@@ -17,6 +14,9 @@ import time
 from typing import List
 
 import numpy as np
+
+from .decoding import Drafter
+from .tree import Tree, TreeDrafter
 
 
 def lookup(tokens: List[int], K: int, n_max: int = 3) -> List[int]:
@@ -35,33 +35,9 @@ def lookup(tokens: List[int], K: int, n_max: int = 3) -> List[int]:
     return []
 
 
-class Drafter:
-    """What speculative_sample asks for drafts. It calls, in this order:
-
-        start(tokens, capacity)        once, before the first round
-        propose(tokens, K, warp, rng)  -> (drafts, q): at most K token ids, and q [len(drafts),
-                                       V], the distributions they were drawn from
-        rollback(tokens)               after every round; `tokens` is the committed sequence
-
-    and reads n_vocab (the vocabulary size), and for its stats seconds and calls (time spent and
-    calls made proposing).
-    """
-
-    n_vocab: int
-    seconds, calls = 0.0, 0
-
-    def start(self, tokens: List[int], capacity: int) -> None:
-        pass
-
-    def propose(self, tokens: List[int], K: int, warp, rng):
-        raise NotImplementedError
-
-    def rollback(self, tokens: List[int]) -> None:
-        pass
-
-
-class NGramDrafter(Drafter):
-    """Proposes continuations found in the context itself; no model, no cache."""
+class NGramDrafter(Drafter, TreeDrafter):
+    """Proposes continuations found in the context itself, as a chain (propose) or a token tree
+    (draft); no model, no cache."""
 
     def __init__(self, n_vocab: int, n_max: int = 3):
         self.n_vocab, self.n_max = n_vocab, n_max
@@ -83,6 +59,11 @@ class NGramDrafter(Drafter):
     def rollback(self, tokens: List[int]) -> None:
         pass  # no state: every lookup reads the committed tokens afresh
 
+    def draft(self, tokens: List[int], widths, warp, rng) -> Tree:
+        """A token tree of earlier continuations (ngram_tree); no sampling."""
+        self.calls += 1
+        return ngram_tree(self, tokens, widths)
+
 
 def lookup_branches(tokens: List[int], n_branches: int, K: int, n_max: int = 3) -> List[List[int]]:
     """Up to n_branches different continuations of up to K tokens, for a token tree: what
@@ -100,3 +81,19 @@ def lookup_branches(tokens: List[int], n_branches: int, K: int, n_max: int = 3) 
                 if len(branches) == n_branches:
                     return branches
     return branches
+
+
+def ngram_tree(drafter: NGramDrafter, tokens: List[int], widths) -> Tree:
+    """A tree of earlier continuations of the context's end: lookup_branches' branches merged
+    where they share a prefix, a node at depth d - 1 with at most w_d = widths[d - 1] children
+    (a branch that would give it more is cut there)."""
+    tree = Tree(tokens[-1])
+    n_leaves = int(np.prod(widths)) if len(widths) else 0
+    for branch in lookup_branches(tokens, n_leaves, len(widths), drafter.n_max) if n_leaves else []:
+        node = 0
+        for token, w in zip(branch, widths):
+            same = [c for c in tree.children[node] if tree.tokens[c] == token]
+            if not same and len(tree.children[node]) == w:
+                break  # this node is full: the rest of the branch is dropped
+            node = same[0] if same else tree.add(node, token)
+    return tree

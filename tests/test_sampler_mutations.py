@@ -233,11 +233,11 @@ def test_each_sampler_mistake_is_caught(target, drafts, monkeypatch, mistake, te
 # gather that keeps the accepted path, and the row the bonus is drawn from.
 
 import test_tree  # noqa: E402
-from gpt2_numpy import tree  # noqa: E402
+from gpt2_numpy import drafters, tree  # noqa: E402
 
 
 def accept_one_of_with(update_p=True, update_q=True, update_p_without_q=True):
-    """sampling.accept_one_of written out again; the defaults are the right rule.
+    """tree.accept_one_of written out again; the defaults are the right rule.
     update_p_without_q=False forgets the residual only for children chosen without sampling."""
 
     def accept_one_of(children, q, p, rng):
@@ -248,7 +248,7 @@ def accept_one_of_with(update_p=True, update_q=True, update_p_without_q=True):
             if update_p and (q is not None or update_p_without_q):
                 p = sampling.residual(p, q_j)
             if update_q and q is not None:
-                q = sampling.without(q, x)
+                q = tree.without(q, x)
         return None, sampling.sample(p, rng)
 
     return accept_one_of
@@ -274,12 +274,12 @@ def walk_with(bonus_row=lambda node: node):
 
 
 def ngram_tree_with(extra=0):
-    """tree.ngram_tree written out again, a node full at w + extra children (0: the right rule)."""
+    """drafters.ngram_tree written out again, a node full at w + extra children (0: the right rule)."""
 
     def ngram_tree(drafter, tokens, widths):
         t = tree.Tree(tokens[-1])
         n_leaves = int(np.prod(widths)) if len(widths) else 0
-        for branch in (tree.lookup_branches(tokens, n_leaves, len(widths), drafter.n_max)
+        for branch in (drafters.lookup_branches(tokens, n_leaves, len(widths), drafter.n_max)
                        if n_leaves else []):
             node = 0
             for token, w in zip(branch, widths):
@@ -305,9 +305,9 @@ def positions_by_row(mp):
 
 
 def faithful_tree_copies(mp):
-    patch_everywhere(mp, sampling.accept_one_of, accept_one_of_with())
+    patch_everywhere(mp, tree.accept_one_of, accept_one_of_with())
     mp.setattr(tree, "walk", walk_with())
-    patch_everywhere(mp, tree.ngram_tree, ngram_tree_with())
+    patch_everywhere(mp, drafters.ngram_tree, ngram_tree_with())
 
 
 TREE_MISTAKES = {
@@ -315,14 +315,14 @@ TREE_MISTAKES = {
     "a sibling visible to a sibling": siblings_visible,
     "position = row index": positions_by_row,
     "residual not updated after a rejected sibling": lambda mp: patch_everywhere(
-        mp, sampling.accept_one_of, accept_one_of_with(update_p=False)),
+        mp, tree.accept_one_of, accept_one_of_with(update_p=False)),
     "q not updated after a rejected sibling": lambda mp: patch_everywhere(
-        mp, sampling.accept_one_of, accept_one_of_with(update_q=False)),
+        mp, tree.accept_one_of, accept_one_of_with(update_q=False)),
     "residual not updated after a rejected child chosen without sampling (q None)":
-        lambda mp: patch_everywhere(mp, sampling.accept_one_of,
+        lambda mp: patch_everywhere(mp, tree.accept_one_of,
                                     accept_one_of_with(update_p_without_q=False)),
     "an n-gram tree's node with one child more than its width": lambda mp: patch_everywhere(
-        mp, tree.ngram_tree, ngram_tree_with(extra=1)),
+        mp, drafters.ngram_tree, ngram_tree_with(extra=1)),
     "the wrong rows gathered (a chain's rollback)": lambda mp: patch_everywhere(
         mp, tree.keep, lambda cache, length, path: cache.rollback(length + len(path))),
     "the bonus from the row before the leaf's": lambda mp: mp.setattr(

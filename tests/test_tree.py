@@ -8,7 +8,8 @@ import pytest
 import gpt2_numpy as gpt2
 from gpt2_numpy import NGramDrafter, Warp, autoregressive_sample, speculative_sample
 from gpt2_numpy.model import causal_mask
-from gpt2_numpy.tree import (MAX_TREE_NODES, accept_one_of, feed_tree, keep, ngram_tree,
+from gpt2_numpy.drafters import ngram_tree
+from gpt2_numpy.tree import (MAX_TREE_NODES, accept_one_of, feed_tree, keep,
                              sample_without_replacement, tree_mask, tree_size,
                              tree_speculative_sample)
 from conftest import FIXTURES, perturbed, tiny_model
