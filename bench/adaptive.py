@@ -26,7 +26,7 @@ import numpy as np
 from gpt2_numpy.adaptive import AdaptiveK, LookBackDrafter, adaptive_speculative_sample
 from gpt2_numpy.decoding import autoregressive_sample, speculative_sample
 from gpt2_numpy.load import official_hparams, random_params
-from gpt2_numpy.model import GPT2
+from gpt2_numpy.load import GPT2
 from gpt2_numpy.sampling import Warp, probabilities
 from gpt2_numpy.backend import to_numpy
 

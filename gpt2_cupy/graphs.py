@@ -39,7 +39,8 @@ import cupy as cp
 import numpy as np
 
 from gpt2_numpy.errors import GPT2Error
-from gpt2_numpy.model import GPT2, KVCache
+from gpt2_numpy.load import GPT2
+from gpt2_numpy.model import KVCache
 
 from .fused import FusedForward, convert_weights
 from .static import static_forward

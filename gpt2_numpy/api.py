@@ -7,7 +7,8 @@ from .drafters import Drafter, NGramDrafter
 from .errors import GPT2Error
 from .load import OFFICIAL_HPARAMS, load_hparams, official_hparams, random_params
 from .load import load_model as _load_model
-from .model import GPT2, KVCache, forward
+from .load import GPT2
+from .model import KVCache, forward
 from . import products as _products
 from .sampling import Warp, accept_or_resample, probabilities, residual, sample
 from .tree import tree_speculative_sample

@@ -12,9 +12,10 @@ from typing import Optional
 import numpy as np
 
 from .checkpoint import HPARAM_KEYS, load_checkpoint
+from .backend import namespace_of
 from .download import resolve_model_dir
 from .errors import DamagedFile, GPT2Error
-from .model import GPT2
+from .model import KVCache, forward, hidden_states
 from .tokenizer import load_tokenizer
 
 # The released sizes. Every size shares n_vocab 50257 and n_ctx 1024.
@@ -24,6 +25,42 @@ OFFICIAL_HPARAMS = {
     "774M": dict(n_layer=36, n_head=20, n_embd=1280),
     "1558M": dict(n_layer=48, n_head=25, n_embd=1600),
 }
+
+
+class GPT2:
+    """A loaded model: hyperparameters, parameters (model.py's nested dicts; for official files,
+    read-only views of the checkpoint's bytes) and, optionally, its tokenizer.
+    `model(ids, cache)` is model.forward(model.params, ids, cache, n_head)."""
+
+    def __init__(self, hparams: dict, params: dict, tokenizer=None, name: str = "gpt2"):
+        self.hparams, self.params, self.tokenizer, self.name = hparams, params, tokenizer, name
+        self.xp = namespace_of(params["wte"])
+
+    n_ctx = property(lambda self: self.hparams["n_ctx"])
+    n_vocab = property(lambda self: self.hparams["n_vocab"])
+
+    def new_cache(self, capacity: int = None) -> KVCache:
+        """An empty KV cache for up to `capacity` tokens (default: the whole context)."""
+        return KVCache(self.hparams, capacity or self.n_ctx, self.xp, self.params["wte"].dtype)
+
+    def __call__(self, ids, cache: KVCache, n_logits=1, positions=None, visible=None):
+        return forward(self.params, ids, cache, self.hparams["n_head"], n_logits, positions,
+                       visible)
+
+    def hidden_states(self, ids, cache: KVCache, n_rows=1, positions=None, visible=None):
+        return hidden_states(self.params, ids, cache, self.hparams["n_head"], n_rows, positions,
+                             visible)
+
+    def warm_up(self, capacity: int = None) -> None:
+        """One untimed forward, so that no timed one pays for first-time work (paging the
+        weights in from the checkpoint's memory map). `capacity`, the cache size the decoders
+        will ask for, matters only to gpt2_cupy, which records its CUDA graphs for it."""
+        self([0], self.new_cache(1))
+
+    def __repr__(self):
+        h = self.hparams
+        return (f"GPT2({self.name!r}, n_layer={h['n_layer']}, n_head={h['n_head']}, "
+                f"n_embd={h['n_embd']}, n_vocab={h['n_vocab']}, n_ctx={h['n_ctx']})")
 
 
 def load_hparams(model_dir) -> dict:

@@ -6,15 +6,12 @@ Notation (shapes in the comments):
     H      n_head                               D       d // H, the size of one head
     V      n_vocab
 
-Every function takes and returns float32 arrays of one backend. The backend (NumPy, CuPy, or any
-Array-API library) is read off the arrays with `namespace_of`, so this file is the one source of
-the model for CPU and GPU alike.
-
-The parameter tree mirrors the checkpoint's names (see checkpoint.py):
+Every function takes float32 arrays of one backend (NumPy, CuPy or any Array-API library) and
+asks them for it (`namespace_of`): this file is the model for CPU and GPU alike. The parameters
+are nested dicts named as in the checkpoint (checkpoint.py), used as stored (no copies):
     wte [V, d], wpe [n_ctx, d], ln_f {g, b},
     blocks[i] = {ln_1, attn {c_attn {w [d, 3d], b}, c_proj {w [d, d], b}}, ln_2,
                  mlp {c_fc {w [d, 4d], b}, c_proj {w [4d, d], b}}}
-The weights are used as the checkpoint stores them: no copies, no re-layout.
 """
 import math
 
@@ -171,15 +168,12 @@ def hidden_states(params: dict, ids, cache: KVCache, n_head: int, n_rows=1, posi
     xp = namespace_of(wte)
     n_past, T = cache.length, len(ids)
     cache.check_room(T)
-    if positions is None:  # each token's position starts at the cache length, not at 0
-        position_embeddings = wpe[n_past : n_past + T, :]  # [T, d]
-    else:
-        position_embeddings = xp.take(wpe, xp.asarray(positions), axis=0)  # [T, d]
-    if visible is None and T > 1:
-        visible = causal_mask(n_past, T, xp)  # [T, L]; a single query sees every key
-    elif visible is not None:
-        visible = xp.asarray(visible)
-    x = xp.take(wte, xp.asarray(ids), axis=0) + position_embeddings  # [T, d]
+    if positions is None:  # each new token's position starts at the cache length, not at 0
+        positions = xp.arange(n_past, n_past + T)  # [T]
+    if visible is None and T > 1:  # (a single query sees every key)
+        visible = causal_mask(n_past, T, xp)  # [T, L]
+    positions, visible = xp.asarray(positions), visible if visible is None else xp.asarray(visible)
+    x = xp.take(wte, xp.asarray(ids), axis=0) + xp.take(wpe, positions, axis=0)  # [T, d]
     for i, block in enumerate(params["blocks"]):
         x = transformer_block(x, block["ln_1"], block["attn"], block["ln_2"], block["mlp"],
                               n_head, cache.k[i, ...], cache.v[i, ...], n_past, visible)
@@ -197,41 +191,3 @@ def forward(params: dict, ids, cache: KVCache, n_head: int, n_logits=1, position
     """
     h = hidden_states(params, ids, cache, n_head, n_logits, positions, visible)
     return lm_head(h, params["wte"]) if h.shape[0] else None
-
-
-class GPT2:
-    """A loaded model: hyperparameters, the parameter tree, and (optionally) its tokenizer.
-
-    `model(ids, cache)` is `forward(model.params, ids, cache, n_head)`; `model.params` is the
-    parameter tree as loaded (for official files: read-only views of the checkpoint's bytes).
-    """
-
-    def __init__(self, hparams: dict, params: dict, tokenizer=None, name: str = "gpt2"):
-        self.hparams, self.params, self.tokenizer, self.name = hparams, params, tokenizer, name
-        self.xp = namespace_of(params["wte"])
-
-    n_ctx = property(lambda self: self.hparams["n_ctx"])
-    n_vocab = property(lambda self: self.hparams["n_vocab"])
-
-    def new_cache(self, capacity: int = None) -> KVCache:
-        """An empty KV cache for up to `capacity` tokens (default: the whole context)."""
-        return KVCache(self.hparams, capacity or self.n_ctx, self.xp, self.params["wte"].dtype)
-
-    def __call__(self, ids, cache: KVCache, n_logits=1, positions=None, visible=None):
-        return forward(self.params, ids, cache, self.hparams["n_head"], n_logits, positions,
-                       visible)
-
-    def hidden_states(self, ids, cache: KVCache, n_rows=1, positions=None, visible=None):
-        return hidden_states(self.params, ids, cache, self.hparams["n_head"], n_rows, positions,
-                             visible)
-
-    def warm_up(self, capacity: int = None) -> None:
-        """One untimed forward, so that no timed one pays for first-time work (paging the
-        weights in from the checkpoint's memory map). `capacity`, the cache size the decoders
-        will ask for, matters only to gpt2_cupy, which records its CUDA graphs for it."""
-        self([0], self.new_cache(1))
-
-    def __repr__(self):
-        h = self.hparams
-        return (f"GPT2({self.name!r}, n_layer={h['n_layer']}, n_head={h['n_head']}, "
-                f"n_embd={h['n_embd']}, n_vocab={h['n_vocab']}, n_ctx={h['n_ctx']})")

@@ -1,12 +1,9 @@
 """From logits to a token: warping, sampling, and the speculative accept/resample rule.
 
-Everything here runs on the host in NumPy, on rows of V logits (a verify step warps its K + 1
-rows in one call; a token is drawn from one row at a time). Distributions are float64: the
-model's float32 logits are exact in float64, and normalising there means a distribution sums to
-1 to ~1e-16, which the ratio p/q and the residual max(0, p - q) rely on.
-
-Naming follows Leviathan et al. (2023): p is the TARGET model's distribution, q the DRAFT's
-(Chen et al. (2023) use the opposite letters).
+Everything here runs on the host in NumPy, on rows of V logits. Distributions are float64: a
+float32 logit is exact in float64, and normalising there makes a distribution sum to 1 to ~1e-16,
+which the ratio p/q and the residual max(0, p - q) rely on. The letters follow Leviathan et al.
+(2023): p is the TARGET model's distribution, q the DRAFT's (Chen et al. (2023) swap them).
 """
 from dataclasses import dataclass
 from typing import Optional
