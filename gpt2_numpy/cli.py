@@ -73,16 +73,16 @@ def parse_args(argv=None, description: str = None):
 
 def make_parser(description: str = None) -> Parser:
     p = Parser(description=description)
-    p.add_argument("--prompt", default=DEFAULT_PROMPT,
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, metavar="TEXT",
                    help=f"the text to continue (default: {DEFAULT_PROMPT!r})")
-    p.add_argument("--n_tokens_to_generate", type=int, default=60,
+    p.add_argument("--n_tokens_to_generate", type=int, default=60, metavar="N",
                    help="exactly this many new tokens; with the prompt they must fit in each "
                    "model's context (default: %(default)s)")
-    p.add_argument("--draft_model_size", default="124M", help="the draft: a size ("
+    p.add_argument("--draft_model_size", default="124M", metavar="MODEL", help="the draft: a size ("
                    f"{', '.join(MODEL_SIZES)}) or a folder of official files "
                    "(default: %(default)s)")
-    p.add_argument("--target_model_size", default="355M", help="the target: a size or a folder "
-                   "of official files (default: %(default)s)")
+    p.add_argument("--target_model_size", default="355M", metavar="MODEL",
+                   help="the target: a size or a folder of official files (default: %(default)s)")
     p.add_argument("--K", type=int, default=None, help="draft tokens proposed per round; with "
                    f"--adaptive, the most; not with --tree (default: {DEFAULT_K})")
     p.add_argument("--adaptive", action="store_true", help="choose K in [0, --K] before each "
@@ -95,17 +95,17 @@ def make_parser(description: str = None) -> Parser:
                    "token) being depth 0 (e.g. 2,2,1,1; gpt2_numpy/tree.py) (default: off)")
     p.add_argument("--show", action="store_true", help="stream the speculative text, coloured by "
                    "how each token was produced (default: off)")
-    p.add_argument("--temperature", type=float, default=0.0,
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help=f"0 means greedy; otherwise at least {MIN_TEMPERATURE:.2g} (a smaller "
                    "one makes logits / T overflow, and is an error) (default: 0)")
-    p.add_argument("--top_k", type=int, default=None, help="sample among the k most likely "
-                   "tokens only; needs a temperature > 0 (default: off)")
-    p.add_argument("--top_p", type=float, default=None, help="sample among the most likely "
-                   "tokens whose probabilities add up to p, in (0, 1]; needs a temperature > 0 "
-                   "(default: off)")
-    p.add_argument("--seed", type=int, default=123,
+    p.add_argument("--top_k", type=int, default=None, metavar="k", help="sample among the k "
+                   "most likely tokens only; needs a temperature > 0 (default: off)")
+    p.add_argument("--top_p", type=float, default=None, metavar="p", help="sample among the "
+                   "most likely tokens whose probabilities add up to p, in (0, 1]; needs a "
+                   "temperature > 0 (default: off)")
+    p.add_argument("--seed", type=int, default=123, metavar="N",
                    help="an integer >= 0, seeding every run alike (default: %(default)s)")
-    p.add_argument("--models_dir", default=None,
+    p.add_argument("--models_dir", default=None, metavar="FOLDER",
                    help="download cache (default: $GPT2_MODELS_DIR, else weights/)")
     p.add_argument("--verify", action="store_true",
                    help="check the weights against the checkpoint's CRC-32Cs even if that was "

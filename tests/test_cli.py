@@ -465,14 +465,15 @@ def test_the_flags_refused_elsewhere_are_accepted_where_they_count(capsys, flags
 
 @pytest.mark.parametrize("mode", ["both", "all"])
 def test_runs_too_short_to_measure_report_no_ratio_of_times(capsys, mode):
-    """On the fixtures a run decodes in milliseconds: no speedup, c, prediction or position,
-    and the report says why, in the text and in the JSON."""
-    flags = ["--mode", mode, "--K", "3"]
+    """8 tokens: fewer than 10 forwards in every run, however slow the machine: no speedup, c,
+    prediction or position, and the report says why, in the text and in the JSON."""
+    flags = ["--mode", mode, "--K", "3", "--n_tokens_to_generate", "8"]
     r = run_json(capsys, *flags)
     measured = ["speedup", "c", "predicted_speedup"] + (["speculative_position"] if mode == "all" else [])
     for name in measured:
         assert r[name] is None and r["why_null"][name].startswith(("too short", "c is too short"))
     assert "0.05 s and 10 forwards" in r["why_null"]["speedup"]
+    assert "the target alone: " in r["why_null"]["speedup"] and ", 8 forwards" in r["why_null"]["speedup"]
     assert main.main(BASE + flags) == 0
     out = capsys.readouterr().out
     assert "Speedup: none to report, too short to measure (the target alone: " in out
