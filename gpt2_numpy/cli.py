@@ -319,7 +319,7 @@ def make_report(args, settings: Settings, tokenizer, prompt, load_seconds, runs)
     report = {
         # the prompt as its tokens decode: an invalid UTF-8 byte became U+FFFD, as it was fed
         "prompt": tokenizer.decode(prompt), "prompt_token_ids": prompt, "backend": args.backend,
-        "dtype": args.dtype, "draft": draft if runs.keys() - {"autoregressive"} else None,
+        "dtype": args.dtype, "draft": None if list(runs) == ["autoregressive"] else draft,
         "target": args.target_model_size, "K": settings.K, "adaptive": args.adaptive,
         "tree": settings.widths, "temperature": args.temperature, "top_k": args.top_k,
         "top_p": args.top_p, "seed": args.seed, "load_seconds": load_seconds, **results,

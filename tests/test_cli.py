@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import main
-from gpt2_numpy import cli
+from gpt2_numpy import cli, download
 import gpt2_numpy as gpt2
 from gpt2_numpy.checkpoint import DATA_FILE, INDEX_FILE, read_index
 from bench.checkpoint_writer import write_checkpoint
@@ -446,6 +446,7 @@ def test_the_download_check_above_sees_a_late_check(capsys, monkeypatch, tmp_pat
     """The control: a mistake only a loaded model shows (the prompt is too long for its
     context) is reported as the download's failure."""
     monkeypatch.setenv("GPT2_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setattr(download, "BACKOFF_S", 0.0)  # no waiting between the refused attempts
     argv = BASE + ["--target_model_size", "124M", "--models_dir", str(tmp_path),
                    "--prompt", "word " * 1020]
     assert main.main(argv) == 2
