@@ -366,6 +366,11 @@ def load_checkpoint(model_dir, hparams: dict, verify_crc: bool = False) -> dict:
     index_path, data_path = model_dir / INDEX_FILE, model_dir / DATA_FILE
     _check_hparams(hparams, model_dir / "hparams.json")
     entries = read_index(index_path)
+    last = f"model/h{hparams['n_layer'] - 1}/ln_1/g"  # before listing n_layer layers' tensors
+    if last not in entries:
+        raise DamagedFile(f"{index_path} does not match {model_dir / 'hparams.json'} (tensor "
+                          f"{last} is missing)", "delete the model folder and run again to "
+                          "re-download")
     shapes = expected_shapes(hparams)
     _check_entries(entries, shapes, hparams, index_path)
 

@@ -64,12 +64,16 @@ class GPT2:
 
 
 def load_hparams(model_dir) -> dict:
+    """hparams.json: a JSON object with a positive integer for each of HPARAM_KEYS."""
     path = Path(model_dir) / "hparams.json"
     try:
-        hparams = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise GPT2Error(f"cannot read {path}: {e}") from None
-    missing = [k for k in HPARAM_KEYS if not isinstance(hparams.get(k), int) or hparams[k] < 1]
+        hparams = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: lists nested too deep
+        raise GPT2Error(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(hparams, dict):
+        raise GPT2Error(f"{path} must hold a JSON object such as {{\"n_layer\": 12, ...}}, "
+                        f"not a {type(hparams).__name__}")
+    missing = [k for k in HPARAM_KEYS if type(hparams.get(k)) is not int or hparams[k] < 1]
     if missing:
         raise GPT2Error(f"{path} lacks a positive integer for {', '.join(missing)}")
     if hparams["n_embd"] % hparams["n_head"]:

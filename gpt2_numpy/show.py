@@ -23,9 +23,15 @@ ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 # Generated text can contain control characters (random weights produce any byte, ESC among
 # them), and a terminal would obey them. Show C0 controls other than tab and newline as their
-# Unicode pictures (ESC -> U+241B), DEL as U+2421, and C1 controls as U+FFFD.
+# Unicode pictures (ESC -> U+241B), DEL as U+2421, and C1 controls as U+FFFD. Characters that
+# reorder a line (Unicode's Bidi_Control set: after U+202E the rest of the line reads backwards)
+# or end one (the line and paragraph separators) have no picture: show their code point, as
+# less(1) does ("<U+202E>"). Every other character, joiners and accents included, stays as it is.
+BIDI_CONTROLS = [0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+LINE_SEPARATORS = [0x2028, 0x2029]
 PRINTABLE = str.maketrans({**{c: 0x2400 + c for c in range(32) if chr(c) not in "\t\n"},
-                           0x7F: 0x2421, **{c: 0xFFFD for c in range(0x80, 0xA0)}})
+                           0x7F: 0x2421, **{c: 0xFFFD for c in range(0x80, 0xA0)},
+                           **{c: f"<U+{c:04X}>" for c in BIDI_CONTROLS + LINE_SEPARATORS}})
 
 
 def visible(text: str) -> str:

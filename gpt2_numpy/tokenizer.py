@@ -40,6 +40,42 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def read_text(path: Path) -> str:
+    """A tokenizer file's text, which must be UTF-8 and not empty."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DamagedFile(f"{path} is not UTF-8 text (byte {e.start})") from None
+    if not text.strip():
+        raise DamagedFile(f"{path} is empty")
+    return text
+
+
+def read_encoder(path: Path) -> dict:
+    """encoder.json: a JSON object of token string -> id (an integer >= 0)."""
+    try:
+        encoder = json.loads(read_text(path))
+    except (ValueError, RecursionError) as e:  # RecursionError: arrays nested too deep
+        raise DamagedFile(f"{path} is not valid JSON ({str(e).splitlines()[0]})") from None
+    if not (isinstance(encoder, dict) and all(type(i) is int and i >= 0 for i in encoder.values())):
+        raise DamagedFile(f"{path} must hold a JSON object of token -> id (an integer >= 0)")
+    return encoder
+
+
+def read_merges(path: Path) -> list:
+    """vocab.bpe: a "#version" line, then one merge "left right" per line, in priority order."""
+    lines = read_text(path).split("\n")
+    merges = []
+    for number, line in enumerate(lines[1:], start=2):
+        if line:
+            pair = line.split(" ")
+            if len(pair) != 2 or not all(pair):
+                raise DamagedFile(f"{path} line {number}: a merge is two tokens separated by "
+                                  f"one space, got {line[:40]!r}")
+            merges.append((number, pair))
+    return merges
+
+
 def load_tokenizer(model_dir, verify_official: bool = None) -> tiktoken.Encoding:
     """A tiktoken Encoding from `model_dir`/encoder.json and vocab.bpe.
 
@@ -51,7 +87,7 @@ def load_tokenizer(model_dir, verify_official: bool = None) -> tiktoken.Encoding
     for path in paths.values():
         if not path.is_file():
             raise GPT2Error(f"missing tokenizer file {path}")
-    encoder = json.loads(paths["encoder.json"].read_text(encoding="utf-8"))
+    encoder = read_encoder(paths["encoder.json"])
     if verify_official is None:
         verify_official = len(encoder) == OFFICIAL_N_VOCAB
     if verify_official:
@@ -61,18 +97,21 @@ def load_tokenizer(model_dir, verify_official: bool = None) -> tiktoken.Encoding
 
     to_byte = byte_alphabet()
 
-    def as_bytes(token: str) -> bytes:
+    def as_bytes(token: str, where: str) -> bytes:
+        if not all(c in to_byte for c in token):
+            raise DamagedFile(f"{where}: {token[:40]!r} has a character outside GPT-2's byte "
+                              "alphabet")
         return bytes(to_byte[c] for c in token)
 
     # Ranks from the merges: single bytes in alphabet order, then each merge's result.
     ranks = {bytes([b]): i for i, b in enumerate(to_byte.values())}
-    merges = paths["vocab.bpe"].read_text(encoding="utf-8").split("\n")[1:]  # line 0: "#version"
-    for line in filter(None, merges):
-        left, right = line.split(" ")
-        ranks[as_bytes(left) + as_bytes(right)] = len(ranks)
+    for number, (left, right) in read_merges(paths["vocab.bpe"]):
+        where = f"{paths['vocab.bpe']} line {number}"
+        ranks[as_bytes(left, where) + as_bytes(right, where)] = len(ranks)
     # ...which must be exactly encoder.json's ids, since tiktoken merges lowest rank first.
     eot = encoder.pop(END_OF_TEXT, None)
-    if eot is None or {as_bytes(t): i for t, i in encoder.items()} != ranks:
+    ids = {as_bytes(t, str(paths["encoder.json"])): i for t, i in encoder.items()}
+    if eot is None or ids != ranks or eot in ranks.values():
         raise GPT2Error(f"{paths['encoder.json']} does not match {paths['vocab.bpe']}")
     return tiktoken.Encoding(name=f"gpt2:{model_dir.name}", pat_str=GPT2_PATTERN,
                              mergeable_ranks=ranks, special_tokens={END_OF_TEXT: eot})

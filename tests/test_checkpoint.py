@@ -21,6 +21,7 @@ from gpt2_numpy.checkpoint import DATA_FILE, INDEX_FILE, expected_shapes, load_c
 from bench.checkpoint_writer import write_checkpoint
 from gpt2_numpy.crc32c import crc32c, crc32c_fast, crc32c_simple, mask_crc, unmask_crc
 from gpt2_numpy.errors import GPT2Error
+from gpt2_numpy.load import load_hparams, load_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MODELS = ["tiny-3h", "tiny-4h"]
@@ -210,6 +211,36 @@ def test_missing_folder(tmp_path):
         load_checkpoint(tmp_path / "nowhere", hparams_of(FIXTURES / "tiny-3h"))
     with pytest.raises(GPT2Error):
         read_index(tmp_path / "nowhere" / INDEX_FILE)
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"[]", "JSON object"),
+    (b"[1, 2, 3, 4, 5]", "JSON object"),
+    (b"12", "JSON object"),
+    (b"", "cannot read"),
+    (b"\xff\xfe{}", "cannot read"),
+    (b"[" * 100_000 + b"]" * 100_000, "cannot read"),
+    (b'{"n_vocab": 307, "n_ctx": true, "n_embd": 32, "n_head": 4, "n_layer": 3}', "n_ctx"),
+    (b'{"n_vocab": 307, "n_ctx": 64, "n_embd": 32, "n_head": 4, "n_layer": "3"}', "n_layer"),
+])
+def test_an_unreadable_hparams_json_is_a_one_line_error(model_copy, content, words):
+    folder = model_copy()
+    (folder / "hparams.json").write_bytes(content)
+    for load in (load_hparams, lambda folder: load_model(str(folder), progress=False)):
+        with pytest.raises(GPT2Error) as excinfo:
+            load(folder)
+        assert_one_line_error(excinfo, str(folder / "hparams.json"), words)
+
+
+def test_a_huge_n_layer_is_refused_before_the_tensors_are_listed(model_copy):
+    """hparams.json's n_layer drives a loop over the expected tensors: 10^12 layers must be
+    caught by the index, not by the memory running out."""
+    folder = model_copy()
+    hp = {**hparams_of(folder), "n_layer": 10**12}
+    (folder / "hparams.json").write_text(json.dumps(hp))
+    with pytest.raises(GPT2Error) as excinfo:
+        load_model(str(folder), progress=False)
+    assert_one_line_error(excinfo, "model/h999999999999", "missing")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ import pytest
 
 import gpt2_numpy as gpt2
 import main
+from gpt2_numpy import cli
 from conftest import FIXTURES
+from test_cli import timing_rule_lifted  # noqa: F401  (a fixture)
 
 DRAFT, TARGET = str(FIXTURES / "tiny-3h"), str(FIXTURES / "tiny-4h")
 BASE = ["--draft_model_size", DRAFT, "--target_model_size", TARGET, "--prompt", "the cat sat",
@@ -27,7 +29,7 @@ def test_strict_json_rejects_nan():  # the parser below would let a NaN through 
         strict_json(json.dumps({"x": float("nan")}))
 
 
-def test_json_has_three_runs_and_the_position(capsys):
+def test_json_has_three_runs_and_the_position(capsys, timing_rule_lifted):
     assert main.main(BASE + ["--json", "--temperature", "0.8", "--seed", "5"]) == 0
     r = strict_json(capsys.readouterr().out)
     for mode in ("autoregressive", "draft_alone", "speculative"):
@@ -40,7 +42,7 @@ def test_json_has_three_runs_and_the_position(capsys):
     assert ids != r["autoregressive"]["token_ids"]  # (the fixtures' two models disagree)
     assert "acceptance_rate" not in r["draft_alone"]
     speeds = [r[m]["tokens_per_second"] for m in ("autoregressive", "draft_alone", "speculative")]
-    assert r["speculative_position"] == main.position_between(*speeds)
+    assert r["speculative_position"] == cli.position_between(*speeds)
     assert "speedup" in r and "predicted_speedup" in r  # what --mode both reports, too
 
 
@@ -51,7 +53,7 @@ def test_both_stays_as_it_was(capsys):
     assert set(r) >= {"autoregressive", "speculative", "speedup", "same_tokens"}
 
 
-def test_human_readable_report_has_three_blocks(capsys):
+def test_human_readable_report_has_three_blocks(capsys, timing_rule_lifted):
     assert main.main(BASE + ["--temperature", "0"]) == 0
     out = capsys.readouterr().out
     for heading in ("Autoregressive Decoding, Target Alone", "Autoregressive Decoding, Draft Alone",
@@ -74,7 +76,7 @@ def test_mode_all_with_an_ngram_draft_is_an_error(capsys):
     ((100.0, 200.0, 250.0), 1.5),  # faster than the draft alone
 ])
 def test_position_between_the_bounds(speeds, expected):
-    assert main.position_between(*speeds) == pytest.approx(expected)
+    assert cli.position_between(*speeds) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("speeds", [
@@ -84,8 +86,8 @@ def test_position_between_the_bounds(speeds, expected):
     (100.0, float("inf"), 150.0),
 ])
 def test_position_is_none_without_a_range(speeds):
-    assert main.position_between(*speeds) is None
-    assert json.dumps({"p": main.position_between(*speeds)}) == '{"p": null}'
+    assert cli.position_between(*speeds) is None
+    assert json.dumps({"p": cli.position_between(*speeds)}) == '{"p": null}'
 
 
 @pytest.mark.parametrize("speeds, words", [
@@ -99,8 +101,8 @@ def test_position_is_none_without_a_range(speeds):
 def test_position_in_words(speeds, words):
     modes = ("autoregressive", "draft_alone", "speculative")
     r = {m: {"tokens_per_second": s} for m, s in zip(modes, speeds)}
-    r["speculative_position"] = main.position_between(*speeds)
-    line = main.describe_position(r)
+    r["speculative_position"] = cli.position_between(*speeds)
+    line = cli.describe_position(r)
     assert line.startswith("Between the bounds: ") and words in line
 
 

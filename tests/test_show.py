@@ -120,3 +120,41 @@ def test_cli_show_streams_the_speculative_text(capsys, monkeypatch):
     first_line, rest = coloured.split("\n", 1)
     assert strip_ansi(first_line) == legend(colour=False)
     assert "\x1b[" in rest and strip_ansi(shown_part(rest)) == shown_part(plain)
+
+
+# Characters a terminal obeys beyond the C0 and C1 controls: Unicode's Bidi_Control set, which
+# reorders the rest of a line (U+202E shows "abc" as "cba"), and the line and paragraph
+# separators, which end one (some terminals start a new line at U+2028).
+REORDER_OR_BREAK = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2028\u2029"
+
+
+def test_characters_that_reorder_or_break_a_line_are_shown_by_their_code_point():
+    shown = show_module.visible("".join(f"{c}x" for c in REORDER_OR_BREAK))
+    assert not set(shown) & set(REORDER_OR_BREAK)
+    assert shown == "".join(f"<U+{ord(c):04X}>x" for c in REORDER_OR_BREAK)
+
+
+@pytest.mark.parametrize("text", [
+    "\U0001F469\u200d\U0001F4BB and \U0001F468\u200d\U0001F469\u200d\U0001F467",  # joined emoji
+    "\U0001F3F4\U000E0067\U000E0062\U000E0073\U000E0063\U000E0074\U000E007F",  # a flag's tags
+    "\u2764\ufe0f \U0001F44D\U0001F3FD",  # a variation selector, a skin tone
+    "cafe\u0301 na\u00efve \u00c5ngstr\u00f6m",  # a combining accent, precomposed ones
+    "\u65e5\u672c\u8a9e \ud55c\uad6d\uc5b4 \u4e2d\u6587",  # CJK, Hangul
+    "\u05e9\u05dc\u05d5\u05dd \u0645\u0631\u062d\u0628\u0627 \u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",  # Hebrew, Arabic, a ZWNJ
+    "tabs\tand\nnewlines stay",
+])
+def test_ordinary_text_is_shown_as_it_is(text):
+    assert show_module.visible(text) == text
+
+
+def test_the_report_and_the_stream_show_them_too(capsys):
+    """The prompt goes to the terminal in the Text = lines and at the start of --show."""
+    prompt = "left \u202eright\u2028next \u2067x\u2069"
+    shown = "left <U+202E>right<U+2028>next <U+2067>x<U+2069>"
+    flags = ["--mode", "speculative", "--K", "3", "--prompt", prompt]
+    assert main.main(BASE + flags) == 0
+    out = capsys.readouterr().out
+    assert f"Text = {shown}" in out and not set(out) & set(REORDER_OR_BREAK)
+    assert main.main(BASE + flags + ["--show"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(shown) and not set(out) & set(REORDER_OR_BREAK)

@@ -92,3 +92,43 @@ def test_official_vocabulary_matches_the_reference_bpe(text):
     """Digits, contractions and whitespace: where a pre-tokenizer that differs from GPT-2's (one
     that drops the optional space before numbers, say) shows."""
     assert load_tokenizer(SHARED_TOKENIZER).encode(text) == reference_encode(text, SHARED_TOKENIZER)
+
+
+def damaged(tmp_path, name, content: bytes):
+    """A copy of the fixture's tokenizer files with `name` replaced by `content`."""
+    for f in ("encoder.json", "vocab.bpe"):
+        shutil.copy(FIXTURES / "tiny-3h" / f, tmp_path / f)
+    (tmp_path / name).write_bytes(content)
+    return tmp_path
+
+
+def merges_with(*lines: str) -> bytes:
+    """The fixture's vocab.bpe with `lines` in place of its first merges."""
+    original = (FIXTURES / "tiny-3h" / "vocab.bpe").read_text(encoding="utf-8").split("\n")
+    return "\n".join(original[:1] + list(lines) + original[1 + len(lines):]).encode("utf-8")
+
+
+@pytest.mark.parametrize("name, content, words", [
+    ("encoder.json", b"\xff\xfe{}", "not UTF-8"),
+    ("encoder.json", b"", "is empty"),
+    ("encoder.json", b"   \n", "is empty"),
+    ("encoder.json", b"[]", "JSON object"),
+    ("encoder.json", b'"the"', "JSON object"),
+    ("encoder.json", b"{not json", "not valid JSON"),
+    ("encoder.json", b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
+    ("encoder.json", b'{"a": "0", "<|endoftext|>": 1}', "JSON object"),
+    ("encoder.json", b'{"a": true, "<|endoftext|>": 1}', "JSON object"),
+    ("encoder.json", b'{"a": -1, "<|endoftext|>": 1}', "JSON object"),
+    ("encoder.json", '{"\u4e00": 0, "<|endoftext|>": 1}'.encode(), "byte alphabet"),
+    ("vocab.bpe", b"", "is empty"),
+    ("vocab.bpe", b"\xff\xfe\x00garbage", "not UTF-8"),
+    ("vocab.bpe", merges_with("abc"), "line 2"),
+    ("vocab.bpe", merges_with("a b c"), "line 2"),
+    ("vocab.bpe", merges_with("\u4e00 b"), "byte alphabet"),
+])
+def test_damaged_tokenizer_files_are_one_line_errors(tmp_path, name, content, words):
+    folder = damaged(tmp_path, name, content)
+    with pytest.raises(GPT2Error) as excinfo:
+        load_tokenizer(folder)
+    message = str(excinfo.value)
+    assert "\n" not in message and str(folder / name) in message and words in message, message
