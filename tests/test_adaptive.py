@@ -744,3 +744,41 @@ def test_with_the_target_as_its_own_draft_every_look_back_passes(target):
                                              np.random.default_rng(1))
     assert len(policy.heard) >= 10 and stats.n_generated == 30
     assert policy.heard == [pytest.approx(1.0, abs=1e-3)] * len(policy.heard)
+
+
+def scripted_run(n_new, draft_wrong_after):
+    """adaptive_speculative_sample against stand-ins on a virtual clock whose costs the policy
+    can know exactly: a target forward over any number of positions takes 1 s, a draft step and
+    a catch-up over any lag 0.6 s. The draft is right for the first `draft_wrong_after` tokens
+    and wrong after them. Returns (the K of every round, the run's seconds)."""
+    from bench.replay import CostModel
+    from bench.timing import VirtualClock
+
+    clock, n_prompt = VirtualClock(), 5
+    rng = np.random.default_rng(0)
+    script, prompt = rng.integers(0, 64, n_new + 1), rng.integers(0, 64, n_prompt).tolist()
+    wrong = np.arange(n_new + 1) >= draft_wrong_after
+    target = CostModel(clock, lambda T, n_logits: 1.0 if n_logits else 0.0, script, n_prompt)
+    draft = CostModel(clock, lambda T, n_logits: 0.6 if n_logits else 0.0, script, n_prompt, wrong)
+    start = clock()
+    ids, stats = adaptive_speculative_sample(target, draft, prompt, n_new,
+                                             AdaptiveK(8, clock=clock), Warp(0.0))
+    assert ids == script[:n_new].tolist()
+    return stats.K_per_round, clock() - start
+
+
+def test_the_guard_counts_a_catch_up_before_the_drafts_it_allows():
+    """27 tokens may lose 4% of 27 plain steps: 1.08 s. The first probe's catch-up (0.6 s) says
+    the draft would have been right, so drafting may pay; but after that catch-up a round
+    with one draft risks 0.6 s more, which would overshoot the budget. Drafts are then wrong,
+    and the run must stay within 4% of plain decoding."""
+    Ks, seconds = scripted_run(n_new=27, draft_wrong_after=1)
+    assert seconds <= 1.04 * 27 * 1.0, Ks
+
+
+def test_a_catch_up_just_paid_is_not_charged_again():
+    """40 tokens may lose 1.6 s. After the first probe's catch-up (0.6 s), which says the draft is
+    right, a round with one draft risks 0.6 s: within what is left (1 s), so the draft, right
+    every time, drafts from that round on, and the run beats plain decoding."""
+    Ks, seconds = scripted_run(n_new=40, draft_wrong_after=40)
+    assert Ks[:2] == [0, 1] and seconds < 40 * 1.0, Ks
