@@ -17,6 +17,7 @@ Each round therefore emits between 1 and K + 1 tokens for one target forward, an
 token is distributed exactly as the (warped) target alone would have sampled it.
 """
 import numbers
+import time
 from typing import Callable, List, NamedTuple
 
 import numpy as np
@@ -179,6 +180,24 @@ def speculative_round(tokens: List[int], K: int, drafter: Drafter, target, cache
     return Round(K, m, p)
 
 
+def speculative_setup(target, draft, prompt: List[int], n_new: int,
+                      make_drafter: Callable = ModelDrafter, clock: Callable = time.perf_counter):
+    """What a speculative decoder does before its first round: check the request, make the
+    drafter (make_drafter(draft) if draft is a model), the target's KV cache, and prefill both.
+    Returns (tokens, n_stop, drafter, cache, stats): the committed tokens, the length at which
+    to stop, and the stats with the prefill's seconds as `clock` reads them."""
+    drafter = draft if isinstance(draft, Drafter) else make_drafter(draft)
+    check_vocabularies(drafter, target)
+    tokens, n_new, stats = checked_request(target, prompt, n_new, "speculative")
+    n_stop = len(tokens) + n_new
+    cache = target.new_cache(n_stop - 1)  # the last new token is never fed
+    start = clock()
+    prefill(target, cache, tokens)
+    drafter.start(tokens, n_stop - 1)
+    stats.prefill_seconds = clock() - start
+    return tokens, n_stop, drafter, cache, stats
+
+
 def speculative_sample(target, draft, prompt: List[int], n_new: int, K: int = 4,
                        warp: Warp = Warp(), rng: np.random.Generator = None,
                        on_tokens: Callable = None):
@@ -195,17 +214,8 @@ def speculative_sample(target, draft, prompt: List[int], n_new: int, K: int = 4,
     wall-clock time.
     """
     check_K(K)
-    drafter = draft if isinstance(draft, Drafter) else ModelDrafter(draft)
-    check_vocabularies(drafter, target)
     rng = rng if rng is not None else np.random.default_rng()
-    tokens, n_new, stats = checked_request(target, prompt, n_new, "speculative")
-    n_stop = len(tokens) + n_new
-    cache = target.new_cache(n_stop - 1)
-
-    with stats.timing("prefill_seconds"):
-        prefill(target, cache, tokens)
-        drafter.start(tokens, n_stop - 1)
-
+    tokens, n_stop, drafter, cache, stats = speculative_setup(target, draft, prompt, n_new)
     timed_target = Timed(target)  # counts the decoding forwards and their seconds
     with stats.timing("decode_seconds"):
         while len(tokens) < n_stop:
