@@ -168,7 +168,7 @@ class AdaptiveK:
         """What a round with K drafts loses against a plain step if every draft is rejected,
         with the catch-up it has yet to make."""
         catch_up = 0.0
-        if self.lags and self.unjudged and self.caught_up is None:  # a catch-up is ahead
+        if self.lags and self.unjudged:  # plain tokens the draft has yet to catch up on
             if self.catch_up_seconds is None and not self.t_draft.n:
                 return self.target_seconds(1)  # the draft's speed is unknown until it catches up
             catch_up = (self.catch_up_estimate(self.unjudged) if self.catch_ups
