@@ -237,7 +237,7 @@ def probability_of(logits: np.ndarray, tokens, warp: Warp) -> np.ndarray:
 class LookBackDrafter(ModelDrafter):
     """A ModelDrafter that plain steps leave behind, and that looks back as it catches up."""
 
-    def catch_up(self, tokens: List[int], plain: dict, warp: Warp) -> dict:
+    def catch_up(self, tokens: List[int], plain: dict, warp: Warp) -> List[float]:
         """Feed all the cache lacks but the newest token in one forward; for each token plain
         steps chose, plain = {index: p(token)}, return min(1, q(token) / p(token)): over token ~ p
         its mean, sum_x min(p(x), q(x)), is the chance that a draft there would have passed."""
