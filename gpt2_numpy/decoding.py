@@ -158,8 +158,9 @@ def speculative_round(tokens: List[int], K: int, drafter: Drafter, target, cache
     """One round of speculative sampling: append 1 to K + 1 tokens to `tokens`, each distributed
     exactly as the target alone would sample it. p is the target's distribution, q the draft's.
 
-    target: the target model, whose KV `cache` holds every token but the newest. K >= 1; a
-    drafter that finds nothing to propose makes the round a plain target step.
+    target: the target model, whose KV `cache` holds every token but the newest. A drafter
+    that proposes nothing (it finds nothing, or a run's last token asks it for K = 0) makes the
+    round a plain target step.
     """
     # 1. The draft proposes x_1..x_K, sampling x_i ~ q_i (a drafter may propose fewer).
     x, q = drafter.propose(tokens, K, warp, rng)  # q: [K, V]
