@@ -62,8 +62,8 @@ class ScriptedDrafter(LookBackDrafter):
 
     def catch_up(self, tokens, plain, warp):
         """The real catch-up forward; the look back says what the script would have proposed."""
-        looked = super().catch_up(tokens, plain, warp)
-        return {i: 0.0 if self.wrong[i - self.n_prompt] else 1.0 for i in looked}
+        super().catch_up(tokens, plain, warp)
+        return [0.0 if self.wrong[i - self.n_prompt] else 1.0 for i in plain]
 
 
 def decode(target, make_drafter, prompt, n, decoder, K_max, seed=0):

@@ -296,11 +296,14 @@ def section_speculative(res, out_dir, models):
     res["speculative"] = rows
 
 
-class PlainOnly(gpt2.KPolicy):
-    """A K policy that never drafts: every round is a plain target step."""
+class PlainOnly(gpt2.AdaptiveK):
+    """A K policy that never drafts: every round is a plain target step, and nothing learnt."""
 
     def next_K(self):
         return 0
+
+    def update(self, *round):
+        pass
 
 
 def section_overhead(res, out_dir, models):
@@ -313,13 +316,13 @@ def section_overhead(res, out_dir, models):
     draft = models["124M"]
     draft.warm_up(len(prompt) + n - 1)
     ar = [gpt2.autoregressive_sample(target, prompt, n, gpt2.Warp(0.0))[1].decode_seconds for _ in range(3)]
-    pl = [gpt2.adaptive_speculative_sample(target, draft, prompt, n, PlainOnly(),
+    pl = [gpt2.adaptive_speculative_sample(target, draft, prompt, n, PlainOnly(1),
                                            gpt2.Warp(0.0))[1].decode_seconds for _ in range(3)]
     ad = [gpt2.adaptive_speculative_sample(target, draft, prompt, n, gpt2.AdaptiveK(8),
                                            gpt2.Warp(0.0))[1] for _ in range(3)]
     profiles = {}
     for name, fn in (("autoregressive", lambda: gpt2.autoregressive_sample(target, prompt, n, gpt2.Warp(0.0))),
-                     ("plain rounds", lambda: gpt2.adaptive_speculative_sample(target, draft, prompt, n, PlainOnly(), gpt2.Warp(0.0)))):
+                     ("plain rounds", lambda: gpt2.adaptive_speculative_sample(target, draft, prompt, n, PlainOnly(1), gpt2.Warp(0.0)))):
         prof = cProfile.Profile()
         prof.enable()
         fn()

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from gpt2_numpy.adaptive import AdaptiveK, KPolicy, adaptive_speculative_sample
+from gpt2_numpy.adaptive import AdaptiveK, adaptive_speculative_sample
 from gpt2_numpy.decoding import autoregressive_sample
 from gpt2_numpy.model import KVCache
 from gpt2_numpy.sampling import Warp
@@ -71,11 +71,14 @@ class NullModel:
         pass
 
 
-class PlainRounds(KPolicy):
-    """Every round a plain target step."""
+class PlainRounds(AdaptiveK):
+    """Every round a plain target step, and nothing learnt: the decoder's own work alone."""
 
     def next_K(self) -> int:
         return 0
+
+    def update(self, *round) -> None:
+        pass
 
 
 def models(seed: int = 0):
@@ -95,7 +98,7 @@ def measure(decoder: str, temperature: float, n_tokens: int, reps: int) -> dict:
     decode = {
         "autoregressive": lambda rng: autoregressive_sample(target, prompt, n_tokens, warp, rng),
         "plain rounds": lambda rng: adaptive_speculative_sample(target, draft, prompt, n_tokens,
-                                                                PlainRounds(), warp, rng),
+                                                                PlainRounds(1), warp, rng),
         "policy": lambda rng: adaptive_speculative_sample(
             target, draft, prompt, n_tokens, AdaptiveK(8, explore=0, doubt=float("inf")), warp,
             rng),

@@ -36,6 +36,7 @@ from gpt2_numpy's source (`ngram_texts`), and the stand-in target emits a given 
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 from gpt2_numpy import backend as backend_module
@@ -48,6 +49,8 @@ from gpt2_numpy.sampling import Warp, probabilities
 
 from .machine import cpu_name, device_name
 from .timing import VirtualClock
+
+NGRAM_TEXTS = Path(__file__).with_name("ngram_texts.json")
 
 
 class CostModel:
@@ -210,25 +213,13 @@ def replay(costs, error: float, n: int, seed: int, K_max: int, n_prompt: int = 2
 
 
 def ngram_texts() -> list:
-    """(name, prompt, continuation): texts for the n-gram replay, built from gpt2_numpy's own
-    source so that anyone can rebuild them. The continuation plays the target's greedy output.
-    (So editing decoding.py's or adaptive.py's module docstring, or drafters.lookup, changes
-    the texts and the table in docs/ngram.md.)"""
-    import inspect
-
-    from gpt2_numpy import adaptive, decoding as decoding_module, drafters
-
-    code = inspect.getsource(drafters.lookup)
-    doc = decoding_module.__doc__.strip()
-    steps = doc[doc.index("    1. the draft"):doc.index("Each round therefore")]
-    other = "\n\n".join(adaptive.__doc__.strip().split("\n\n")[1:6])  # new, same subject
-    return [
-        ("code: the prompt's function, one name changed",
-         f"{code}\n# The same function with `tokens` renamed to `context`:\n\n",
-         code.replace("tokens", "context")),
-        ("quoting: the prompt's algorithm restated", f"{doc}\n\nThe four steps again:\n", steps),
-        ("new prose on the prompt's subject", f"{doc}\n\nHow many drafts?\n", other),
-    ]
+    """(name, prompt, continuation): texts for the n-gram replay, the continuation playing the
+    target's greedy output. Made from gpt2_numpy's source and stored (ngram_texts.json), so
+    that the table in docs/ngram.md does not move with the library's docstrings:
+    `drafters.lookup` with `tokens` renamed to `context`, after the original; the four steps of
+    `decoding.py`'s docstring, restated after that docstring; and paragraphs of `adaptive.py`'s
+    docstring, new prose on the same subject, after it."""
+    return [tuple(text) for text in json.loads(NGRAM_TEXTS.read_text())]
 
 
 def ngram_replay(costs, tokenizer, K_max: int, n_max: int = 3):

@@ -13,7 +13,7 @@ bfloat16; graphs.py, where `GPT2` is `GraphedGPT2`, which replays short forwards
 steps, verify steps) as CUDA graphs, one launch per step; and static.py, model.py's functions in
 the form a graph can record, the fallback where the fused kernels do not compile.
 """
-from gpt2_numpy import (OFFICIAL_HPARAMS, AdaptiveK, FixedK, GPT2Error, KVCache,
+from gpt2_numpy import (OFFICIAL_HPARAMS, AdaptiveK, GPT2Error, KVCache,
                         ModelDrafter, NGramDrafter, Stats, Warp, accept_or_resample,
                         adaptive_speculative_sample, autoregressive_sample, forward,
                         load_hparams, official_hparams, probabilities, residual, sample,
@@ -56,7 +56,7 @@ def random_params(hparams, seed=0, scale=0.02):
     return _load.random_params(hparams, seed, scale, xp=xp)
 
 
-__all__ = ["AdaptiveK", "FixedK", "NGramDrafter", "GPT2", "GraphedGPT2", "GPT2Error", "KVCache", "ModelDrafter", "OFFICIAL_HPARAMS", "Stats", "Warp",
+__all__ = ["AdaptiveK", "NGramDrafter", "GPT2", "GraphedGPT2", "GPT2Error", "KVCache", "ModelDrafter", "OFFICIAL_HPARAMS", "Stats", "Warp",
            "accept_or_resample", "adaptive_speculative_sample", "autoregressive_sample", "forward", "load_hparams", "load_model",
            "official_hparams", "probabilities", "random_params", "residual", "sample",
            "tree_speculative_sample",

@@ -1,7 +1,7 @@
 """Everything `import gpt2_numpy` offers (the package's __init__ loads it on first use)."""
 import numpy as _np
 
-from .adaptive import AdaptiveK, FixedK, KPolicy, adaptive_speculative_sample, expected_tokens
+from .adaptive import AdaptiveK, adaptive_speculative_sample, expected_tokens
 from .decoding import ModelDrafter, Stats, autoregressive_sample, speculative_sample
 from .drafters import Drafter, NGramDrafter
 from .errors import GPT2Error

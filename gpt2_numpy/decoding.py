@@ -18,6 +18,7 @@ Each round therefore emits between 1 and K + 1 tokens for one target forward, an
 token is distributed exactly as the (warped) target alone would have sampled it.
 """
 import numbers
+import time
 from typing import Callable, List, NamedTuple
 
 import numpy as np
@@ -182,11 +183,12 @@ def speculative_round(tokens: List[int], K: int, drafter: Drafter, target, cache
     """One round of speculative sampling: append 1 to K + 1 tokens to `tokens`, each distributed
     exactly as the target alone would sample it. p is the target's distribution, q the draft's.
 
-    target: the target model, whose KV `cache` holds every token but the newest. K = 0, or a
-    drafter that finds nothing to propose, makes the round a plain target step.
+    target: the target model, whose KV `cache` holds every token but the newest. A drafter
+    that proposes nothing (it finds nothing, or a run's last token asks it for K = 0) makes the
+    round a plain target step.
     """
     # 1. The draft proposes x_1..x_K, sampling x_i ~ q_i (a drafter may propose fewer).
-    x, q = drafter.propose(tokens, K, warp, rng) if K else ([], None)  # q: [K, V]
+    x, q = drafter.propose(tokens, K, warp, rng)  # q: [K, V]
     K = len(x)
     # 2. ONE target forward over the newest token and x_1..x_K: its K + 1 rows are p_1..p_{K+1},
     #    where p_i is the target's distribution at the position of x_i.
@@ -202,6 +204,24 @@ def speculative_round(tokens: List[int], K: int, drafter: Drafter, target, cache
     drafter.rollback(tokens)
     assert cache.length == len(tokens) - 1  # never the newest token: the next round feeds it
     return Round(K, m, p)
+
+
+def speculative_setup(target, draft, prompt: List[int], n_new: int,
+                      make_drafter: Callable = ModelDrafter, clock: Callable = time.perf_counter):
+    """What a speculative decoder does before its first round: check the request, make the
+    drafter (make_drafter(draft) if draft is a model), the target's KV cache, and prefill both.
+    Returns (tokens, n_stop, drafter, cache, stats): the committed tokens, the length at which
+    to stop, and the stats with the prefill's seconds as `clock` reads them."""
+    drafter = draft if isinstance(draft, Drafter) else make_drafter(draft)
+    check_vocabularies(drafter, target)
+    tokens, n_new, stats = checked_request(target, prompt, n_new, "speculative")
+    n_stop = len(tokens) + n_new
+    cache = target.new_cache(n_stop - 1)  # the last new token is never fed
+    start = clock()
+    prefill(target, cache, tokens)
+    drafter.start(tokens, n_stop - 1)
+    stats.prefill_seconds = clock() - start
+    return tokens, n_stop, drafter, cache, stats
 
 
 def speculative_sample(target, draft, prompt: List[int], n_new: int, K: int = 4,
@@ -220,17 +240,8 @@ def speculative_sample(target, draft, prompt: List[int], n_new: int, K: int = 4,
     wall-clock time.
     """
     check_K(K)
-    drafter = draft if isinstance(draft, Drafter) else ModelDrafter(draft)
-    check_vocabularies(drafter, target)
     rng = rng if rng is not None else np.random.default_rng()
-    tokens, n_new, stats = checked_request(target, prompt, n_new, "speculative")
-    n_stop = len(tokens) + n_new
-    cache = target.new_cache(n_stop - 1)
-
-    with stats.timing("prefill_seconds"):
-        prefill(target, cache, tokens)
-        drafter.start(tokens, n_stop - 1)
-
+    tokens, n_stop, drafter, cache, stats = speculative_setup(target, draft, prompt, n_new)
     timed_target = Timed(target)  # counts the decoding forwards and their seconds
     with stats.timing("decode_seconds"):
         while len(tokens) < n_stop:

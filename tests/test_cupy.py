@@ -217,12 +217,12 @@ def test_warm_up_records_every_graph_an_adaptive_run_replays(gpu):
     assert (len(target.graphs), len(draft.graphs)) == counts
 
 
-class PlainStretches(gpt2_numpy.KPolicy):
+class PlainStretches(gpt2_numpy.AdaptiveK):
     """A policy that repeats a pattern of K per round: after plain stretches of 1 to 4 rounds
     the draft catches up on 1 to 5 tokens, each length its own kind of forward."""
 
     def __init__(self, pattern):
-        super().__init__()
+        super().__init__(max(pattern))
         self.pattern, self.round = pattern, 0
 
     def next_K(self):
