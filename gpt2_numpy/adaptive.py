@@ -7,9 +7,9 @@ tokens(K, a) = 1 + a + ... + a^K tokens on average if each draft passes with pro
     K* = argmax over K in [0, K_max] of  tokens(K, a) / (K t_draft + r(K + 1)),
 
 t_draft being a draft step's time, r(T) a target forward's over T positions, and K = 0 a plain
-target step (docs/adaptive.md gives the reasoning and the measurements). K depends on past
-rounds only, so `adaptive_speculative_sample`, which runs the chain's round for K >= 1 and a plain
-step for K = 0, changes how fast tokens come, never their distribution.
+target step (docs/adaptive.md: the reasoning, the measurements). K depends on past rounds only,
+so `adaptive_speculative_sample` (the chain's round, or a plain step for K = 0) changes how fast
+tokens come, never their distribution.
 """
 import time
 from types import SimpleNamespace
@@ -18,10 +18,10 @@ from typing import Callable, List
 import numpy as np
 
 from .backend import to_numpy
-from .decoding import ModelDrafter, speculative_round, speculative_setup
+from .decoding import Drafter, ModelDrafter, prefill, speculative_round, speculative_setup
 from .errors import GPT2Error
 from .sampling import Warp, probabilities, sample
-from .stats import Timed
+from .stats import Timed, kinds
 
 
 def expected_tokens(K: int, a: float) -> float:
@@ -57,11 +57,10 @@ class AdaptiveK:
     def __init__(self, K_max: int, explore: float = 0.01, decay: float = 0.95,
                  prior: float = 0.25, guard: float = 0.04, doubt: float = 4.0,
                  stake: float = 1.0, clock: Callable[[], float] = time.perf_counter):
-        if K_max < 1:
-            raise GPT2Error(f"K_max (the most drafts per round) must be >= 1, got {K_max}")
-        if guard < 0 or not 0 < stake <= 1:
-            raise GPT2Error(f"guard must be >= 0 and stake in (0, 1] (shares of a run's budget "
-                            f"drafting may lose, and of what is left), got {guard} and {stake}")
+        if K_max < 1 or guard < 0 or not 0 < stake <= 1:
+            raise GPT2Error(f"K_max (the most drafts per round) must be >= 1, guard >= 0 and stake "
+                            f"in (0, 1] (shares of a run's budget drafting may lose, and of what "
+                            f"is left), got {K_max}, {guard} and {stake}")
         self.K_max, self.explore, self.decay, self.doubt = K_max, explore, decay, doubt
         self.guard, self.stake, self.clock = guard, stake, clock
         # What the rounds measured
@@ -257,10 +256,12 @@ def adaptive_speculative_sample(target, draft, prompt: List[int], n_new: int, po
     the stats' seconds are read with the policy's clock, draft_seconds with the wall clock."""
     if not isinstance(policy, AdaptiveK):
         raise GPT2Error(f"policy must be an AdaptiveK (adaptive.py), got {policy!r}")
-    clock = policy.clock
-    rng = rng if rng is not None else np.random.default_rng()
-    tokens, n_stop, drafter, cache, stats = speculative_setup(target, draft, prompt, n_new,
-                                                              LookBackDrafter, clock)
+    clock, rng = policy.clock, rng if rng is not None else np.random.default_rng()
+    drafter = draft if isinstance(draft, Drafter) else LookBackDrafter(draft)
+    tokens, n_stop, cache, stats = speculative_setup(target, drafter, prompt, n_new)
+    with stats.timing("prefill_seconds", clock):
+        prefill(target, cache, tokens)
+        drafter.start(tokens, n_stop - 1)
     lags = isinstance(drafter, LookBackDrafter)
     timed_target = Timed(target, clock)  # each round's forwards, as the policy's clock reads them
     timed_draft = SimpleNamespace(propose=Timed(drafter.propose, clock), rollback=drafter.rollback)
@@ -279,13 +280,12 @@ def adaptive_speculative_sample(target, draft, prompt: List[int], n_new: int, po
         # 2. The chain's round, or a plain step: the target samples from p, as autoregressive.
         timed_draft.propose.seconds = timed_target.seconds = 0.0
         if K:
-            r = speculative_round(tokens, K, timed_draft, timed_target, cache, warp, rng)
-            K, accepted, kinds = r.K, r.accepted, r.kinds()
+            K, accepted = speculative_round(tokens, K, timed_draft, timed_target, cache, warp, rng)
         else:
             logits = to_numpy(timed_target(tokens[cache.length :], cache))  # [1, V]: the newest
             p = probabilities(logits[-1], warp)  # [V]
             tokens.append(sample(p, rng))
-            accepted, kinds = 0, ["target"]
+            accepted = 0
             if lags:
                 plain[len(tokens) - 1] = float(p[tokens[-1]])
         # 3. The policy hears the round.
@@ -293,7 +293,7 @@ def adaptive_speculative_sample(target, draft, prompt: List[int], n_new: int, po
         stats.target_seconds += timed_target.seconds
         stats.add_round(K, accepted)
         if on_tokens:
-            on_tokens(tokens[-(accepted + 1) :], kinds)
+            on_tokens(tokens[-(accepted + 1) :], kinds(K, accepted))
     stats.decode_seconds, stats.target_calls = clock() - start, stats.rounds
     stats.draft_seconds, stats.draft_calls = drafter.seconds, drafter.calls
     stats.n_generated = len(tokens) - stats.n_prompt

@@ -18,7 +18,7 @@ from typing import Callable, List, NamedTuple, Optional
 import numpy as np
 
 from .adaptive import AdaptiveK, expected_tokens
-from .decoding import check_K, check_n_new, check_vocabularies
+from .checks import check_K, check_n_new, check_vocabularies
 from .download import MODEL_FILES, MODEL_SIZES, resolve_model_dirs
 from .drafters import NGramDrafter
 from .errors import GPT2Error

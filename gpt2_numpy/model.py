@@ -1,6 +1,4 @@
-"""GPT-2's forward pass over an explicit, preallocated KV cache.
-
-Notation (shapes in the comments):
+"""GPT-2's forward pass over an explicit, preallocated KV cache. The shapes in the comments:
     T      new tokens fed in this call          n_past  tokens already in the cache
     L      n_past + T, the keys a query sees    d       n_embd
     H      n_head                               D       d // H, the size of one head
@@ -69,11 +67,8 @@ def causal_mask(n_past: int, T: int, xp):
 
 
 def attention(q, k, v, visible=None):
-    """Scaled dot-product attention of T queries over L keys; `visible` [T, L] masks the keys a
-    query may not see (None: it sees all, as a single decoding query does).
-
-    q [H, T, D], k [H, L, D], v [H, L, D] -> [H, T, D]
-    """
+    """Scaled dot-product attention of T queries over L keys, each query seeing only the keys
+    `visible` [T, L] allows (None: all).  q [H, T, D], k [H, L, D], v [H, L, D] -> [H, T, D]"""
     xp = namespace_of(q)
     D = q.shape[2]
     # Scaling q rather than the scores: the same product, on D numbers per query instead of L.
@@ -87,11 +82,8 @@ def attention(q, k, v, visible=None):
 
 def causal_self_attention(x, c_attn, c_proj, n_head: int, k_cache, v_cache, n_past: int,
                           visible=None):
-    """Multi-head attention that appends this call's keys/values to the layer's cache.
-
-    x [T, d]; k_cache, v_cache [H, capacity, D], rows 0..n_past-1 already filled;
-    visible [T, L]: the keys each query sees (None: all) -> [T, d]
-    """
+    """Multi-head attention that writes this call's keys/values into the layer's cache.
+    x [T, d]; k_cache, v_cache [H, capacity, D], rows 0..n_past-1 already filled -> [T, d]"""
     T = x.shape[0]
     heads = split_heads(linear(x, **c_attn), 3 * n_head)  # [T, 3d] -> [3H, T, D]
     q, k, v = (heads[i * n_head : (i + 1) * n_head, ...] for i in range(3))  # 3 x [H, T, D]
@@ -123,12 +115,9 @@ def lm_head(h, wte):
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens fed so far, in arrays allocated once.
-
-    k, v: [n_layer, H, capacity, D]. Only rows [0, length) are meaningful. Rolling back to n
-    tokens just sets `length = n`: the stale rows beyond it are overwritten by the next forward,
-    so a rejected draft costs no copy and nothing is ever appended or concatenated.
-    """
+    """Keys and values of every layer for the tokens fed so far, in arrays allocated once:
+    k, v [n_layer, H, capacity, D], rows [0, length) meaningful. Rolling back is `length = n`:
+    the stale rows are overwritten by the next forward; nothing is copied or appended."""
 
     def __init__(self, hparams: dict, capacity: int, xp, dtype=None):
         n_layer, n_head, d = hparams["n_layer"], hparams["n_head"], hparams["n_embd"]
@@ -157,13 +146,9 @@ class KVCache:
 def hidden_states(params: dict, ids, cache: KVCache, n_head: int, n_rows=1, positions=None,
                   visible=None):
     """Feed T new token ids after the cache's `length` tokens; return the final hidden states
-    (after the last layer norm: what the LM head scores) of the last n_rows rows.  -> [n_rows, d]
-
-    By default the new tokens continue the sequence: positions n_past..n_past + T - 1, each
-    seeing every key up to its own (the causal mask). A caller that feeds tokens in another
-    arrangement says so: positions [T] ints, where each sits in the sequence; visible [T, L]
-    bool, the keys each may see. n_rows=None: all T rows. Advances cache.length by T.
-    """
+    (after the last layer norm: what the LM head scores) of the last n_rows rows (None: all).
+    The new tokens continue the sequence (positions n_past.., the causal mask) unless the caller
+    says otherwise: positions [T] ints, visible [T, L] bool.  -> [n_rows, d]"""
     wte, wpe = params["wte"], params["wpe"]
     xp = namespace_of(wte)
     n_past, T = cache.length, len(ids)
@@ -184,10 +169,8 @@ def hidden_states(params: dict, ids, cache: KVCache, n_head: int, n_rows=1, posi
 
 def forward(params: dict, ids, cache: KVCache, n_head: int, n_logits=1, positions=None,
             visible=None):
-    """hidden_states, then the LM head: the logits of the last n_logits rows.  -> [n_logits, V]
-
-    n_logits: None for all T rows, 0 for none (a prefill whose output nobody reads). The LM head
-    is the most expensive product for small models, so rows nobody samples from are skipped.
-    """
+    """hidden_states, then the LM head: the logits of the last n_logits rows (None: all, 0: none,
+    as for a prefill). Rows nobody samples from skip the head, the costliest product of small
+    models.  -> [n_logits, V]"""
     h = hidden_states(params, ids, cache, n_head, n_logits, positions, visible)
     return lm_head(h, params["wte"]) if h.shape[0] else None

@@ -1,20 +1,19 @@
 """From logits to a token: warping, sampling, and the speculative accept/resample rule.
 
-Everything here runs on the host in NumPy, on rows of V logits. Distributions are float64: a
-float32 logit is exact in float64, and normalising there makes a distribution sum to 1 to ~1e-16,
-which the ratio p/q and the residual max(0, p - q) rely on. The letters follow Leviathan et al.
-(2023): p is the TARGET model's distribution, q the DRAFT's (Chen et al. (2023) swap them).
+On the host, in NumPy, in float64: a float32 logit is exact there, and a distribution then sums
+to 1 to ~1e-16, which the ratio p/q and the residual max(0, p - q) rely on. Letters as in
+Leviathan et al. (2023): p is the TARGET's distribution, q the DRAFT's (Chen et al. swap them).
 """
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
+from .checks import not_drawn_from_q
 from .errors import GPT2Error
 
-# The smallest positive temperature at which logits / T is finite for every float32 logit (the
-# largest float32 over the largest float64). Below it the division can overflow to inf, and
-# inf - inf is NaN: such a temperature is an error, not a silent garbage distribution.
+# The smallest temperature at which logits / T is finite for every float32 logit: below it the
+# division can overflow to inf, inf - inf is NaN, and so such a temperature is an error.
 MIN_TEMPERATURE = float(np.finfo(np.float32).max) / float(np.finfo(np.float64).max)  # ~1.9e-270
 
 
@@ -86,20 +85,11 @@ def sample(p: np.ndarray, rng: np.random.Generator) -> int:
 
 def residual(p_row: np.ndarray, q_row: np.ndarray) -> np.ndarray:
     """norm(max(0, p - q)): where to resample after a rejection.  [V], [V] -> [V]
-
-    Its mass is the total variation between p and q; when that is ~0 (p == q up to rounding) a
-    rejection is almost impossible, and if it happens anyway sampling p itself is exact.
-    """
+    Its mass is the total variation between p and q; where that is ~0 (p == q up to rounding),
+    a rejection is almost impossible, and sampling p itself is exact."""
     r = np.maximum(p_row - q_row, 0.0)
     total = r.sum()
     return r / total if total > 1e-12 else p_row
-
-
-def not_drawn_from_q(token: int, where: str) -> GPT2Error:
-    """The error for a proposed token that its q gives no mass: the drafter did not draw it from
-    the q it returned, and the ratio p/q would be 0/0."""
-    return GPT2Error(f"the drafter proposed token {token} {where} but its q gives it probability "
-                     f"0: a drafter must propose tokens drawn from the q it returns")
 
 
 def accept_or_resample(drafts, q: np.ndarray, p: np.ndarray, rng: np.random.Generator):

@@ -55,11 +55,13 @@ class Stats:
         return self.n_generated / self.rounds if self.rounds else float("nan")
 
     @contextmanager
-    def timing(self, name: str):
-        """Adds the wall-clock seconds the with-block takes to the field `name`."""
-        start = time.perf_counter()
+    def timing(self, name: str, clock: Callable[[], float] = None):
+        """Adds the seconds the with-block takes to the field `name`, as `clock` reads them (the
+        wall clock unless told otherwise)."""
+        clock = clock or time.perf_counter
+        start = clock()
         yield
-        setattr(self, name, getattr(self, name) + time.perf_counter() - start)
+        setattr(self, name, getattr(self, name) + clock() - start)
 
     def count_forwards(self, target, drafter=None) -> None:
         """The decoding forwards' seconds and calls: target a Timed model, drafter a Drafter."""
@@ -89,6 +91,13 @@ class Stats:
             d.update(acceptance_rate=self.acceptance_rate, tokens_per_round=self.tokens_per_round,
                      accepted_histogram=self.accepted_histogram())
         return d
+
+
+def kinds(K: int, accepted: int) -> List[str]:
+    """How each token a round emitted came about (the kinds on_tokens streams): `accepted` drafts
+    the target kept, then "resampled" (drawn from the residual after a rejection), "bonus" (every
+    draft kept: one more from the next p) or "target" (a round that proposed no drafts)."""
+    return ["accepted"] * accepted + ["resampled" if accepted < K else "bonus" if K else "target"]
 
 
 class Timed:

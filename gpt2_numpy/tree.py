@@ -41,10 +41,11 @@ from typing import Callable, List, Optional
 import numpy as np
 
 from .backend import to_numpy
-from .decoding import check_vocabularies, checked_request, prefill
+from .checks import check_draft_context, check_vocabularies, checked_request, not_drawn_from_q
+from .decoding import prefill
 from .errors import GPT2Error
 from .model import KVCache
-from .sampling import Warp, not_drawn_from_q, probabilities, residual, sample
+from .sampling import Warp, probabilities, residual, sample
 from .stats import Timed
 
 MAX_TREE_NODES = 64  # a verify forward over 65 rows; far past any row count that is ~free
@@ -233,6 +234,7 @@ class ModelTreeDrafter(TreeDrafter):
         self.n_fed = 0  # tree rows in the draft's cache after the last draft
 
     def start(self, tokens: List[int], capacity: int) -> None:
+        check_draft_context(self.model, capacity)
         self.cache = None  # dropped first, so that a GPU model can hand its arrays out again
         self.cache = self.model.new_cache(capacity)
         prefill(self.model, self.cache, tokens)
