@@ -19,7 +19,7 @@ import importlib
 from .tuning import tune_process
 
 __all__ = ["AdaptiveK", "Drafter", "FixedK", "GPT2", "GPT2Error", "KPolicy", "KVCache",
-           "ModelDrafter", "NGramDrafter", "OFFICIAL_HPARAMS", "Stats", "Warp",
+           "MedusaHeads", "ModelDrafter", "NGramDrafter", "OFFICIAL_HPARAMS", "Stats", "Warp",
            "accept_or_resample", "adaptive_speculative_sample", "autoregressive_sample",
            "expected_tokens", "forward", "load_hparams", "load_model", "official_hparams",
            "probabilities", "random_params", "residual", "sample", "speculative_sample",

@@ -8,6 +8,7 @@ from .errors import GPT2Error
 from .load import OFFICIAL_HPARAMS, load_hparams, official_hparams, random_params
 from .load import load_model as _load_model
 from .load import GPT2
+from .medusa import MedusaHeads
 from .model import KVCache, forward
 from . import products as _products
 from .sampling import Warp, accept_or_resample, probabilities, residual, sample
