@@ -1,11 +1,12 @@
 """Medusa heads (gpt2_numpy/medusa.py): every gradient against central finite differences, Adam
-against a hand computation, training on the tiny fixture target, the heads file.
+against a hand computation, training on the tiny fixture target, the heads file, the command.
 
 MISTAKES at the end patches each classic mistake of a hand-written backward pass, optimiser and
 file writer into the package, and checks that the tests listed for it fail with an
 AssertionError.
 """
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -19,7 +20,7 @@ from gpt2_numpy.medusa import (Adam, Sequence, cross_entropy, cross_entropy_back
                                write_text)
 from gpt2_numpy.model import lm_head
 from gpt2_numpy.sampling import probabilities
-from conftest import FIXTURES, tiny_model
+from conftest import FIXTURES, ROOT, tiny_model
 
 TINY = FIXTURES / "tiny-4h"  # a genuine checkpoint with random weights, 307 tokens, n_embd 32
 
@@ -434,6 +435,95 @@ def test_heads_learn_the_greedy_continuations_they_are_trained_on(target):
         heads, sequences, wte)
     assert after[1]["top1"] > 0.5 > before[1]["top1"] + 0.2
     assert chain_after > max(1.5, chain_before + 0.3)
+
+
+# --- The command ------------------------------------------------------------------------------
+
+
+def run_command(*flags, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "gpt2_numpy.medusa", "train", *flags], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_the_command_end_to_end(target, tmp_path):
+    out = tmp_path / "heads.npz"
+    r = run_command("--model", str(TINY), "--tokens", "600", "--heads", "3", "--epochs", "2",
+                    "--out", str(out), "--no_progress")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""  # no progress bars asked for, nothing else to say
+    lines = r.stdout.splitlines()
+    assert any("before" in line and "after" in line for line in lines)
+    scores = {line.split(")")[0] + ")": line.split(")")[1].split() for line in lines
+              if line.startswith(("LM head (n + 1)", "head "))}
+    assert list(scores) == ["LM head (n + 1)", "head 1 (n + 2)", "head 2 (n + 3)",
+                            "head 3 (n + 4)"]
+    for name, (n_rows, loss_before, loss_after, *accuracies) in scores.items():
+        assert int(n_rows) > 0 and len(accuracies) == 4 and all(a.endswith("%") for a in accuracies)
+        if name != "LM head (n + 1)":
+            assert float(loss_after) < float(loss_before)
+    assert sum(line.startswith("  epoch ") for line in lines) == 2
+    heads = MedusaHeads.load(out)
+    heads.check_fits(target)
+    assert heads.n_heads == 3 and np.any(heads.W != 0)
+    assert sorted(os.listdir(tmp_path)) == ["heads.npz"]
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inputs")
+    (folder / "empty.txt").write_text("  \n")
+    (folder / "latin1.txt").write_bytes("caf\xe9 au lait, na\xefve".encode("latin-1"))
+    (folder / "long_prompt.txt").write_text("the cat sat " * 30 + "\n")
+    return folder
+
+
+BAD_COMMANDS = {
+    "an unknown size": (["--model", "7B"], "unknown model"),
+    "a missing folder": (["--model", "{dir}/no/such/model"], "unknown model"),
+    "too few tokens": (["--tokens", "10"], "--tokens must be at least"),
+    "no heads": (["--heads", "0"], "--heads must be at least 1"),
+    "more heads than a sequence has room for": (["--heads", "40", "--length", "30"],
+                                                "too short for 40 heads"),
+    "--out in a missing folder": (["--out", "{dir}/no/such/folder/h.npz"], "cannot write"),
+    "--out a folder": (["--out", "{dir}"], "is a folder"),
+    "a missing --text": (["--text", "{dir}/no_such.txt"], "cannot read"),
+    "an empty --text": (["--text", "{dir}/empty.txt"], "is empty"),
+    "a --text that is not UTF-8": (["--text", "{dir}/latin1.txt"], "is not UTF-8"),
+    "--text and --prompts": (["--text", "{dir}/empty.txt", "--prompts", "{dir}/empty.txt"],
+                             "do not go together"),
+    "a prompt too long": (["--prompts", "{dir}/long_prompt.txt"], "after prompts of up to"),
+    "a negative temperature": (["--temperature", "-1"], "temperature must be"),
+    "no learning rate": (["--lr", "0"], "--lr must be"),
+    "nothing held out": (["--held_out", "0"], "--held_out must be"),
+    "no epochs": (["--epochs", "0"], "--epochs must be"),
+    "a token count that is no number": (["--tokens", "many"], "invalid int value"),
+    "an unknown flag": (["--bogus"], "unrecognized arguments"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_COMMANDS))
+def test_a_bad_command_line_is_one_error_line(case, bad_inputs, tmp_path, capsys):
+    flags, expected = BAD_COMMANDS[case]
+    flags = [f.replace("{dir}", str(bad_inputs)) for f in flags]
+    if "--out" not in flags:
+        flags += ["--out", str(tmp_path / "h.npz")]
+    try:
+        code = medusa.main(["train", "--model", str(TINY), "--tokens", "200", "--no_progress",
+                            *flags])
+    except SystemExit as e:  # argparse's own errors exit from inside parse_args
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+    assert not (tmp_path / "h.npz").exists()
+
+
+@pytest.mark.parametrize("flags", [["--model", "7B"], ["--text", "{dir}/latin1.txt"]])
+def test_a_bad_command_line_in_a_process_of_its_own(flags, bad_inputs, tmp_path):
+    flags = [f.replace("{dir}", str(bad_inputs)) for f in flags]
+    r = run_command("--model", str(TINY), "--out", str(tmp_path / "h.npz"), *flags)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
 
 
 # --- Each mistake is caught -------------------------------------------------------------------
