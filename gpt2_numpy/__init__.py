@@ -18,7 +18,7 @@ import importlib
 
 from .tuning import tune_process
 
-__all__ = ["AdaptiveK", "Drafter", "GPT2", "GPT2Error", "KVCache",
+__all__ = ["AdaptiveK", "Drafter", "GPT2", "GPT2Error", "KVCache", "MedusaHeads",
            "ModelDrafter", "NGramDrafter", "OFFICIAL_HPARAMS", "Stats", "Warp",
            "accept_or_resample", "adaptive_speculative_sample", "autoregressive_sample",
            "expected_tokens", "forward", "load_hparams", "load_model", "official_hparams",

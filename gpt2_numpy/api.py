@@ -2,12 +2,13 @@
 import numpy as _np
 
 from .adaptive import AdaptiveK, adaptive_speculative_sample, expected_tokens
-from .decoding import ModelDrafter, autoregressive_sample, speculative_sample
-from .drafters import Drafter, NGramDrafter
+from .decoding import Drafter, ModelDrafter, autoregressive_sample, speculative_sample
+from .drafters import NGramDrafter
 from .errors import GPT2Error
 from . import products as _products
 from .load import GPT2, OFFICIAL_HPARAMS, load_hparams, official_hparams, random_params
 from .load import load_model as _load_model
+from .medusa import MedusaHeads
 from .model import KVCache, forward
 from .sampling import Warp, accept_or_resample, probabilities, residual, sample
 from .stats import Stats
