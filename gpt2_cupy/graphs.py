@@ -280,6 +280,14 @@ class GraphedGPT2(GPT2):
                 out.append(logits)
         return cp.concatenate(out) if len(out) > 1 else out[0]
 
+    def hidden_states(self, ids, cache, n_rows=1, positions=None, visible=None):
+        """model.hidden_states, eagerly and unfused (what Medusa heads read): float32 only."""
+        check_token_ids(ids, self.hparams["n_vocab"])
+        if self.dtype != "float32":  # model.hidden_states reads float32 weights only
+            raise GPT2Error("hidden states (Medusa heads) come from the unfused forward: they "
+                            "need float32 weights")
+        return GPT2.hidden_states(self, ids, cache, n_rows, positions, visible)
+
     def replay(self, ids, cache, n_logits: int):
         """Feed T <= GRAPH_MAX_T tokens through the graph of (cache, T), recorded on first use;
         the logits of the last n_logits rows (None for 0)."""

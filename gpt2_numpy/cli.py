@@ -23,6 +23,7 @@ from .download import MODEL_FILES, MODEL_SIZES, resolve_model_dirs
 from .drafters import NGramDrafter
 from .errors import GPT2Error
 from .load import official_hparams, repair_advice
+from .medusa import MedusaHeads
 from .sampling import MIN_TEMPERATURE, Warp
 from .show import show_stream, visible
 from .tree import check_widths, tree_size
@@ -53,10 +54,19 @@ class DraftKind(NamedTuple):
     make: Callable
 
 
+def fitting_heads(path: str, target) -> MedusaHeads:
+    """--heads FILE, made for the target's shape (one error line if not)."""
+    heads = MedusaHeads.load(path)
+    heads.check_fits(target)
+    return heads
+
+
 DRAFTS = {
     "model": DraftKind("--draft_model_size drafts", True, lambda args, target, model: model),
     "ngram": DraftKind("copy from the context itself (docs/ngram.md)", False,
                        lambda args, target, model: NGramDrafter(target.n_vocab)),
+    "medusa": DraftKind("Medusa heads on the target itself, --heads FILE (docs/medusa.md)", False,
+                        lambda args, target, model: fitting_heads(args.heads, target)),
 }
 
 
@@ -89,6 +99,8 @@ def make_parser(description: str = None) -> Parser:
                    "round, for the most tokens per second (default: off)")
     p.add_argument("--draft", choices=list(DRAFTS), default="model", help="; ".join(
         f"{name}: {kind.help}" for name, kind in DRAFTS.items()) + " (default: %(default)s)")
+    p.add_argument("--heads", default=None, metavar="FILE", help="the Medusa heads --draft medusa "
+                   "drafts with: an .npz from python -m gpt2_numpy.medusa train (default: none)")
     p.add_argument("--tree", default=None, metavar="W1,...,WD",
                    help="draft a token tree instead of a chain, of widths (W1, ..., WD): "
                    "a node at depth d - 1 gets up to W_d children, the root (the newest committed "
@@ -173,6 +185,10 @@ def check(args) -> Settings:
     if args.mode == "all" and not draft.loads_draft_model:
         raise GPT2Error("--mode all also runs the draft model alone: it needs --draft model")
     widths = tree_widths(args)
+    if args.draft == "medusa" and speculative:
+        widths = medusa_widths(args, widths)
+    elif args.heads is not None:
+        raise GPT2Error("--heads is for --draft medusa: Medusa heads draft for no other kind")
     K = None if widths or not speculative else DEFAULT_K if args.K is None else args.K
     policy = AdaptiveK(K) if args.adaptive else None  # checks K as the most drafts per round
     if K is not None and policy is None:
@@ -200,6 +216,25 @@ def tree_widths(args) -> Optional[List[int]]:
     except ValueError:
         raise GPT2Error(f"--tree takes integers separated by commas, got {args.tree!r}") from None
     check_widths(widths)
+    return widths
+
+
+def medusa_widths(args, widths: Optional[List[int]]) -> List[int]:
+    """--draft medusa drafts a token tree from the heads of --heads FILE (read now, so that a bad
+    file is named before any model is loaded): --tree's widths, or a chain of one candidate per
+    head. A chain's K and --adaptive's choice of it are no Medusa settings."""
+    if args.heads is None:
+        raise GPT2Error("--draft medusa needs --heads FILE: Medusa heads trained for the target "
+                        "(python -m gpt2_numpy.medusa train)")
+    for flag, used in (("--K", args.K is not None), ("--adaptive", args.adaptive)):
+        if used:
+            raise GPT2Error(f"{flag} does not go with --draft medusa: the heads draft one "
+                            "candidate per head, or the tree of --tree")
+    n_heads = MedusaHeads.load(args.heads).n_heads
+    widths = widths or [1] * n_heads
+    if len(widths) > n_heads:
+        raise GPT2Error(f"--tree {args.tree} is {len(widths)} levels deep, but {args.heads} has "
+                        f"{n_heads} heads: one head drafts each level")
     return widths
 
 

@@ -359,7 +359,7 @@ def tree_speculative_sample(target, draft, prompt: List[int], n_new: int, widths
         prefill(target, cache, tokens)
         drafter.start(tokens, capacity)
 
-    timed_target = Timed(target)  # counts the decoding forwards and their seconds
+    verifying = Timed(drafter.verify)  # the target's forwards over the trees, and their seconds
     drafting = Timed(drafter.draft)  # all the drafting: its forwards and choosing children
     with stats.timing("decode_seconds"):
         while len(tokens) < n_stop:
@@ -369,7 +369,7 @@ def tree_speculative_sample(target, draft, prompt: List[int], n_new: int, widths
             tree = drafting(tokens, shape, warp, rng)
             # 2. ONE target forward over the root and every node: p at each of them.
             n_past = cache.length  # the root's row; node i is at row n_past + i
-            logits = to_numpy(drafter.verify(timed_target, tree, cache))  # [1 + N, V]
+            logits = to_numpy(verifying(target, tree, cache))  # [1 + N, V]
             # 3. The walk from the root: the accepted path, then one more token t.
             path, t, kind = walk(tree, logits, warp, rng)
             tokens += [tree.tokens[i] for i in path] + [t]
@@ -380,7 +380,7 @@ def tree_speculative_sample(target, draft, prompt: List[int], n_new: int, widths
             stats.add_round(tree.n_nodes, len(path), depth=len(shape))
             if on_tokens:
                 on_tokens(tokens[-(len(path) + 1) :], ["accepted"] * len(path) + [kind])
-    stats.count_forwards(timed_target, drafting)  # draft_seconds: forwards and choosing children
+    stats.count_forwards(verifying, drafting)  # draft_seconds: forwards and choosing children
     stats.draft_calls = drafter.calls  # the draft's forwards, as for a chain
     stats.n_generated = len(tokens) - stats.n_prompt
     return tokens[stats.n_prompt :], stats

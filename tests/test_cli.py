@@ -569,7 +569,7 @@ def test_every_flag_has_a_help_text_that_gives_its_default(capsys):
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
     actions = [a for a in cli.make_parser()._actions if a.dest != "help"]
-    assert len(actions) == 20
+    assert len(actions) == 21
     for action in actions:
         assert action.help and "(default: " in action.help, action.option_strings
         assert action.option_strings[0] in text

@@ -41,7 +41,7 @@ def module_name(path) -> str:
 def import_graph() -> dict:
     """module -> the project's modules it imports anywhere in its source (at the top or inside
     a function), read from the source with ast: {"gpt2_numpy.load": {"gpt2_numpy.model", ...}}."""
-    files = [ROOT / "main.py"] + [p for pkg in PACKAGES for p in sorted((ROOT / pkg).glob("*.py"))]
+    files = [ROOT / "main.py"] + [p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))]
     names = {module_name(p): p for p in files}
     graph = {}
     for name, path in names.items():
@@ -125,9 +125,12 @@ def reachable(graph: dict, roots) -> set:
 
 def test_the_library_ships_only_what_it_uses():
     """Every module of gpt2_numpy is reached from the package (its __init__ and api.py, which
-    __init__ loads on first use) or from main.py: a module only tests or bench/ use lives there."""
+    __init__ loads on first use), from main.py or from a command of its own (a __main__, run by
+    python -m): a module only tests or bench/ use lives there."""
     graph = import_graph()
-    used = reachable(graph, ["gpt2_numpy", "gpt2_numpy.api", "main"])
+    commands = [m for m in graph if m.endswith(".__main__")]
+    assert "gpt2_numpy.medusa.__main__" in commands
+    used = reachable(graph, ["gpt2_numpy", "gpt2_numpy.api", "main", *commands])
     library = {m for m in graph if layer(m) == "gpt2_numpy"}
     assert sorted(library - used) == []
     # The search sees an unused module: one that nothing imports.

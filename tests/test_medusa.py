@@ -1,4 +1,4 @@
-"""Medusa heads (gpt2_numpy/medusa.py): every gradient against central finite differences, Adam
+"""Medusa heads (gpt2_numpy/medusa/): every gradient against central finite differences, Adam
 against a hand computation, training on the tiny fixture target, the heads file, the command.
 
 MISTAKES at the end patches each classic mistake of a hand-written backward pass, optimiser and
@@ -13,11 +13,14 @@ import numpy as np
 import pytest
 
 import gpt2_numpy as gpt2
-from gpt2_numpy import GPT2Error, MedusaHeads, Warp, medusa
-from gpt2_numpy.medusa import (Adam, Sequence, cross_entropy, cross_entropy_backward, evaluate,
-                               head_forward, lm_head_backward, loss_and_gradients, rows,
-                               sequence_lengths, silu, silu_grad, split, train, write_sequence,
-                               write_text)
+from gpt2_numpy import GPT2Error, MedusaHeads, Warp
+from gpt2_numpy.medusa import __main__ as command
+from gpt2_numpy.medusa import heads as medusa
+from gpt2_numpy.medusa import train as training
+from gpt2_numpy.medusa.heads import (Adam, cross_entropy, cross_entropy_backward, head_forward,
+                                     lm_head_backward, loss_and_gradients, silu, silu_grad)
+from gpt2_numpy.medusa.train import (Sequence, evaluate, rows, sequence_lengths, split, train,
+                                     write_sequence, write_text)
 from gpt2_numpy.model import lm_head
 from gpt2_numpy.sampling import probabilities
 from conftest import FIXTURES, ROOT, tiny_model
@@ -508,7 +511,7 @@ def test_a_bad_command_line_is_one_error_line(case, bad_inputs, tmp_path, capsys
     if "--out" not in flags:
         flags += ["--out", str(tmp_path / "h.npz")]
     try:
-        code = medusa.main(["train", "--model", str(TINY), "--tokens", "200", "--no_progress",
+        code = command.main(["train", "--model", str(TINY), "--tokens", "200", "--no_progress",
                             *flags])
     except SystemExit as e:  # argparse's own errors exit from inside parse_args
         code = e.code
@@ -606,7 +609,7 @@ MISTAKES = {
                                  [test_untrained_heads_score_like_the_lm_head]),
     "Adam without bias correction": ((medusa.Adam, "step", adam_step_without_bias_correction),
                                      [test_adam_matches_a_hand_computation]),
-    "head k guessing the token at n + k": ((medusa, "rows", rows_guessing_one_token_too_near),
+    "head k guessing the token at n + k": ((training, "rows", rows_guessing_one_token_too_near),
                                            [test_rows_by_hand]),
     "heads saved straight onto their name": ((MedusaHeads, "save", save_in_place),
                                              [test_save_leaves_nothing_half_written]),
@@ -631,7 +634,7 @@ def test_each_mistake_is_caught(mistake, target, tmp_path, monkeypatch):
         folder.mkdir()
         with monkeypatch.context() as mp:
             mp.setattr(owner, name, replacement)
-            if owner is medusa and getattr(here, name, None) is not None:
+            if owner in (medusa, training) and getattr(here, name, None) is not None:
                 mp.setattr(here, name, replacement)  # this file's imported copy too
             with pytest.raises(AssertionError):
                 call(test, target, folder, mp)

@@ -394,3 +394,95 @@ def test_the_tree_copies_without_a_mistake_pass(target, drafts, monkeypatch, tes
 def test_each_tree_mistake_is_caught(target, drafts, monkeypatch, mistake, test):
     TREE_MISTAKES[mistake](monkeypatch)
     fails(TREE_TESTS[test], (target, drafts))
+
+
+# --- Medusa heads as a tree's drafter: which head drafts a depth, and which q judges it --------
+
+import test_medusa_tree  # noqa: E402
+from gpt2_numpy.medusa import MedusaHeads  # noqa: E402
+
+
+def medusa_draft_with(drawn_by=lambda d: d, judged_by=lambda d: d):
+    """MedusaHeads.draft written out again: depth d + 1's children drawn from head drawn_by(d)
+    + 1 and judged against head judged_by(d) + 1's q (the defaults are the right rule)."""
+
+    def draft(self, tokens, widths, warp, rng):
+        t = tree.Tree(tokens[-1])
+        if self.h is None or not widths:
+            return t
+        self.calls += 1
+        logits = self.logits(self.h[None, :], self.wte)[:, 0, :]  # [H, V]
+        H, level = len(logits), [0]
+        for d, w in enumerate(widths):
+            drawn, judged = logits[drawn_by(d) % H], logits[judged_by(d) % H]
+            q = None if warp.greedy else sampling.probabilities(drawn, warp)
+            for node in level:
+                t.q[node] = None if warp.greedy else sampling.probabilities(judged, warp)
+                for token in (tree.top_w(drawn, w) if warp.greedy
+                              else tree.sample_without_replacement(q, w, rng)):
+                    t.add(node, token)
+            level = [c for node in level for c in t.children[node]]
+        return t
+
+    return draft
+
+
+MEDUSA_MISTAKES = {
+    CONTROL: lambda mp: mp.setattr(MedusaHeads, "draft", medusa_draft_with()),
+    "a head's q for the wrong depth (depth d drafted by head d + 1)": lambda mp: mp.setattr(
+        MedusaHeads, "draft", medusa_draft_with(drawn_by=lambda d: d + 1,
+                                                judged_by=lambda d: d + 1)),
+    "children judged against another head's q": lambda mp: mp.setattr(
+        MedusaHeads, "draft", medusa_draft_with(judged_by=lambda d: d + 1)),
+}
+
+
+def with_own_monkeypatch(test, *args):
+    with pytest.MonkeyPatch.context() as mp:
+        test(*args, mp)
+
+
+MEDUSA_TESTS = {
+    "test_depth_d_children_come_from_head_d_at_the_last_accepted_node[greedy]":
+        lambda fx: with_own_monkeypatch(
+            test_medusa_tree.test_depth_d_children_come_from_head_d_at_the_last_accepted_node,
+            fx, Warp(0.0)),
+    "test_depth_d_children_come_from_head_d_at_the_last_accepted_node[top_k]":
+        lambda fx: with_own_monkeypatch(
+            test_medusa_tree.test_depth_d_children_come_from_head_d_at_the_last_accepted_node,
+            fx, Warp(1.0, top_k=20)),
+    "test_medusa_tree_samples_follow_the_exact_target_distribution[T=1, (2, 2)]":
+        lambda fx: test_medusa_tree.test_medusa_tree_samples_follow_the_exact_target_distribution(
+            "T=1, (2, 2)"),
+    "test_medusa_tree_samples_follow_the_exact_target_distribution[top_k=3, (3, 1)]":
+        lambda fx: test_medusa_tree.test_medusa_tree_samples_follow_the_exact_target_distribution(
+            "top_k=3, (3, 1)"),
+}
+MEDUSA_GREEDY_HEAD, MEDUSA_SAMPLED_HEAD, MEDUSA_LAW, MEDUSA_LAW_TOP_K = MEDUSA_TESTS
+MEDUSA_CAUGHT_BY = {
+    # Still exact (each child is judged against the q it was drawn from): only the test that
+    # compares a depth's children with head d's guesses can see it.
+    "a head's q for the wrong depth (depth d drafted by head d + 1)": [MEDUSA_GREEDY_HEAD,
+                                                                       MEDUSA_SAMPLED_HEAD],
+    # (At top_k = 3 with three children, every token of the support is drawn: the wrong q then
+    # changes the law too little for 3000 runs to see, so MEDUSA_LAW_TOP_K is no witness.)
+    "children judged against another head's q": [MEDUSA_LAW, MEDUSA_SAMPLED_HEAD],
+}
+MEDUSA_CASES = [(mistake, test) for mistake, tests in MEDUSA_CAUGHT_BY.items() for test in tests]
+
+
+@pytest.fixture(scope="module")
+def medusa_target():
+    return test_medusa_tree.gpt2.load_model(str(test_medusa_tree.TINY_4H), progress=False)
+
+
+@pytest.mark.parametrize("test", list(MEDUSA_TESTS))
+def test_the_medusa_copy_without_a_mistake_passes(medusa_target, monkeypatch, test):
+    MEDUSA_MISTAKES[CONTROL](monkeypatch)
+    MEDUSA_TESTS[test](medusa_target)
+
+
+@pytest.mark.parametrize("mistake, test", MEDUSA_CASES)
+def test_each_medusa_mistake_is_caught(medusa_target, monkeypatch, mistake, test):
+    MEDUSA_MISTAKES[mistake](monkeypatch)
+    fails(MEDUSA_TESTS[test], medusa_target)
