@@ -4,6 +4,7 @@ gpt2_numpy (the tutorial) never imports its GPU twin or its benchmarks, and no m
 itself back through a chain of imports.
 """
 import ast
+import re
 import subprocess
 import sys
 
@@ -144,3 +145,42 @@ def test_the_tutorials_decoders_know_nothing_of_adaptive_K():
     graph = import_graph()
     assert "gpt2_numpy.decoding" in graph["gpt2_numpy.adaptive"]  # the layer above sees it
     assert "gpt2_numpy.adaptive" not in reachable(graph, ["gpt2_numpy.decoding"])
+
+
+# --- the lessons: each file on the reading path knows nothing of the ones after it ----------------
+
+# The reading path, in order, and what each later lesson is called in code and prose.
+LESSONS = ["gpt2_numpy.model", "gpt2_numpy.sampling", "gpt2_numpy.decoding"]
+LATER = {"gpt2_numpy.tree", "gpt2_numpy.products", "gpt2_numpy.adaptive", "gpt2_numpy.drafters",
+         "gpt2_numpy.medusa", "gpt2_numpy.medusa.heads"}
+LATER_WORDS = re.compile(r"tree|products\b|planned|adaptive|polic(y|ies)|medusa|n-?gram|"
+                         r"parents|sibling|accept_one_of|without_replacement|look.?back",
+                         re.IGNORECASE)
+
+
+def later_words(source: str) -> list:
+    return sorted({m.group(0).lower() for m in LATER_WORDS.finditer(source)})
+
+
+def test_the_first_three_lessons_name_and_import_no_later_one():
+    """model.py, sampling.py and decoding.py import no later lesson, directly or through
+    another module, and never name one: no tree, products plan, adaptive K or policy, n-gram or
+    Medusa drafting, in code or in prose."""
+    graph = import_graph()
+    for lesson in LESSONS:
+        assert reachable(graph, [lesson]) & LATER == set(), lesson
+        source = (ROOT / (lesson.replace(".", "/") + ".py")).read_text()
+        assert later_words(source) == [], lesson
+    # The checks see what they look for: the tree lesson names itself, and imports decoding.
+    assert "tree" in later_words((ROOT / "gpt2_numpy" / "tree.py").read_text())
+    assert "gpt2_numpy.decoding" in reachable(graph, ["gpt2_numpy.tree"])
+
+
+def test_the_lessons_are_short():
+    """The first three lessons fit in 450 lines together (docstrings included), adaptive.py in
+    300: a learner reads each in one sitting."""
+    def lines(module):
+        return len((ROOT / (module.replace(".", "/") + ".py")).read_text().splitlines())
+
+    assert sum(lines(m) for m in LESSONS) <= 450, {m: lines(m) for m in LESSONS}
+    assert lines("gpt2_numpy.adaptive") <= 300
