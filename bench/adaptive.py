@@ -27,6 +27,7 @@ from gpt2_numpy.adaptive import AdaptiveK, LookBackDrafter, adaptive_speculative
 from gpt2_numpy.decoding import autoregressive_sample, speculative_sample
 from gpt2_numpy.load import official_hparams, random_params
 from gpt2_numpy.load import GPT2
+from gpt2_numpy.products import attach
 from gpt2_numpy.sampling import Warp, probabilities
 from gpt2_numpy.backend import to_numpy
 
@@ -150,6 +151,8 @@ def main(argv=None):
     target = model_class(official_hparams(args.target), params(official_hparams(args.target), seed=0))
     draft = model_class(official_hparams(args.draft), params(official_hparams(args.draft), seed=1))
     prompt = np.random.default_rng(0).integers(0, target.n_vocab, 20).tolist()
+    for model in (target, draft):  # the products' plan (NumPy), as load_model attaches it
+        attach(model)
     for model in (target, draft):  # page every weight in once, outside the timings
         model(prompt, model.new_cache(len(prompt)))
 
