@@ -16,7 +16,7 @@ weights: the numbers show the mechanism, not GPT-2's accuracy) and on the offici
                  text), 3 epochs, lr 1e-3: held out, honest
        T = 0.3   8000 tokens at temperature 0.3, 4 epochs, lr 3e-3: held out, honest
        memorised the target's greedy continuations of the very prompts decoded below, each
-                 written twice, 60 epochs, lr 1e-2: the held-out sequences are training ones,
+                 written twice, 200 epochs, lr 1e-2: the held-out sequences are training ones,
                  so this is the best case (what heads that know the text can give), not
                  generalisation
 2. Tokens per target forward (tau): greedy (T = 0) and sampled (T = 1) runs of
@@ -81,7 +81,7 @@ N_NEW, PROMPT_LENGTH = 40, 8  # bench tree's prompts and run length
 TRAINING = {
     "T = 1": dict(tokens=3000, temperature=1.0, length=64, epochs=3, lr=1e-3, prompts=False),
     "T = 0.3": dict(tokens=8000, temperature=0.3, length=64, epochs=4, lr=3e-3, prompts=False),
-    "memorised": dict(temperature=0.0, length=PROMPT_LENGTH + N_NEW, epochs=60, lr=1e-2,
+    "memorised": dict(temperature=0.0, length=PROMPT_LENGTH + N_NEW, epochs=200, lr=1e-2,
                       prompts=True),
 }
 SHAPES = [(1,), (1, 1), (1, 1, 1), (1, 1, 1, 1), (2,), (3,), (2, 1), (2, 1, 1), (3, 1), (2, 2),
