@@ -140,6 +140,7 @@ def train_heads(target, spec: dict, prompts, n_heads: int = N_HEADS, seed: int =
     heads = MedusaHeads.untrained(target, n_heads)
     wte = np.asarray(target.params["wte"])  # [V, d], the tied LM head, frozen
     before = evaluate(heads, h_held, targets_held, wte, TOP)
+    before_training = sum(s["loss"] for s in evaluate(heads, h, targets, wte, 1)[1:])
     adam = Adam([heads.W, heads.b], spec["lr"])
     epochs = []
     for _ in range(spec["epochs"]):
@@ -152,6 +153,7 @@ def train_heads(target, spec: dict, prompts, n_heads: int = N_HEADS, seed: int =
               "sequences": len(text), "training_rows": len(h), "held_out_sequences": len(held),
               "held_out_rows": len(h_held),
               "held_out_also_trained_on": sum(tuple(s.tokens) in seen for s in held),
+              "untrained_training": before_training,
               "untrained_held_out": sum(s["loss"] for s in before[1:]), "epochs_loss": epochs,
               "heads": [{"head": k, "before": b, "after": a}
                         for k, (b, a) in enumerate(zip(before, after))]}
@@ -368,7 +370,7 @@ def pct(x) -> str:
 def training_tables(res) -> str:
     out = ["Training (4 heads, tests/fixtures/tiny-4h, random weights: the mechanism, not GPT-2's "
            "accuracy). Summed loss over the heads, per epoch, training / held out:", "",
-           "| text | tokens | sequences (held out) | untrained | "
+           "| text | tokens | sequences (held out) | untrained heads | "
            + " | ".join(f"epoch {e}" for e in (1, 2, 3, 4)) + " | ... last |",
            "|---|---|---|---|---|---|---|---|---|"]
     for name, t in res["training"].items():
@@ -380,7 +382,8 @@ def training_tables(res) -> str:
         text = (f"{name}: greedy after the decoded prompts" if t["after_prompts"]
                 else f"{name}: sampled after single tokens")
         out.append(f"| {text} | {t['tokens']} | {t['sequences']} ({t['held_out_sequences']}) | "
-                   f"{t['untrained_held_out']:.2f} | " + " | ".join(cells) + f" | {tail} |")
+                   f"{t['untrained_training']:.2f} / {t['untrained_held_out']:.2f} | "
+                   + " | ".join(cells) + f" | {tail} |")
     out += ["", f"Held out, per head, before -> after training (top-{res['top']}: the token among "
             f"the head's {res['top']} highest logits):", "",
             f"| text | head | rows | loss (nats) | top-1 | top-{res['top']} |",
@@ -457,7 +460,8 @@ def cost_table(res) -> str:
            "target forwards over one row:", "",
            "| machine | target, 1 row | heads, 1 row | h | source |", "|---|---|---|---|---|"]
     for machine, m in c["heads"].items():
-        out.append(f"| {machine} | {m['target_ms_T1']:.2f} ms | {m['heads_ms']:.2f} ms | "
+        out.append(f"| {'CPU' if machine == 'this CPU' else machine} | "
+                   f"{m['target_ms_T1']:.2f} ms | {m['heads_ms']:.2f} ms | "
                    f"{m['h']:.3f} | {m['source']} |")
     if "verify_extra" in cpu:
         out += ["", f"The verify forward over {cpu['verify_rows']} rows, as the heads' drafter "
@@ -492,8 +496,8 @@ def plot(res, path: Path):
         x = np.arange(len(e) + 1) / len(e)  # the share of its epochs done
         loss_ax.plot(x, [t["untrained_held_out"]] + [s["held_out"] for s in e], "o-", ms=3,
                      color=f"C{i}", label=f"{name}: held out ({len(e)} epochs)")
-        loss_ax.plot(x[1:], [s["training"] for s in e], "--", color=f"C{i}",
-                     label=f"{name}: training (mean over each epoch)")
+        loss_ax.plot(x, [t["untrained_training"]] + [s["training"] for s in e], "--",
+                     color=f"C{i}", label=f"{name}: training (mean over each epoch)")
         heads = t["heads"][1:]
         k = [s["head"] + 0.1 * (i - 1) for s in heads]
         top_ax.plot(k, [s["after"]["top1"] for s in heads], "o-", color=f"C{i}",

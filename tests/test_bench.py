@@ -221,6 +221,7 @@ def test_bench_medusa_measures_trains_and_tables_on_a_tiny_configuration(tmp_pat
     for name, record in saved["training"].items():
         assert [s["head"] for s in record["heads"]] == [0, 1, 2, 3, 4]  # the LM head, 4 heads
         assert len(record["epochs_loss"]) == training[name]["epochs"]
+        assert record["untrained_training"] > 0 and record["untrained_held_out"] > 0
         for s in record["heads"]:
             for when in ("before", "after"):
                 assert s[when]["rows"] > 0 and 0 <= s[when]["top1"] <= s[when]["top"] <= 1
