@@ -1,6 +1,6 @@
 """Medusa heads against draft models and n-gram drafting: training, tokens per forward, speedup.
 
-    python -m bench medusa --cpu_costs performance.md   # ~1 min: r(T) from docs/performance.md
+    python -m bench medusa --cpu_costs performance.md   # ~1-2 min: r(T) from docs/performance.md
     python -m bench medusa --cpu_costs performance.md --heads_cost measure   # + the heads' cost
     python -m bench medusa                              # r(T) and the heads' cost measured here
 
@@ -601,6 +601,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.reps is not None and args.reps < 1:
         bad_input(f"--reps must be at least 1, not {args.reps}")
+    try:  # said before a minute of work, not after it
+        import matplotlib  # noqa: F401
+    except ImportError:
+        bad_input("the figure needs matplotlib (an optional extra): pip install matplotlib")
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     n_prompts, reps = (6, 2) if args.quick else (12, 5)
     heads_cost = args.heads_cost or ("measure" if args.cpu_costs == "measure" else "estimate")
