@@ -13,6 +13,7 @@ COMMANDS = {  # name: module, whose main(argv) runs it and whose docstring's fir
     "host": "bench.host",
     "tree": "bench.tree",
     "products": "bench.products",
+    "medusa": "bench.medusa",
 }
 
 

@@ -192,3 +192,92 @@ def test_bench_products_bad_input_is_a_one_line_error(args, message, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1
+
+
+def test_bench_medusa_measures_trains_and_tables_on_a_tiny_configuration(tmp_path, capsys,
+                                                                          monkeypatch):
+    """python -m bench medusa's functions on a tiny configuration: two short trainings (one on
+    sampled text, one memorising the prompts' greedy text), two shapes, two prompts, the costs
+    from the documents; then the heads' timed cost on a tiny shape. The JSON holds every drafter
+    at both temperatures with its tau and both predictions, greedy text equal to the target's,
+    and the tables and the figure come out."""
+    from bench import medusa
+
+    assert "medusa" in COMMANDS and bench_main(["--help"]) == 0
+    assert "  medusa " in capsys.readouterr().out
+    training = {"T = 1": dict(tokens=96, temperature=1.0, length=24, epochs=2, lr=1e-3,
+                              prompts=False),
+                "memorised": dict(temperature=0.0, length=medusa.PROMPT_LENGTH + 6, epochs=3,
+                                  lr=1e-2, prompts=True)}
+    shapes = [(1, 1), (2, 1)]
+    res = medusa.measure(2, 6, 1, lambda *a: None, cpu="performance.md", heads_cost="estimate",
+                         shapes=shapes, training=training)
+    res.update(command="test", machine={"cpu": "test"})
+    medusa.write(res, tmp_path / "out", tmp_path / "img")
+    printed = capsys.readouterr().out
+    saved = json.loads((tmp_path / "out" / "medusa.json").read_text())
+
+    assert list(saved["training"]) == ["T = 1", "memorised"]
+    for name, record in saved["training"].items():
+        assert [s["head"] for s in record["heads"]] == [0, 1, 2, 3, 4]  # the LM head, 4 heads
+        assert len(record["epochs_loss"]) == training[name]["epochs"]
+        assert record["untrained_training"] > 0 and record["untrained_held_out"] > 0
+        for s in record["heads"]:
+            for when in ("before", "after"):
+                assert s[when]["rows"] > 0 and 0 <= s[when]["top1"] <= s[when]["top"] <= 1
+    memorised = saved["training"]["memorised"]
+    assert memorised["after_prompts"] and memorised["held_out_also_trained_on"] == \
+        memorised["held_out_sequences"]  # greedy text after the same prompts: all seen
+    drafters = ["Medusa, untrained", "Medusa, T = 1", "Medusa, memorised",
+                "draft model: unrelated (tiny-3h)", "draft model: near (noise 0.01)",
+                "draft model: noisier (noise 0.02)", medusa.NGRAM]
+    assert [(r["drafter"], r["temperature"], tuple(r["widths"])) for r in saved["rows"]] == [
+        (d, T, s) for d in drafters for T in (0.0, 1.0) for s in shapes]
+    for r in saved["rows"]:
+        assert r["tau"] >= 1 and r["tokens"] == 2 * 6 and r["rounds"] * r["tau"] == r["tokens"]
+        assert r["speedup this CPU"] > 0 and r["speedup H100"] > 0  # 3 and 4 rows: both known
+        assert r.get("same_as_target", True) is True  # greedy: the target's own text
+    heads = saved["costs"]["heads"]
+    assert set(heads) == {"this CPU", "H100"} and all(m["h"] > 0 for m in heads.values())
+    for heading in ("Training (4 heads", "Held out, per head", "Tokens per target forward, T = 0",
+                    "Tokens per target forward, T = 1", "Predicted speedup", "Costs,"):
+        assert heading in printed
+    assert "| Medusa, memorised | 0 |" in printed and "| 2,1 |" in printed
+    assert (tmp_path / "img" / "medusa.png").read_bytes()[:4] == b"\x89PNG"
+
+    # The live path: timed on a tiny shape (one sample each, no waiting for a quiet machine).
+    import time
+
+    from conftest import tiny_hparams
+
+    def one_sample(fn, tries):
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start, 0.0
+
+    monkeypatch.setattr(medusa, "quiet_sample", one_sample)
+
+    measured = medusa.heads_cost_measured(2, 1, lambda *a: None, n_past=4,
+                                          hparams=tiny_hparams())
+    assert measured["verify_rows"] == 3 and measured["h"] > 0
+    assert {"heads_ms", "target_ms_T1", "verify_plain_ms", "verify_heads_ms",
+            "verify_extra"} <= set(measured)
+
+
+def test_bench_medusa_prices_each_round_by_what_it_drafted():
+    """A round's cost in target forwards: a plain round (nothing drafted: Medusa's first, an
+    n-gram miss) is one r(1) forward, heads or not; a Medusa round adds h; a draft model's adds
+    c times its forwards, one per depth over the nodes above."""
+    from bench.medusa import predicted_speedup
+
+    costs = {"r_target": lambda T: {1: 1.0, 3: 1.5, 5: 2.0, 7: 2.5}.get(T), "c": 0.5,
+             "r_draft": lambda T: {1: 1.0, 2: 1.2}.get(T), "heads": 0.25}
+    run = {"tokens": 9, "nodes_per_round": [0, 4, 4]}  # chain K = 4: a plain round, two drafts
+    assert predicted_speedup("medusa", (1, 1, 1, 1), run, costs) == 9 / (1.0 + 2 * (2.0 + 0.25))
+    assert predicted_speedup("ngram", (1, 1, 1, 1), run, costs) == 9 / (1.0 + 2 * 2.0)
+    assert predicted_speedup("model", (1, 1, 1, 1), run, costs) == 9 / (1.0 + 2 * (2.0 + 0.5 * 4))
+    tree = {"tokens": 7, "nodes_per_round": [6, 2]}  # 2,2: 6 nodes; cut near the end to 2
+    assert predicted_speedup("model", (2, 2), tree, costs) == \
+        7 / ((2.5 + 0.5 * (1.0 + 1.2)) + (1.5 + 0.5 * 1.0))
+    assert predicted_speedup("medusa", (2, 2, 2), {"tokens": 5, "nodes_per_round": [14]},
+                             costs) is None  # r(15) unknown: no prediction
