@@ -222,8 +222,9 @@ class MedusaHeads(TreeDrafter):
 
     def q(self, h_row, wte, warp: Warp) -> np.ndarray:
         """The heads' distributions for drafting at one position: row k - 1 is head k's guess
-        for the token k + 1 positions after h_row's, warped by `warp`, which must be the
-        target's own (p and q warped alike, or the accept rule compares different laws).
+        for the token k + 1 positions after h_row's, warped by `warp`, the target's own: the
+        rule is exact for any q its children were drawn from, and q warped as p is the likelier
+        to agree with it.
         h_row [d] or [1, d] -> [H, V] float64"""
         h_row = np.reshape(np.asarray(h_row), (1, -1))  # [1, d]
         return probabilities(self.logits(h_row, wte)[:, 0, :], warp)  # [H, 1, V] -> [H, V]
