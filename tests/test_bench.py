@@ -194,26 +194,42 @@ def test_bench_products_bad_input_is_a_one_line_error(args, message, capsys):
     assert err.startswith(f"error: {message}") and err.count("\n") == 1
 
 
-def test_bench_medusa_measures_trains_and_tables_on_a_tiny_configuration(tmp_path, capsys,
-                                                                          monkeypatch):
-    """python -m bench medusa's functions on a tiny configuration: two short trainings (one on
+MEDUSA_TRAINING = {"T = 1": dict(tokens=96, temperature=1.0, length=24, epochs=2, lr=1e-3,
+                                 prompts=False),
+                   "memorised": dict(temperature=0.0, length=None, epochs=3, lr=1e-2,
+                                     prompts=True)}
+MEDUSA_SHAPES = [(1, 1), (2, 1)]
+
+
+@pytest.fixture(scope="module")
+def medusa_res():
+    """python -m bench medusa's measurement on a tiny configuration: two short trainings (one on
     sampled text, one memorising the prompts' greedy text), two shapes, two prompts, the costs
-    from the documents; then the heads' timed cost on a tiny shape. The JSON holds every drafter
-    at both temperatures with its tau and both predictions, greedy text equal to the target's,
-    and the tables and the figure come out."""
+    from the documents."""
+    from bench import medusa
+
+    training = {name: dict(t, length=t["length"] or medusa.PROMPT_LENGTH + 6)
+                for name, t in MEDUSA_TRAINING.items()}
+    res = medusa.measure(2, 6, 1, lambda *a: None, cpu="performance.md", heads_cost="estimate",
+                         shapes=MEDUSA_SHAPES, training=training)
+    res.update(command="test", machine={"cpu": "test"})
+    return res
+
+
+def test_bench_medusa_measures_trains_and_tables_on_a_tiny_configuration(medusa_res, tmp_path,
+                                                                          capsys, monkeypatch):
+    """The JSON holds every drafter at both temperatures with its tau and both predictions,
+    greedy text equal to the target's, and the tables come out (the figure: the next test);
+    then the heads' timed cost on a tiny shape."""
     from bench import medusa
 
     assert "medusa" in COMMANDS and bench_main(["--help"]) == 0
     assert "  medusa " in capsys.readouterr().out
-    training = {"T = 1": dict(tokens=96, temperature=1.0, length=24, epochs=2, lr=1e-3,
-                              prompts=False),
-                "memorised": dict(temperature=0.0, length=medusa.PROMPT_LENGTH + 6, epochs=3,
-                                  lr=1e-2, prompts=True)}
-    shapes = [(1, 1), (2, 1)]
-    res = medusa.measure(2, 6, 1, lambda *a: None, cpu="performance.md", heads_cost="estimate",
-                         shapes=shapes, training=training)
-    res.update(command="test", machine={"cpu": "test"})
+    training, shapes, res = MEDUSA_TRAINING, MEDUSA_SHAPES, medusa_res
+    drawn = []
+    monkeypatch.setattr(medusa, "plot", lambda res, path: drawn.append(path))
     medusa.write(res, tmp_path / "out", tmp_path / "img")
+    assert drawn == [tmp_path / "img" / "medusa.png"]
     printed = capsys.readouterr().out
     saved = json.loads((tmp_path / "out" / "medusa.json").read_text())
 
@@ -243,7 +259,6 @@ def test_bench_medusa_measures_trains_and_tables_on_a_tiny_configuration(tmp_pat
                     "Tokens per target forward, T = 1", "Predicted speedup", "Costs,"):
         assert heading in printed
     assert "| Medusa, memorised | 0 |" in printed and "| 2,1 |" in printed
-    assert (tmp_path / "img" / "medusa.png").read_bytes()[:4] == b"\x89PNG"
 
     # The live path: timed on a tiny shape (one sample each, no waiting for a quiet machine).
     import time
@@ -262,6 +277,14 @@ def test_bench_medusa_measures_trains_and_tables_on_a_tiny_configuration(tmp_pat
     assert measured["verify_rows"] == 3 and measured["h"] > 0
     assert {"heads_ms", "target_ms_T1", "verify_plain_ms", "verify_heads_ms",
             "verify_extra"} <= set(measured)
+
+
+def test_bench_medusa_draws_its_figure(medusa_res, tmp_path):
+    pytest.importorskip("matplotlib")
+    from bench import medusa
+
+    medusa.plot(medusa_res, tmp_path / "medusa.png")
+    assert (tmp_path / "medusa.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bench_medusa_prices_each_round_by_what_it_drafted():
