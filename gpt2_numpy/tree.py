@@ -41,8 +41,8 @@ from typing import Callable, List, Optional
 import numpy as np
 
 from .backend import to_numpy
-from .checks import check_draft_context, check_vocabularies, checked_request, not_drawn_from_q
-from .decoding import prefill
+from .checks import check_vocabularies, checked_request, not_drawn_from_q
+from .decoding import ModelDrafter, prefill
 from .errors import GPT2Error
 from .model import KVCache
 from .sampling import Warp, probabilities, residual, sample
@@ -225,20 +225,11 @@ class TreeDrafter:
         pass
 
 
-class ModelTreeDrafter(TreeDrafter):
-    """Drafts trees with a small draft model (draft_tree), keeping its KV cache across rounds."""
+class ModelTreeDrafter(ModelDrafter, TreeDrafter):
+    """A small draft model drafting trees (draft_tree): the chain's ModelDrafter (its cache kept
+    across rounds, started the same way), with a tree's draft and keep."""
 
-    def __init__(self, model):
-        self.model, self.n_vocab = model, model.n_vocab
-        self.cache = self.forward = None
-        self.n_fed = 0  # tree rows in the draft's cache after the last draft
-
-    def start(self, tokens: List[int], capacity: int) -> None:
-        check_draft_context(self.model, capacity)
-        self.cache = None  # dropped first, so that a GPU model can hand its arrays out again
-        self.cache = self.model.new_cache(capacity)
-        prefill(self.model, self.cache, tokens)
-        self.forward = Timed(self.model)  # the draft's forwards from here on (stats)
+    n_fed = 0  # tree rows in the draft's cache after the last draft
 
     def draft(self, tokens: List[int], widths, warp: Warp, rng) -> "Tree":
         if not widths:  # one token left: a plain target step
@@ -252,8 +243,6 @@ class ModelTreeDrafter(TreeDrafter):
         if self.n_fed:
             keep(self.cache, self.cache.length - self.n_fed + 1, fed)
         self.n_fed = 0
-
-    calls = property(lambda self: self.forward.calls)
 
 
 def top_w(logits: np.ndarray, w: int) -> List[int]:
