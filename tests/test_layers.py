@@ -184,3 +184,16 @@ def test_the_lessons_are_short():
 
     assert sum(lines(m) for m in LESSONS) <= 450, {m: lines(m) for m in LESSONS}
     assert lines("gpt2_numpy.adaptive") <= 300
+
+
+def test_the_readmes_reading_order_gives_each_files_length():
+    """README.md's reading order says how long each lesson is: what it says is what the file
+    holds (a file that grew, or shrank, is named)."""
+    readme = (ROOT / "README.md").read_text()
+    claims = re.findall(r"\*\*`([\w/]+\.py)`\*\* \((\d+) lines\)", readme)
+    claims += [(f"gpt2_numpy/medusa/{name}", n)
+               for name, n in re.findall(r"`(\w+\.py)` (\d+)(?:,| lines)", readme)]
+    assert len(claims) >= 9
+    wrong = {path: (int(n), len((ROOT / path).read_text().splitlines())) for path, n in claims
+             if int(n) != len((ROOT / path).read_text().splitlines())}
+    assert wrong == {}
