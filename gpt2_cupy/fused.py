@@ -5,7 +5,7 @@ about ten), and a decoding step is bound by launching them, not by reading the w
 layer is exactly these launches, each the named model.py functions:
 
     qkv = layer_norm(x) @ c_attn.w + c_attn.b          gemv (layer norm on the way in)
-    a = attention over the cache (writes k, v)         attention (qkv_heads .. merge_heads)
+    a = attention over the cache (writes k, v)         causal_self_attention
     x = x + a @ attn.c_proj.w + c_proj.b               gemv (residual add on the way out)
     f = gelu(layer_norm(x) @ c_fc.w + c_fc.b)          gemv (layer norm in, gelu out)
     x = x + f @ mlp.c_proj.w + c_proj.b                gemv (residual add out)

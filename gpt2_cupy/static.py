@@ -49,7 +49,7 @@ def static_forward(params: dict, ids, positions, k, v, n_head: int, n_logits: in
     for i, block in enumerate(params["blocks"]):  # model.transformer_block
         attn, mlp = block["attn"], block["mlp"]
         h = layer_norm(x, **block["ln_1"])
-        heads = split_heads(linear(h, **attn["c_attn"]), 3 * n_head)  # model.qkv_heads: [3H, T, D]
+        heads = split_heads(linear(h, **attn["c_attn"]), 3 * n_head)  # as model.py: [3H, T, D]
         q, k_new, v_new = heads[:n_head], heads[n_head : 2 * n_head], heads[2 * n_head :]
         # model.py writes the slice n_past:L; a scatter writes where the data says
         k[i][:, positions, :] = k_new

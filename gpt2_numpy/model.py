@@ -109,8 +109,7 @@ def transformer_block(x, ln_1, attn, ln_2, mlp_params, n_head, k_cache, v_cache,
 
 
 def lm_head(h, wte):
-    """Logits: scores against every token embedding. The head is tied: it IS wte, transposed
-    (a view, not a copy).  [T, d] @ [d, V] -> [T, V]"""
+    """Logits from the tied head: wte itself, transposed (a view).  [T, d] @ [d, V] -> [T, V]"""
     return h @ wte.T
 
 
@@ -154,11 +153,13 @@ def hidden_states(params: dict, ids, cache: KVCache, n_head: int, n_rows=1, posi
     n_past, T = cache.length, len(ids)
     cache.check_room(T)
     if positions is None:  # each new token's position starts at the cache length, not at 0
-        positions = xp.arange(n_past, n_past + T)  # [T]
+        position_embeddings = wpe[n_past : n_past + T, :]  # [T, d], a view
+    else:
+        position_embeddings = xp.take(wpe, xp.asarray(positions), axis=0)  # [T, d]
     if visible is None and T > 1:  # (a single query sees every key)
         visible = causal_mask(n_past, T, xp)  # [T, L]
-    positions, visible = xp.asarray(positions), visible if visible is None else xp.asarray(visible)
-    x = xp.take(wte, xp.asarray(ids), axis=0) + xp.take(wpe, positions, axis=0)  # [T, d]
+    visible = None if visible is None else xp.asarray(visible)  # a caller's may be NumPy's
+    x = xp.take(wte, xp.asarray(ids), axis=0) + position_embeddings  # [T, d]
     for i, block in enumerate(params["blocks"]):
         x = transformer_block(x, block["ln_1"], block["attn"], block["ln_2"], block["mlp"],
                               n_head, cache.k[i, ...], cache.v[i, ...], n_past, visible)
@@ -169,8 +170,7 @@ def hidden_states(params: dict, ids, cache: KVCache, n_head: int, n_rows=1, posi
 
 def forward(params: dict, ids, cache: KVCache, n_head: int, n_logits=1, positions=None,
             visible=None):
-    """hidden_states, then the LM head: the logits of the last n_logits rows (None: all, 0: none,
-    as for a prefill). Rows nobody samples from skip the head, the costliest product of small
-    models.  -> [n_logits, V]"""
+    """hidden_states, then the LM head (a small model's costliest product) on the last n_logits
+    rows only (None: all; 0: none, as for a prefill).  -> [n_logits, V]"""
     h = hidden_states(params, ids, cache, n_head, n_logits, positions, visible)
     return lm_head(h, params["wte"]) if h.shape[0] else None

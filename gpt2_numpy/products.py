@@ -29,6 +29,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -276,8 +277,6 @@ def attach(model, progress: bool = False):
 def plans_path():
     """Where measured plans are kept: $GPT2_NUMPY_CACHE/products.json, else under
     $XDG_CACHE_HOME/gpt2_numpy, else ~/.cache/gpt2_numpy."""
-    from pathlib import Path
-
     folder = os.environ.get("GPT2_NUMPY_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
         "gpt2_numpy")

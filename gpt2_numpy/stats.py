@@ -24,7 +24,7 @@ class Stats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     target_seconds: float = 0.0  # inside target forwards (prefill excluded)
-    draft_seconds: float = 0.0  # inside draft forwards (prefill excluded)
+    draft_seconds: float = 0.0  # drafting: its forwards (a tree's: and choosing children)
     target_calls: int = 0
     draft_calls: int = 0
     rounds: int = 0
